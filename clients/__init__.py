@@ -1,0 +1,4 @@
+"""Flower ClientApps of fedsplitkd (import as ``fedsplitkd.clients``)."""
+
+if __name__ != "fedsplitkd.clients":
+    raise ImportError("import this package as 'fedsplitkd.clients', not as 'clients'")

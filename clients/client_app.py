@@ -1,0 +1,57 @@
+"""The fedsplitkd ClientApp: one Flower SuperNode is one device.
+
+Handlers: ``train.split_forward`` (a round's first request, carrying the global device
+part), ``train.split_backward`` (cut-layer gradients, and the next chunk or the final
+device part) and ``evaluate`` (split inference on the local validation split). The
+device's state between messages lives in ``context.state``.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedsplitkd.clients.records import ARRAYS, SCALARS, from_records, to_records
+from fedsplitkd.config import resolve
+from fedsplitkd.device import device_setup, handle_evaluate, handle_train
+
+STATE_PREFIX = "fedsplitkd."  # context.state holds our ArrayRecord and ConfigRecord under it
+
+app = ClientApp()
+
+
+def _setup(context: Context):
+    cfg = resolve(context.run_config)
+    node = context.node_config
+    if "partition-id" not in node or "num-partitions" not in node:
+        raise ValueError("node config needs 'partition-id' and 'num-partitions' "
+                         "(flower-supernode --node-config \"partition-id=0 num-partitions=N\")")
+    return device_setup(cfg, int(node["partition-id"]), int(node["num-partitions"]))
+
+
+def _train(msg: Message, context: Context) -> Message:
+    setup = _setup(context)
+    stored = RecordDict({name: context.state[STATE_PREFIX + name] for name in (ARRAYS, SCALARS)
+                         if STATE_PREFIX + name in context.state})
+    reply, state = handle_train(from_records(msg.content), from_records(stored), setup)
+    for name, record in to_records(state).items():
+        context.state[STATE_PREFIX + name] = record
+    return Message(to_records(reply), reply_to=msg)
+
+
+@app.train("split_forward")
+def split_forward(msg: Message, context: Context) -> Message:
+    """Start a round from the global device part; reply the first chunk's activations."""
+    return _train(msg, context)
+
+
+@app.train("split_backward")
+def split_backward(msg: Message, context: Context) -> Message:
+    """Apply a chunk's cut-layer gradients; reply the next chunk or the trained device part."""
+    return _train(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Split inference: activations and labels of the local validation split."""
+    return Message(to_records(handle_evaluate(from_records(msg.content), _setup(context))), reply_to=msg)

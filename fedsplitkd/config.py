@@ -1,0 +1,102 @@
+"""Run configuration: every key, its default, and the check that guards it.
+
+The same keys and defaults stand in ``[tool.flwr.app.config]`` of pyproject.toml (Flower
+needs them there); a test keeps the two equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A run-config value is invalid; the message names the key and what it accepts."""
+
+
+@dataclass(frozen=True)
+class Key:
+    default: Any
+    accepts: str
+    check: Callable[[Any], bool]
+
+
+def _choice(*options: str) -> Key:
+    return Key(options[0], "one of " + ", ".join(repr(o) for o in options), lambda v: v in options)
+
+
+def _int(default: int, low: int, high: int | None = None) -> Key:
+    span = f">= {low}" if high is None else f"in [{low}, {high}]"
+    return Key(default, f"an integer {span}",
+               lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+               and (high is None or v <= high))
+
+
+def _float(default: float, low: float, high: float, low_open: bool = False) -> Key:
+    bracket = "(" if low_open else "["
+    return Key(default, f"a number in {bracket}{low}, {high}]",
+               lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+               and (v > low if low_open else v >= low) and v <= high)
+
+
+def _str(default: str, accepts: str = "a string") -> Key:
+    return Key(default, accepts, lambda v: isinstance(v, str))
+
+
+SCHEMA: dict[str, Key] = {
+    "method": _choice("splitkd"),
+    "dataset": _choice("digits", "har", "npz"),
+    "data-path": _str("", "a file path ('' = the dataset's default source)"),
+    "partition": _choice("dirichlet", "iid"),
+    "dirichlet-alpha": _float(0.5, 0.0, 1e6, low_open=True),
+    "public-fraction": _float(0.1, 0.0, 0.9, low_open=True),
+    "val-fraction": _float(0.1, 0.0, 0.5),
+    "seed": _int(0, 0),
+    "num-rounds": _int(25, 1),
+    "fraction-train": _float(1.0, 0.0, 1.0, low_open=True),
+    "fraction-evaluate": _float(0.0, 0.0, 1.0),
+    "min-nodes": _int(1, 1),
+    "batch-size": _int(32, 1),
+    "local-epochs": _int(1, 1),
+    "exchange-batches": _int(8, 1),
+    "server-batching": _choice("per-device", "joint"),
+    "learning-rate": _float(0.01, 0.0, 10.0, low_open=True),
+    "momentum": _float(0.9, 0.0, 0.999),
+    "kd-alpha": _float(0.5, 0.0, 1.0),
+    "kd-temperature": _float(3.0, 0.0, 100.0, low_open=True),
+    "teacher-input": _choice("embedding", "cached"),
+    "teacher-path": _str("", "a checkpoint path ('' = train on the public split)"),
+    "teacher-cache-dir": _str("", "a directory ('' = ~/.cache/fedsplitkd/teachers)"),
+    "teacher-epochs": _int(60, 1),
+    "student-model": _choice("auto", "mlp", "cnn1d", "cnn2d"),
+    "cut": _str("default", "a cut-point name of the student ('default' = its first block)"),
+    "round-timeout": _float(600.0, 0.0, 86400.0, low_open=True),
+    "output-dir": _str("outputs"),
+    "run-name": _str("", "a directory name ('' = a timestamp)"),
+}
+
+DEFAULTS: dict[str, Any] = {name: key.default for name, key in SCHEMA.items()}
+
+
+def resolve(overrides: Mapping[str, Any] | None = None) -> DictConfig:
+    """Merge ``overrides`` (e.g. Flower's run_config) over the defaults and validate.
+
+    Raises ConfigError naming the first bad key and what it accepts.
+    """
+    values = dict(DEFAULTS)
+    for name, value in (overrides or {}).items():
+        if name not in SCHEMA:
+            raise ConfigError(f"unknown run-config key '{name}' (known: {', '.join(SCHEMA)})")
+        values[name] = value
+    for name, key in SCHEMA.items():
+        value = values[name]
+        # Flower hands TOML floats such as 1.0 through; an int where a float is
+        # expected is fine, a whole float where an int is expected is taken as int.
+        if isinstance(key.default, int) and isinstance(value, float) and value.is_integer():
+            value = values[name] = int(value)
+        if not key.check(value):
+            raise ConfigError(f"run-config '{name}' = {value!r}: must be {key.accepts}")
+    return OmegaConf.create(values)

@@ -1,0 +1,136 @@
+"""The device side of the split-KD protocol, as functions of (request, state) -> (reply, state).
+
+A round on a device is a chain of requests from the edge server:
+
+1. ``weights/*`` (the global device part): start the round, reply the first chunk's
+   activations (``exchange-batches`` minibatches).
+2. ``grads``: apply the cut-layer gradients of the chunk in flight, then reply the next
+   chunk, or, when the request says ``final``, the trained device part.
+
+Nothing survives between requests but ``state`` (Flower keeps it in ``context.state``),
+so any process can serve any request; the batch order is recomputed from the seed.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedsplitkd import data as data_lib
+from fedsplitkd.models import build_student, build_teacher
+from fedsplitkd.payload import TEACHER, WEIGHTS, Payload, PayloadError, pack, unpack
+from fedsplitkd.runtime import DeviceRuntime, load_numpy_state
+
+
+def teacher_mode(cfg) -> str:
+    """How the teacher's input reaches the server: 'embedding', 'cached' or 'none' (no KD)."""
+    return "none" if cfg["kd-alpha"] == 0.0 else cfg["teacher-input"]
+
+
+def batch_plan(num_samples: int, batch_size: int, epochs: int, seed: int, server_round: int,
+               device_key: int) -> list[np.ndarray]:
+    """The round's minibatches of local sample indices, reproducible from the seed."""
+    rng = np.random.default_rng([seed, server_round, device_key])
+    plan = []
+    for _ in range(epochs):
+        order = rng.permutation(num_samples)
+        plan += [order[i:i + batch_size] for i in range(0, num_samples, batch_size)]
+    return plan
+
+
+@dataclass
+class DeviceSetup:
+    """What a device builds once per process: its data, student part and teacher embedding."""
+
+    cfg: dict
+    device_key: int
+    data: data_lib.DeviceData
+    runtime: DeviceRuntime
+
+
+@functools.lru_cache(maxsize=64)
+def _setup(cfg_items: tuple, partition_id: int, num_partitions: int) -> DeviceSetup:
+    cfg = dict(cfg_items)
+    dataset = data_lib.load_dataset(cfg["dataset"], cfg["data-path"])
+    local = data_lib.device_data(cfg, partition_id, num_partitions)
+    student = build_student(cfg["student-model"], dataset.input_shape, dataset.num_classes)
+    embedding = None
+    if teacher_mode(cfg) != "none":
+        teacher = build_teacher(cfg["student-model"], dataset.input_shape, dataset.num_classes)
+        embedding = teacher.device_part(teacher.cut_points[0])
+    runtime = DeviceRuntime(student, cfg["cut"], cfg["learning-rate"], cfg["momentum"], embedding)
+    return DeviceSetup(cfg, partition_id, local, runtime)
+
+
+def device_setup(cfg, partition_id: int, num_partitions: int) -> DeviceSetup:
+    return _setup(tuple(sorted(dict(cfg).items())), partition_id, num_partitions)
+
+
+def handle_train(request: Payload, state: Payload, setup: DeviceSetup) -> tuple[Payload, Payload]:
+    """Serve one training request; return the reply and the device's new state."""
+    cfg, runtime, local = setup.cfg, setup.runtime, setup.data
+    server_round = int(request.get("round", -1))
+    if any(k.startswith(WEIGHTS) for k in request):
+        state = {k: v for k, v in state.items() if k.startswith(TEACHER) or k == "teacher-sent"}
+        state.update({k: v for k, v in request.items() if k.startswith((WEIGHTS, TEACHER))})
+        state.update({"round": server_round, "cursor": 0, "optimizer": b""})
+    elif state.get("round") != server_round or "grads" not in request:
+        raise PayloadError(f"request for round {server_round} without weights or grads, "
+                           f"device is in round {state.get('round')}")
+    runtime.load(unpack(WEIGHTS, state), state["optimizer"])
+    plan = batch_plan(len(local.y_train), cfg["batch-size"], cfg["local-epochs"], cfg["seed"],
+                      server_round, setup.device_key)
+    mode = teacher_mode(cfg)
+    if mode == "cached" and "teacher-sent" not in state:
+        state["teacher-sent"] = np.zeros(len(local.y_train), dtype=bool)
+
+    if "grads" in request:
+        start, stop = state["cursor"] - state["in-flight"], state["cursor"]
+        batches = plan[start:stop]
+        sizes = [len(b) for b in batches]
+        grads = np.asarray(request["grads"], dtype=np.float32)
+        if grads.shape[0] != sum(sizes):
+            raise PayloadError(f"field 'grads' has {grads.shape[0]} rows for {sum(sizes)} samples")
+        runtime.backward([local.x_train[b] for b in batches], np.split(grads, np.cumsum(sizes)[:-1]))
+        if mode == "cached":  # the gradients acknowledge the teacher inputs of that chunk
+            state["teacher-sent"][np.concatenate(batches)] = True
+
+    if request.get("final", False):
+        weights, _ = runtime.save()
+        examples = sum(len(b) for b in plan)
+        state = {k: v for k, v in state.items() if k.startswith(TEACHER) or k == "teacher-sent"}
+        return {"round": server_round, "num-examples": examples, **pack(WEIGHTS, weights)}, state
+
+    cursor = state["cursor"]
+    chunk = plan[cursor:cursor + cfg["exchange-batches"]]
+    ids = np.concatenate(chunk)
+    x = local.x_train[ids]
+    reply: Payload = {
+        "round": server_round,
+        "activations": runtime.forward(x),
+        "labels": local.y_train[ids],
+        "batch-sizes": np.array([len(b) for b in chunk], dtype=np.int64),
+        "remaining": len(plan) - cursor - len(chunk),
+    }
+    if mode != "none":
+        load_numpy_state(runtime.teacher_embedding, unpack(TEACHER, state))
+    if mode == "embedding":
+        reply["teacher-input"] = runtime.teacher_input(x)
+    elif mode == "cached":
+        new = ids[~state["teacher-sent"][ids]]
+        reply.update({"sample-ids": ids.astype(np.int64), "teacher-ids": new.astype(np.int64),
+                      "teacher-input": runtime.teacher_input(local.x_train[new])})
+    weights, optimizer_state = runtime.save()
+    state.update(pack(WEIGHTS, weights))
+    state.update({"optimizer": optimizer_state, "cursor": cursor + len(chunk), "in-flight": len(chunk)})
+    return reply, state
+
+
+def handle_evaluate(request: Payload, setup: DeviceSetup) -> Payload:
+    """Split inference on the local validation split with the given device part."""
+    runtime, local = setup.runtime, setup.data
+    load_numpy_state(runtime.part, unpack(WEIGHTS, request))
+    return {"round": int(request.get("round", -1)),
+            "activations": runtime.forward(local.x_val), "labels": local.y_val}

@@ -1,0 +1,89 @@
+"""Assemble a split-KD experiment from a run config, and run it in one process.
+
+The ServerApp and the in-process reference share ``build``, ``sample_devices`` and
+``metrics_row``; they differ only in the transport that carries the requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedsplitkd import config as config_lib
+from fedsplitkd.data import Dataset, load_dataset, public_split
+from fedsplitkd.device import device_setup, teacher_mode
+from fedsplitkd.models import SplitModel, build_student
+from fedsplitkd.runtime import evaluate
+from fedsplitkd.server import InProcessTransport, RoundStats, SplitKDServer
+from fedsplitkd.teacher import get_teacher
+
+log = logging.getLogger("fedsplitkd")
+
+
+@dataclass
+class Experiment:
+    cfg: dict
+    dataset: Dataset
+    student: SplitModel
+    teacher: SplitModel | None
+    server: SplitKDServer
+
+    def evaluate(self) -> tuple[float, float]:
+        return evaluate(self.student, self.dataset.x_test, self.dataset.y_test)
+
+
+def build(cfg) -> Experiment:
+    """Load the data, get the teacher, initialise the student and the edge server."""
+    dataset = load_dataset(cfg["dataset"], cfg["data-path"])
+    public, _ = public_split(len(dataset.y_train), cfg["public-fraction"], cfg["seed"])
+    teacher = None
+    if teacher_mode(cfg) != "none":
+        teacher = get_teacher(cfg, dataset.input_shape, dataset.num_classes,
+                              dataset.x_train[public], dataset.y_train[public])
+    torch.manual_seed(cfg["seed"])
+    student = build_student(cfg["student-model"], dataset.input_shape, dataset.num_classes)
+    student.cut_index(cfg["cut"])  # fail early, naming the cut points, on a bad 'cut'
+    server = SplitKDServer(student, teacher, cfg, dataset.num_classes)
+    return Experiment(dict(cfg), dataset, student, teacher, server)
+
+
+def sample_devices(keys: list[Hashable], fraction: float, rng: np.random.Generator) -> list[Hashable]:
+    count = max(1, int(round(fraction * len(keys))))
+    return [keys[i] for i in sorted(rng.choice(len(keys), size=count, replace=False))]
+
+
+def metrics_row(server_round: int, method: str, accuracy: float, loss: float,
+                stats: RoundStats | None, wall_s: float) -> dict:
+    stats = stats or RoundStats()
+    return {
+        "round": server_round, "method": method, "test_accuracy": accuracy, "test_loss": loss,
+        "bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down,
+        "bytes_up_activations": stats.bytes_up_activations, "train_loss": stats.train_loss,
+        "devices": stats.devices, "completed": stats.completed,
+        "dropped_failed": stats.dropped["failed"], "dropped_invalid": stats.dropped["invalid"],
+        "exchanges": stats.exchanges, "wall_s": round(wall_s, 4),
+    }
+
+
+def run_inprocess(overrides: dict | None, num_devices: int,
+                  on_round: Callable[[dict], None] | None = None) -> tuple[Experiment, list[dict]]:
+    """The whole protocol in one process: same math as the Flower run, no messages."""
+    cfg = config_lib.resolve(overrides)
+    exp = build(cfg)
+    transport = InProcessTransport({i: device_setup(cfg, i, num_devices) for i in range(num_devices)})
+    rng = np.random.default_rng(cfg["seed"])
+    rows = [metrics_row(0, cfg["method"], *exp.evaluate(), None, 0.0)]
+    for server_round in range(1, cfg["num-rounds"] + 1):
+        start = time.perf_counter()
+        keys = sample_devices(list(range(num_devices)), cfg["fraction-train"], rng)
+        stats = exp.server.run_round(transport, keys, server_round)
+        rows.append(metrics_row(server_round, cfg["method"], *exp.evaluate(), stats,
+                                time.perf_counter() - start))
+        if on_round:
+            on_round(rows[-1])
+    return exp, rows

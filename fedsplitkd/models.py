@@ -1,0 +1,152 @@
+"""Split models: a network as an ordered list of named blocks, cut after any block.
+
+A cut named ``b`` puts every block up to and including ``b`` on the device and the rest
+on the edge server. Parts share their modules with the whole model, and their
+state_dict keys are the whole model's keys, so merging parts is a dict union.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+@dataclass(frozen=True)
+class BlockStats:
+    """Per-sample figures of one block, for the cost model and the adaptive cut."""
+
+    name: str
+    params: int
+    out_shape: tuple[int, ...]
+    activation_numel: int
+    forward_flops: int
+
+
+class SplitModel(nn.Sequential):
+    """A sequential model whose blocks are named candidate cut points.
+
+    The last block (the classifier head) is never a cut point: the server needs at
+    least one block to compute the loss.
+    """
+
+    def __init__(self, blocks: list[tuple[str, nn.Module]], input_shape: tuple[int, ...]):
+        super().__init__(OrderedDict(blocks))
+        self.input_shape = tuple(input_shape)
+
+    @property
+    def block_names(self) -> list[str]:
+        return list(self._modules)
+
+    @property
+    def cut_points(self) -> list[str]:
+        return self.block_names[:-1]
+
+    def cut_index(self, cut: str) -> int:
+        if cut == "default":
+            return 1
+        if cut not in self.cut_points:
+            raise ValueError(f"cut '{cut}' is not a cut point of this model: {self.cut_points}")
+        return self.block_names.index(cut) + 1
+
+    def device_part(self, cut: str) -> nn.Sequential:
+        return nn.Sequential(OrderedDict(list(self._modules.items())[: self.cut_index(cut)]))
+
+    def server_part(self, cut: str) -> nn.Sequential:
+        return nn.Sequential(OrderedDict(list(self._modules.items())[self.cut_index(cut):]))
+
+    def block_stats(self) -> list[BlockStats]:
+        """Parameters, output size and forward FLOPs per sample of every block."""
+        stats = []
+        x = torch.zeros(1, *self.input_shape)
+        with torch.no_grad():
+            for name, block in self._modules.items():
+                counter = FlopCounterMode(display=False)
+                with counter:
+                    x = block(x)
+                stats.append(BlockStats(
+                    name=name,
+                    params=sum(p.numel() for p in block.parameters()),
+                    out_shape=tuple(x.shape[1:]),
+                    activation_numel=x[0].numel(),
+                    forward_flops=counter.get_total_flops(),
+                ))
+        return stats
+
+
+def _flat_dim(layers: nn.Module, shape: tuple[int, ...]) -> int:
+    with torch.no_grad():
+        return layers(torch.zeros(1, *shape)).numel()
+
+
+def mlp(input_shape: tuple[int, ...], num_classes: int, widths: list[int]) -> SplitModel:
+    """Fully connected blocks; the first flattens its input."""
+    blocks, width = [], int(torch.tensor(input_shape).prod())
+    for i, out in enumerate(widths):
+        layers = [nn.Flatten()] if i == 0 else []
+        blocks.append((f"fc{i + 1}", nn.Sequential(*layers, nn.Linear(width, out), nn.ReLU())))
+        width = out
+    blocks.append(("head", nn.Linear(width, num_classes)))
+    return SplitModel(blocks, input_shape)
+
+
+def cnn1d(input_shape: tuple[int, ...], num_classes: int, channels: list[int], hidden: int) -> SplitModel:
+    """1-D convolutions over sensor windows (channels, length); each halves the length."""
+    blocks, c_in = [], input_shape[0]
+    for i, c_out in enumerate(channels):
+        last = i == len(channels) - 1
+        pool = [nn.AdaptiveAvgPool1d(1), nn.Flatten()] if last else [nn.MaxPool1d(2)]
+        blocks.append((f"conv{i + 1}", nn.Sequential(
+            nn.Conv1d(c_in, c_out, kernel_size=5, padding=2), nn.ReLU(), *pool)))
+        c_in = c_out
+    if hidden:
+        blocks.append(("fc", nn.Sequential(nn.Linear(c_in, hidden), nn.ReLU())))
+        c_in = hidden
+    blocks.append(("head", nn.Linear(c_in, num_classes)))
+    return SplitModel(blocks, input_shape)
+
+
+def cnn2d(input_shape: tuple[int, ...], num_classes: int, channels: list[int], hidden: int) -> SplitModel:
+    """2-D convolutions over images (channels, height, width); pooling keeps maps >= 4x4."""
+    blocks, c_in, size = [], input_shape[0], min(input_shape[1:])
+    for i, c_out in enumerate(channels):
+        pool = [nn.MaxPool2d(2)] if size >= 8 and i > 0 or size >= 16 else []
+        size //= 2 if pool else 1
+        blocks.append((f"conv{i + 1}", nn.Sequential(
+            nn.Conv2d(c_in, c_out, kernel_size=3, padding=1), nn.ReLU(), *pool)))
+        c_in = c_out
+    flat = _flat_dim(nn.Sequential(*(b for _, b in blocks)), input_shape)
+    blocks.append(("fc", nn.Sequential(nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU())))
+    blocks.append(("head", nn.Linear(hidden, num_classes)))
+    return SplitModel(blocks, input_shape)
+
+
+def family_for(input_shape: tuple[int, ...]) -> str:
+    """Flat features -> MLP, (C, L) -> 1-D CNN, (C, H, W) -> 2-D CNN."""
+    return {1: "mlp", 2: "cnn1d", 3: "cnn2d"}[len(input_shape)]
+
+
+def build_student(family: str, input_shape: tuple[int, ...], num_classes: int) -> SplitModel:
+    family = family_for(input_shape) if family == "auto" else family
+    if family == "mlp":
+        return mlp(input_shape, num_classes, [128, 64])
+    if family == "cnn1d":
+        return cnn1d(input_shape, num_classes, [16, 32, 64], hidden=0)
+    return cnn2d(input_shape, num_classes, [16, 32], hidden=64)
+
+
+def build_teacher(family: str, input_shape: tuple[int, ...], num_classes: int) -> SplitModel:
+    """A clearly larger model of the student's family; its first block is the embedding module."""
+    family = family_for(input_shape) if family == "auto" else family
+    if family == "mlp":
+        return mlp(input_shape, num_classes, [512, 512, 256])
+    if family == "cnn1d":
+        return cnn1d(input_shape, num_classes, [32, 64, 128, 256], hidden=128)
+    return cnn2d(input_shape, num_classes, [32, 64, 128], hidden=256)
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,76 @@
+"""The results contract: ``<output-dir>/<run-name>/`` with metrics.csv, summary.json,
+config.yaml and the final student (device part, server part, merged).
+
+Columns are only ever added; ``round, method, test_accuracy, test_loss, bytes_up,
+bytes_down`` always lead.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from fedsplitkd.data import load_dataset
+from fedsplitkd.models import SplitModel, build_student
+
+LEADING_COLUMNS = ["round", "method", "test_accuracy", "test_loss", "bytes_up", "bytes_down"]
+
+
+def run_dir(cfg) -> Path:
+    name = cfg["run-name"] or time.strftime("%Y%m%d-%H%M%S")
+    return Path(cfg["output-dir"]).expanduser() / name
+
+
+class ResultsWriter:
+    """Writes one run's results as they come, so a crash keeps every finished round."""
+
+    def __init__(self, cfg, directory: Path):
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(dict(cfg)), self.dir / "config.yaml")
+        self.columns: list[str] | None = None
+        self.rows: list[dict] = []
+
+    def append(self, row: dict) -> None:
+        if self.columns is None:
+            self.columns = LEADING_COLUMNS + [c for c in row if c not in LEADING_COLUMNS]
+            with open(self.dir / "metrics.csv", "w", newline="") as f:
+                csv.writer(f).writerow(self.columns)
+        with open(self.dir / "metrics.csv", "a", newline="") as f:
+            csv.writer(f).writerow([row.get(c, "") for c in self.columns])
+        self.rows.append(row)
+
+    def finish(self, student: SplitModel, cut: str, extra: dict | None = None) -> dict:
+        """Save the student in its parts and merged, and the summary of the last round."""
+        torch.save(student.device_part(cut).state_dict(), self.dir / "student_device.pt")
+        torch.save(student.server_part(cut).state_dict(), self.dir / "student_server.pt")
+        torch.save(student.state_dict(), self.dir / "student.pt")
+        # A self-contained program: torch.export.load(path).module() is a plain nn.Module
+        # that runs without fedsplitkd installed.
+        program = torch.export.export(student.eval(), (torch.zeros(2, *student.input_shape),),
+                                      dynamic_shapes=({0: torch.export.Dim("batch")},))
+        torch.export.save(program, self.dir / "student.pt2")
+        student.train()
+        last = self.rows[-1] if self.rows else {}
+        best = max((r["test_accuracy"] for r in self.rows if not math.isnan(r["test_accuracy"])), default=float("nan"))
+        summary = {**last, "best_test_accuracy": best,
+                   "total_bytes_up": sum(r["bytes_up"] for r in self.rows),
+                   "total_bytes_down": sum(r["bytes_down"] for r in self.rows), **(extra or {})}
+        (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def load_student(directory: str | Path) -> SplitModel:
+    """Rebuild the merged final student of a finished run, ready for inference."""
+    directory = Path(directory)
+    cfg = OmegaConf.load(directory / "config.yaml")
+    dataset = load_dataset(cfg["dataset"], cfg["data-path"])
+    student = build_student(cfg["student-model"], dataset.input_shape, dataset.num_classes)
+    student.load_state_dict(torch.load(directory / "student.pt", weights_only=True))
+    return student.eval()

@@ -1,0 +1,140 @@
+"""Device and edge runtimes of split knowledge distillation (plain PyTorch).
+
+The device runs the student's lower part (and, in ``embedding`` mode, the teacher's
+frozen embedding module); the edge server runs the student's upper part and the frozen
+teacher, computes the KD loss, steps its optimizer and returns the cut-layer gradient.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedsplitkd.kd import kd_loss
+from fedsplitkd.models import SplitModel
+
+
+def make_optimizer(params, lr: float, momentum: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=lr, momentum=momentum)
+
+
+def state_to_numpy(module: nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
+
+
+def load_numpy_state(module: nn.Module, arrays: dict[str, np.ndarray]) -> None:
+    module.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()})
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+class DeviceRuntime:
+    """The device's student part and optimizer; weights load from and save to plain arrays."""
+
+    def __init__(self, student: SplitModel, cut: str, lr: float, momentum: float,
+                 teacher_embedding: nn.Module | None = None):
+        self.part = student.device_part(cut)
+        self.teacher_embedding = freeze(teacher_embedding) if teacher_embedding is not None else None
+        self.optimizer = make_optimizer(self.part.parameters(), lr, momentum)
+
+    def load(self, weights: dict[str, np.ndarray], optimizer_state: bytes = b"") -> None:
+        load_numpy_state(self.part, weights)
+        if optimizer_state:
+            self.optimizer.load_state_dict(torch.load(io.BytesIO(optimizer_state), weights_only=True))
+        else:
+            self.optimizer.state.clear()
+
+    def save(self) -> tuple[dict[str, np.ndarray], bytes]:
+        buffer = io.BytesIO()
+        torch.save(self.optimizer.state_dict(), buffer)
+        return state_to_numpy(self.part), buffer.getvalue()
+
+    @torch.no_grad()
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return self.part(torch.from_numpy(x)).numpy()
+
+    @torch.no_grad()
+    def teacher_input(self, x: np.ndarray) -> np.ndarray:
+        assert self.teacher_embedding is not None
+        return self.teacher_embedding(torch.from_numpy(x)).numpy()
+
+    def backward(self, batches: list[np.ndarray], grads: list[np.ndarray]) -> None:
+        """Apply the cut-layer gradients of ``batches``, one optimizer step per batch.
+
+        All gradients are taken at the weights that produced the activations (the
+        weights now held), then applied in order: with several batches per exchange,
+        step j uses a gradient j-1 steps stale, as in delayed SGD. With one batch per
+        exchange this is exact split learning.
+        """
+        params = [p for p in self.part.parameters()]
+        per_batch = []
+        for x, g in zip(batches, grads):
+            out = self.part(torch.from_numpy(x))
+            per_batch.append(torch.autograd.grad(out, params, grad_outputs=torch.from_numpy(g)))
+        for step_grads in per_batch:
+            for p, g in zip(params, step_grads):
+                p.grad = g
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class EdgeRuntime:
+    """The edge server: student upper part + frozen teacher, KD loss, cut-layer gradients."""
+
+    def __init__(self, student: SplitModel, cut: str, teacher: SplitModel | None,
+                 alpha: float, temperature: float, lr: float, momentum: float):
+        self.part = student.server_part(cut)
+        self.teacher_rest = freeze(teacher.server_part(teacher.cut_points[0])) if teacher else None
+        self.alpha, self.temperature = alpha, temperature
+        self.optimizer = make_optimizer(self.part.parameters(), lr, momentum)
+
+    @torch.no_grad()
+    def teacher_logits(self, teacher_input: np.ndarray) -> np.ndarray:
+        assert self.teacher_rest is not None
+        return self.teacher_rest(torch.from_numpy(teacher_input)).numpy()
+
+    def train_step(self, activations: list[np.ndarray], labels: list[np.ndarray],
+                   teacher_logits: list[np.ndarray | None]) -> tuple[list[np.ndarray], float]:
+        """One server step on the devices' minibatches taken together.
+
+        The server part sees the concatenated batch (mean loss over all its samples); each
+        device gets the gradient of its own minibatch's mean loss, exactly what it would
+        get training alone. Returns the per-device gradients and the summed loss.
+        """
+        sizes = [len(a) for a in activations]
+        acts = torch.from_numpy(np.concatenate(activations)).requires_grad_(True)
+        y = torch.from_numpy(np.concatenate(labels))
+        t = None if self.alpha == 0.0 else torch.from_numpy(np.concatenate(teacher_logits))
+        per_sample = kd_loss(self.part(acts), t, y, self.alpha, self.temperature, reduction="none")
+        loss = per_sample.mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"server loss is {float(loss)}: step skipped")
+        self.optimizer.step()
+        # d(mean over all)/da_i = (n_i / n) * d(mean over device i)/da_i
+        total = float(sum(sizes))
+        grads = [g.numpy() * (total / n) for g, n in zip(torch.split(acts.grad, sizes), sizes)]
+        return grads, float(per_sample.detach().sum())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of ``model`` on (x, y)."""
+    model.eval()
+    correct, loss = 0, 0.0
+    for i in range(0, len(x), batch_size):
+        logits = model(torch.from_numpy(x[i:i + batch_size]))
+        target = torch.from_numpy(y[i:i + batch_size])
+        loss += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
+        correct += int((logits.argmax(-1) == target).sum())
+    model.train()
+    return correct / max(1, len(x)), loss / max(1, len(x))

@@ -1,0 +1,269 @@
+"""The edge-server side of split-KD: one training round over any transport.
+
+A transport maps ``{device key: request}`` to ``{device key: reply, or an error string}``.
+The Flower strategy's transport sends Messages; ``InProcessTransport`` calls the device
+handlers directly (the reference the Flower run is measured against). The round logic,
+the payload checks and the accounting are this one piece of code for both.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedsplitkd.device import DeviceSetup, handle_evaluate, handle_train, teacher_mode
+from fedsplitkd.models import SplitModel
+from fedsplitkd.payload import (TEACHER, WEIGHTS, Payload, PayloadError, pack, payload_bytes,
+                                require_array, require_int, require_keys, require_weights)
+from fedsplitkd.runtime import EdgeRuntime, evaluate, load_numpy_state, state_to_numpy
+
+log = logging.getLogger("fedsplitkd")
+
+Transport = Callable[[dict[Hashable, Payload]], dict[Hashable, "Payload | str"]]
+
+CHUNK_FIELDS = {"round", "activations", "labels", "batch-sizes", "remaining",
+                "teacher-input", "sample-ids", "teacher-ids"}
+
+
+@dataclass
+class RoundStats:
+    """What one round cost and produced, summed over devices."""
+
+    devices: int = 0
+    completed: int = 0
+    samples: int = 0
+    loss_sum: float = 0.0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    bytes_up_activations: int = 0
+    exchanges: int = 0
+    dropped: Counter = field(default_factory=Counter)
+
+    @property
+    def train_loss(self) -> float:
+        return self.loss_sum / self.samples if self.samples else float("nan")
+
+
+class SplitKDServer:
+    """Holds the student's server part and the teacher; runs rounds against a transport."""
+
+    def __init__(self, student: SplitModel, teacher: SplitModel | None, cfg,
+                 num_classes: int):
+        self.student, self.teacher, self.cfg = student, teacher, cfg
+        self.cut = cfg["cut"]
+        self.mode = teacher_mode(cfg)
+        self.num_classes = num_classes
+        self.edge = EdgeRuntime(student, self.cut, teacher if self.mode != "none" else None,
+                                cfg["kd-alpha"], cfg["kd-temperature"], cfg["learning-rate"],
+                                cfg["momentum"])
+        self.device_part = student.device_part(self.cut)
+        stats = student.block_stats()
+        self.act_shape = stats[student.cut_index(self.cut) - 1].out_shape
+        if self.mode != "none":
+            embedding = teacher.device_part(teacher.cut_points[0])
+            self.teacher_weights = state_to_numpy(embedding)
+            self.emb_shape = teacher.block_stats()[0].out_shape
+        self.max_chunk = cfg["exchange-batches"] * cfg["batch-size"]
+        self.has_teacher: set[Hashable] = set()   # devices holding the teacher embedding
+        self.teacher_cache: dict[Hashable, dict[int, np.ndarray]] = {}
+
+    # ---- checks ---------------------------------------------------------------------------
+    def check_chunk(self, reply: Payload, server_round: int) -> None:
+        """Raise PayloadError unless ``reply`` is a well-formed chunk of this round."""
+        require_keys(reply, CHUNK_FIELDS)
+        if require_int(reply, "round", 0) != server_round:
+            raise PayloadError(f"field 'round' = {reply['round']}, expected {server_round}")
+        acts = require_array(reply, "activations", np.float32, (None, *self.act_shape), finite=True)
+        n = len(acts)
+        if not 0 < n <= self.max_chunk:
+            raise PayloadError(f"field 'activations' has {n} rows, expected 1..{self.max_chunk}")
+        labels = require_array(reply, "labels", np.int64, (n,))
+        if labels.min() < 0 or labels.max() >= self.num_classes:
+            raise PayloadError(f"field 'labels' outside [0, {self.num_classes})")
+        sizes = require_array(reply, "batch-sizes", np.int64, (None,))
+        if not 0 < len(sizes) <= self.cfg["exchange-batches"] or sizes.min() < 1 or sizes.sum() != n:
+            raise PayloadError(f"field 'batch-sizes' {sizes.tolist()[:8]} does not split {n} rows")
+        require_int(reply, "remaining", 0)
+        if self.mode == "embedding":
+            require_array(reply, "teacher-input", np.float32, (n, *self.emb_shape), finite=True)
+        elif self.mode == "cached":
+            require_array(reply, "sample-ids", np.int64, (n,))
+            m = len(require_array(reply, "teacher-ids", np.int64, (None,)))
+            require_array(reply, "teacher-input", np.float32, (m, *self.emb_shape), finite=True)
+            if not np.isin(reply["teacher-ids"], reply["sample-ids"]).all():
+                raise PayloadError("field 'teacher-ids' names samples outside 'sample-ids'")
+
+    def check_final(self, reply: Payload, server_round: int) -> dict[str, np.ndarray]:
+        require_keys(reply, {"round", "num-examples"}, prefixes=(WEIGHTS,))
+        if require_int(reply, "round", 0) != server_round:
+            raise PayloadError(f"field 'round' = {reply['round']}, expected {server_round}")
+        require_int(reply, "num-examples", 1)
+        return require_weights(reply, WEIGHTS, state_to_numpy(self.device_part))
+
+    # ---- teacher ----------------------------------------------------------------------------
+    def teacher_logits(self, key: Hashable, reply: Payload) -> np.ndarray | None:
+        if self.mode == "none":
+            return None
+        if self.mode == "embedding":
+            return self.edge.teacher_logits(reply["teacher-input"])
+        cache = self.teacher_cache.setdefault(key, {})
+        if len(reply["teacher-ids"]):
+            fresh = self.edge.teacher_logits(reply["teacher-input"])
+            cache.update(zip(reply["teacher-ids"].tolist(), fresh))
+        missing = [i for i in reply["sample-ids"].tolist() if i not in cache]
+        if missing:
+            raise PayloadError(f"teacher cache miss for {len(missing)} samples (first {missing[0]})")
+        return np.stack([cache[i] for i in reply["sample-ids"].tolist()])
+
+    # ---- the round --------------------------------------------------------------------------
+    def train_chunks(self, chunks: dict[Hashable, Payload], teacher: dict) -> tuple[dict, float, set]:
+        """Server steps over the chunks' minibatches.
+
+        Returns per-device gradients, the summed loss, and the devices whose minibatch gave
+        a non-finite loss (that step is skipped; they are dropped from the round).
+
+        ``server-batching = per-device``: one step per device minibatch, device by device
+        (sequential split learning on the server side). ``joint``: step j takes minibatch j
+        of every device at once (CPSL), fewer and larger server steps.
+        """
+        batches = []  # (key, activations, labels, teacher logits) per minibatch
+        for key, reply in chunks.items():
+            bounds = np.cumsum(reply["batch-sizes"])[:-1]
+            t = np.split(teacher[key], bounds) if teacher[key] is not None else [None] * (len(bounds) + 1)
+            batches.append(list(zip([key] * (len(bounds) + 1), np.split(reply["activations"], bounds),
+                                    np.split(reply["labels"], bounds), t)))
+        if self.cfg["server-batching"] == "joint":
+            steps = [[b[j] for b in batches if j < len(b)] for j in range(max(map(len, batches)))]
+        else:
+            steps = [[minibatch] for device_batches in batches for minibatch in device_batches]
+        grads: dict[Hashable, list[np.ndarray]] = {key: [] for key in chunks}
+        loss_sum, diverged = 0.0, set()
+        for step in steps:
+            keys, acts, labels, logits = map(list, zip(*step))
+            try:
+                step_grads, step_loss = self.edge.train_step(acts, labels, logits)
+            except FloatingPointError:
+                diverged.update(keys)
+                continue
+            loss_sum += step_loss
+            for key, g in zip(keys, step_grads):
+                grads[key].append(g)
+        return {k: np.concatenate(g) for k, g in grads.items() if k not in diverged}, loss_sum, diverged
+
+    def run_round(self, transport: Transport, keys: list[Hashable], server_round: int) -> RoundStats:
+        """One round: chunk exchanges with every device until each returns its device part."""
+        stats = RoundStats(devices=len(keys))
+        requests = self.first_requests(keys, server_round)
+        finals: dict[Hashable, tuple[dict[str, np.ndarray], int]] = {}
+
+        def drop(key: Hashable, kind: str, reason: str) -> None:
+            log.warning("round %d: dropped device %s (%s): %s", server_round, key, kind, reason)
+            stats.dropped[kind] += 1
+            self.has_teacher.discard(key)
+
+        while requests:
+            replies = transport(requests)
+            stats.exchanges += 1
+            stats.bytes_down += sum(payload_bytes(r) for r in requests.values())
+            chunks, teacher = {}, {}
+            for key, request in requests.items():
+                reply = replies.get(key, "no reply")
+                if isinstance(reply, str):
+                    drop(key, "failed", reply)
+                    continue
+                stats.bytes_up += payload_bytes(reply)
+                try:
+                    if request.get("final"):
+                        finals[key] = (self.check_final(reply, server_round), int(reply["num-examples"]))
+                        continue
+                    self.check_chunk(reply, server_round)
+                    teacher[key] = self.teacher_logits(key, reply)
+                except PayloadError as err:
+                    drop(key, "invalid", str(err))
+                    continue
+                if any(k.startswith(TEACHER) for k in request):
+                    self.has_teacher.add(key)
+                stats.bytes_up_activations += reply["activations"].nbytes
+                chunks[key] = reply
+            requests = {}
+            if chunks:
+                grads, loss_sum, diverged = self.train_chunks(chunks, teacher)
+                stats.loss_sum += loss_sum
+                for key in diverged:
+                    drop(key, "invalid", "non-finite loss on the server")
+                for key, reply in chunks.items():
+                    if key in diverged:
+                        continue
+                    stats.samples += len(reply["labels"])
+                    requests[key] = {"round": server_round, "grads": grads[key],
+                                     "final": reply["remaining"] == 0}
+        stats.completed = len(finals)
+        self.aggregate(list(finals.values()))
+        return stats
+
+    def first_requests(self, keys: list[Hashable], server_round: int) -> dict[Hashable, Payload]:
+        """The global device part (and the teacher embedding, once per device) for each key."""
+        global_weights = pack(WEIGHTS, state_to_numpy(self.device_part))
+        requests = {}
+        for key in keys:
+            requests[key] = {"round": server_round, **global_weights}
+            if self.mode != "none" and key not in self.has_teacher:
+                requests[key].update(pack(TEACHER, self.teacher_weights))
+        return requests
+
+    def aggregate(self, finals: list[tuple[dict[str, np.ndarray], int]]) -> None:
+        """Replace the device part by the example-weighted average of the returned ones."""
+        if finals:
+            load_numpy_state(self.device_part, average([w for w, _ in finals], [n for _, n in finals]))
+
+    def evaluate_replies(self, replies: dict[Hashable, "Payload | str"], server_round: int) -> tuple[float, float, int]:
+        """Accuracy and loss of the whole student on the devices' validation activations."""
+        correct, loss, n = 0, 0.0, 0
+        for key, reply in replies.items():
+            try:
+                if isinstance(reply, str):
+                    raise PayloadError(reply)
+                require_keys(reply, {"round", "activations", "labels"})
+                acts = require_array(reply, "activations", np.float32, (None, *self.act_shape), finite=True)
+                labels = require_array(reply, "labels", np.int64, (len(acts),))
+                if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+                    raise PayloadError(f"field 'labels' outside [0, {self.num_classes})")
+            except PayloadError as err:
+                log.warning("round %d: evaluation reply of device %s dropped: %s", server_round, key, err)
+                continue
+            acc, mean_loss = evaluate(self.edge.part, acts, labels)
+            correct += round(acc * len(labels))
+            loss += mean_loss * len(labels)
+            n += len(labels)
+        return (correct / n, loss / n, n) if n else (float("nan"), float("nan"), 0)
+
+
+def average(weights: list[dict[str, np.ndarray]], counts: list[int]) -> dict[str, np.ndarray]:
+    """Example-weighted average of device parts (FedAvg)."""
+    total = float(sum(counts))
+    return {k: sum(w[k].astype(np.float64) * (n / total) for w, n in zip(weights, counts)).astype(weights[0][k].dtype)
+            for k in weights[0]}
+
+
+class InProcessTransport:
+    """Calls the device handlers directly, keeping each device's state in a dict."""
+
+    def __init__(self, setups: dict[Hashable, DeviceSetup]):
+        self.setups = setups
+        self.states: dict[Hashable, Payload] = {key: {} for key in setups}
+
+    def __call__(self, requests: dict[Hashable, Payload]) -> dict[Hashable, "Payload | str"]:
+        replies: dict[Hashable, Payload | str] = {}
+        for key, request in requests.items():
+            try:
+                replies[key], self.states[key] = handle_train(request, self.states[key], self.setups[key])
+            except Exception as err:  # a failing device must not stop the round
+                replies[key] = f"{type(err).__name__}: {err}"
+        return replies
+
+    def evaluate(self, request: Payload) -> dict[Hashable, "Payload | str"]:
+        return {key: handle_evaluate(request, setup) for key, setup in self.setups.items()}

@@ -1,0 +1,88 @@
+"""The teacher: trained by the server on its public split, or loaded from a checkpoint.
+
+Trained teachers are cached on disk under a key made of everything that determines
+them (architecture, data, training settings), so repeated runs skip the training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedsplitkd.models import SplitModel, build_teacher
+from fedsplitkd.runtime import evaluate
+
+log = logging.getLogger("fedsplitkd")
+
+CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FEDSPLITKD_CACHE", Path.home() / ".cache" / "fedsplitkd")) / "teachers"
+
+
+def train_teacher(teacher: SplitModel, x: np.ndarray, y: np.ndarray, epochs: int, seed: int,
+                  batch_size: int = 64, lr: float = 1e-3) -> SplitModel:
+    """Plain supervised training (Adam, cross-entropy) on the public split."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(teacher.parameters(), lr=lr)
+    xs, ys = torch.from_numpy(x), torch.from_numpy(y)
+    teacher.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(xs), generator=generator)
+        for i in range(0, len(xs), batch_size):
+            idx = order[i:i + batch_size]
+            loss = torch.nn.functional.cross_entropy(teacher(xs[idx]), ys[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return teacher
+
+
+def cache_key(family: str, input_shape: tuple, num_classes: int, x: np.ndarray, y: np.ndarray,
+              epochs: int, seed: int) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps([CACHE_VERSION, family, list(input_shape), num_classes, epochs, seed]).encode())
+    digest.update(np.ascontiguousarray(x).tobytes())
+    digest.update(np.ascontiguousarray(y).tobytes())
+    return digest.hexdigest()[:20]
+
+
+def get_teacher(cfg, input_shape: tuple, num_classes: int, x_public: np.ndarray,
+                y_public: np.ndarray) -> SplitModel:
+    """The teacher from ``teacher-path``, the disk cache, or fresh training on the public split."""
+    torch.manual_seed(cfg["seed"])
+    teacher = build_teacher(cfg["student-model"], input_shape, num_classes)
+    if cfg["teacher-path"]:
+        path = Path(cfg["teacher-path"]).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"teacher-path '{path}': no such file")
+        try:
+            teacher.load_state_dict(torch.load(path, weights_only=True))
+        except RuntimeError as err:
+            raise ValueError(f"teacher-path '{path}' does not fit the teacher for input "
+                             f"{input_shape}: {str(err).splitlines()[0]}") from err
+        return teacher
+    cache_dir = Path(cfg["teacher-cache-dir"]).expanduser() if cfg["teacher-cache-dir"] else default_cache_dir()
+    key = cache_key(cfg["student-model"], input_shape, num_classes, x_public, y_public,
+                    cfg["teacher-epochs"], cfg["seed"])
+    path = cache_dir / f"teacher-{key}.pt"
+    if path.is_file():
+        teacher.load_state_dict(torch.load(path, weights_only=True))
+        log.info("teacher loaded from cache %s", path)
+        return teacher
+    train_teacher(teacher, x_public, y_public, cfg["teacher-epochs"], cfg["seed"])
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(teacher.state_dict(), tmp)
+    os.replace(tmp, path)  # atomic: a concurrent run never reads a half-written file
+    acc, _ = evaluate(teacher, x_public, y_public)
+    log.info("teacher trained on %d public samples (train accuracy %.3f), cached at %s",
+             len(y_public), acc, path)
+    return teacher
