@@ -8,6 +8,8 @@ device's state between messages lives in ``context.state``.
 
 from __future__ import annotations
 
+import functools
+
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -20,8 +22,13 @@ STATE_PREFIX = "fedsplitkd."  # context.state holds our ArrayRecord and ConfigRe
 app = ClientApp()
 
 
+@functools.lru_cache(maxsize=8)
+def _resolve(items: tuple) -> dict:
+    return dict(resolve(dict(items)))
+
+
 def _setup(context: Context):
-    cfg = resolve(context.run_config)
+    cfg = _resolve(tuple(sorted(context.run_config.items())))  # once per run, not per message
     node = context.node_config
     if "partition-id" not in node or "num-partitions" not in node:
         raise ValueError("node config needs 'partition-id' and 'num-partitions' "

@@ -1,0 +1,57 @@
+"""Shared fixtures and helpers of the fedsplitkd tests.
+
+Every test runs with ``FEDSPLITKD_CACHE`` pointing at a temporary directory, so trained
+teachers are never written to (or read from) ``~/.cache``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# A tiny run: the digits dataset, one short round, a quickly trained teacher.
+TINY = {
+    "dataset": "digits",
+    "num-rounds": 1,
+    "teacher-epochs": 2,
+    "seed": 0,
+}
+
+
+def tiny(**overrides) -> dict:
+    """The tiny run config with run-config style overrides (``exchange_batches=1`` ...)."""
+    cfg = dict(TINY)
+    cfg.update({k.replace("_", "-"): v for k, v in overrides.items()})
+    return cfg
+
+
+@pytest.fixture(scope="session", autouse=True)
+def teacher_cache_dir(tmp_path_factory) -> Path:
+    """Point the teacher cache at a temporary directory for the whole session.
+
+    Session-scoped (with its own MonkeyPatch) so that module-scoped fixtures which
+    build experiments, and therefore teachers, also see it.
+    """
+    cache = tmp_path_factory.mktemp("fedsplitkd-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDSPLITKD_CACHE", str(cache))
+        yield cache
+
+
+@pytest.fixture(autouse=True)
+def _cache_env_is_isolated(monkeypatch, teacher_cache_dir):
+    """Per test: re-assert (via monkeypatch) that the cache is the temporary directory."""
+    monkeypatch.setenv("FEDSPLITKD_CACHE", str(teacher_cache_dir))
+    assert os.environ["FEDSPLITKD_CACHE"] == str(teacher_cache_dir)
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    """Keep torch on one thread: the machine is small and shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,140 @@
+"""The run config: defaults, the pyproject table, and the checks on every key."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+from omegaconf import DictConfig
+
+from fedsplitkd.config import DEFAULTS, SCHEMA, ConfigError, resolve
+
+from conftest import tiny
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+@pytest.fixture(scope="module")
+def flwr_config() -> dict:
+    with PYPROJECT.open("rb") as f:
+        return tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+
+
+def test_defaults_resolve():
+    cfg = resolve()
+    assert isinstance(cfg, DictConfig)
+    assert dict(cfg) == DEFAULTS
+    assert resolve({}) == resolve(None) == cfg
+    assert cfg["kd-alpha"] == 0.5 and cfg["exchange-batches"] == 8 and cfg["teacher-input"] == "embedding"
+
+
+def test_tiny_overrides_resolve():
+    cfg = resolve(tiny())
+    assert cfg["dataset"] == "digits" and cfg["num-rounds"] == 1 and cfg["teacher-epochs"] == 2
+    # keys not overridden keep their defaults
+    assert cfg["batch-size"] == DEFAULTS["batch-size"]
+
+
+def test_schema_keys_equal_pyproject_table(flwr_config):
+    assert list(flwr_config) == list(SCHEMA)  # same keys, same order
+
+
+def test_schema_defaults_equal_pyproject_values(flwr_config):
+    for name, key in SCHEMA.items():
+        value = flwr_config[name]
+        assert value == key.default, name
+        assert type(value) is type(key.default), f"{name}: {type(value).__name__} vs {type(key.default).__name__}"
+
+
+def test_pyproject_table_resolves_unchanged(flwr_config):
+    # what Flower hands the apps as run_config with no overrides
+    assert dict(resolve(flwr_config)) == DEFAULTS
+
+
+def test_every_default_passes_its_own_check():
+    for name, key in SCHEMA.items():
+        assert key.check(key.default), name
+
+
+def _single_line_naming(err: pytest.ExceptionInfo, key: str) -> str:
+    message = str(err.value)
+    assert key in message
+    assert "\n" not in message and "\r" not in message
+    return message
+
+
+@pytest.mark.parametrize("name", ["no-such-key", "kd_alpha", "Seed"])
+def test_unknown_key_raises_naming_it(name):
+    with pytest.raises(ConfigError) as err:
+        resolve({name: 1})
+    message = _single_line_naming(err, name)
+    assert f"'{name}'" in message
+
+
+BAD = [
+    ("kd-alpha", 1.5),
+    ("kd-alpha", -0.1),
+    ("exchange-batches", 0),
+    ("exchange-batches", 2.5),
+    ("teacher-input", "x"),
+    ("batch-size", "32"),
+    ("batch-size", True),
+    ("batch-size", None),
+    ("seed", -1),
+    ("num-rounds", float("inf")),
+    ("learning-rate", 0.0),
+    ("learning-rate", float("nan")),
+    ("kd-temperature", 0),
+    ("momentum", 1.0),
+    ("dataset", "mnist"),
+    ("server-batching", "Joint"),
+    ("student-model", "resnet"),
+    ("cut", 3),
+    ("output-dir", None),
+    ("fraction-train", 0.0),
+    ("val-fraction", 0.75),
+    ("round-timeout", "600"),
+]
+
+
+@pytest.mark.parametrize("name,value", BAD, ids=[f"{n}={v!r}" for n, v in BAD])
+def test_bad_value_raises_single_line_error_naming_the_key(name, value):
+    with pytest.raises(ConfigError) as err:
+        resolve({name: value})
+    message = _single_line_naming(err, name)
+    assert message.startswith(f"run-config '{name}'")
+    assert isinstance(err.value, ValueError)  # ConfigError is a ValueError
+
+
+def test_multiline_string_value_still_gives_single_line_error():
+    with pytest.raises(ConfigError) as err:
+        resolve({"teacher-input": "embedding\ncached"})
+    _single_line_naming(err, "teacher-input")
+
+
+@pytest.mark.parametrize("name", ["batch-size", "exchange-batches", "seed", "num-rounds", "teacher-epochs"])
+def test_whole_float_for_int_key_is_taken_as_int(name):
+    cfg = resolve({name: 8.0})
+    assert cfg[name] == 8
+    assert type(cfg[name]) is int
+
+
+def test_int_for_float_key_is_accepted():
+    cfg = resolve({"kd-alpha": 1, "learning-rate": 1, "round-timeout": 30})
+    assert cfg["kd-alpha"] == 1 and cfg["learning-rate"] == 1 and cfg["round-timeout"] == 30
+
+
+@pytest.mark.parametrize("name,value", [("kd-alpha", 0.0), ("kd-alpha", 1.0), ("momentum", 0.0),
+                                        ("exchange-batches", 1), ("val-fraction", 0.0),
+                                        ("teacher-input", "cached"), ("server-batching", "joint"),
+                                        ("cut", "conv2"), ("fraction-evaluate", 1.0)])
+def test_boundary_values_are_accepted(name, value):
+    assert resolve({name: value})[name] == value
+
+
+def test_first_bad_key_in_schema_order_is_reported_and_defaults_untouched():
+    with pytest.raises(ConfigError) as err:
+        resolve({"exchange-batches": 0, "num-rounds": 0})
+    assert "'num-rounds'" in str(err.value) and "exchange-batches" not in str(err.value)
+    assert DEFAULTS["exchange-batches"] == 8 and DEFAULTS["num-rounds"] == 25

@@ -1,0 +1,99 @@
+"""End to end through Flower: `flwr run` on a private simulation SuperLink."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedsplitkd.config import resolve
+from fedsplitkd.data import device_data
+from fedsplitkd.device import batch_plan
+from fedsplitkd.localsim import LocalSimulation
+from fedsplitkd.models import build_student, build_teacher
+from fedsplitkd.results import load_student
+from fedsplitkd.runtime import evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICES, ROUNDS = 3, 3
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("outputs")
+    cache = tmp_path_factory.mktemp("teachers")
+    common = {"output-dir": str(out), "teacher-cache-dir": str(cache), "teacher-epochs": 20,
+              "num-rounds": ROUNDS}
+    with LocalSimulation() as sim:
+        good = sim.run(ROOT, {**common, "run-name": "good", "fraction-evaluate": 1.0},
+                       num_supernodes=DEVICES)
+        bad = sim.run(ROOT, {**common, "run-name": "bad", "kd-alpha": 1.5}, num_supernodes=DEVICES)
+    return out, good, bad, {**common, "fraction-evaluate": 1.0}
+
+
+def read_metrics(directory: Path) -> list[dict]:
+    assert (directory / "metrics.csv").is_file(), "the run wrote no metrics.csv"
+    return list(csv.DictReader(open(directory / "metrics.csv")))
+
+
+def test_run_learns_and_writes_the_results_contract(runs):
+    out, good, _, _ = runs
+    rows = read_metrics(out / "good")
+    assert [int(r["round"]) for r in rows] == list(range(ROUNDS + 1)), good.stdout[-3000:]
+    assert rows[0].keys() >= {"round", "method", "test_accuracy", "test_loss", "bytes_up", "bytes_down"}
+    assert float(rows[-1]["test_accuracy"]) > float(rows[0]["test_accuracy"]) + 0.05
+    assert all(int(r["completed"]) == DEVICES for r in rows[1:])
+    assert all(int(r["dropped_failed"]) + int(r["dropped_invalid"]) == 0 for r in rows[1:])
+    assert all(0.0 <= float(r["val_accuracy"]) <= 1.0 for r in rows[1:])  # split evaluation ran
+    summary = json.loads((out / "good" / "summary.json").read_text())
+    assert summary["test_accuracy"] == pytest.approx(float(rows[-1]["test_accuracy"]))
+    assert (out / "good" / "config.yaml").is_file()
+    assert "[round 3/3]" in good.stdout
+
+
+def test_bytes_up_equals_the_payloads_sent(runs):
+    """Activations, labels, batch sizes, teacher inputs and final weights, counted exactly."""
+    out, _, _, common = runs
+    cfg = resolve({**common, "run-name": "good"})
+    rows = read_metrics(out / "good")
+    shape, classes = (1, 8, 8), 10
+    student, teacher = build_student("auto", shape, classes), build_teacher("auto", shape, classes)
+    stats, tstats = student.block_stats(), teacher.block_stats()
+    act, emb = stats[0].activation_numel, tstats[0].activation_numel
+    device_params = sum(p.numel() for p in student.device_part("default").parameters())
+    for r in rows[1:]:
+        expected_acts = expected_total = 0
+        for pid in range(DEVICES):
+            n = len(device_data(cfg, pid, DEVICES).y_train)
+            batches = len(batch_plan(n, cfg["batch-size"], 1, cfg["seed"], int(r["round"]), pid))
+            expected_acts += n * act * 4
+            expected_total += n * (act * 4 + 8 + emb * 4) + 8 * batches + 4 * device_params
+        assert int(r["bytes_up_activations"]) == expected_acts
+        assert int(r["bytes_up"]) == expected_total
+
+
+def test_final_student_loads_and_matches_the_reported_accuracy(runs):
+    out, _, _, common = runs
+    student = load_student(out / "good")
+    cfg = resolve({**common, "run-name": "good"})
+    from fedsplitkd.data import load_dataset
+    ds = load_dataset(cfg["dataset"], cfg["data-path"])
+    accuracy, _ = evaluate(student, ds.x_test, ds.y_test)
+    assert accuracy == pytest.approx(float(read_metrics(out / "good")[-1]["test_accuracy"]))
+    program = torch.export.load(str(out / "good" / "student.pt2")).module()
+    x = torch.from_numpy(ds.x_test[:7])
+    torch.testing.assert_close(program(x), student(x))
+    merged = torch.load(out / "good" / "student.pt", weights_only=True)
+    parts = {**torch.load(out / "good" / "student_device.pt", weights_only=True),
+             **torch.load(out / "good" / "student_server.pt", weights_only=True)}
+    assert merged.keys() == parts.keys()
+    assert all(torch.equal(merged[k], parts[k]) for k in merged)
+    assert not math.isnan(accuracy)
+
+
+def test_invalid_config_stops_the_run_naming_the_key(runs):
+    out, _, bad, _ = runs
+    assert not (out / "bad" / "metrics.csv").exists()
+    assert "run-config 'kd-alpha' = 1.5: must be a number in [0.0, 1.0]" in bad.stdout + bad.stderr
