@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 
+import torch
+
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -29,6 +31,10 @@ def _resolve(items: tuple) -> dict:
 
 def _setup(context: Context):
     cfg = _resolve(tuple(sorted(context.run_config.items())))  # once per run, not per message
+    if cfg["device-threads"] and torch.get_num_threads() != cfg["device-threads"]:
+        # Simulated devices are small: several torch threads per ClientApp process only
+        # contend with the other processes for the cores.
+        torch.set_num_threads(cfg["device-threads"])
     node = context.node_config
     if "partition-id" not in node or "num-partitions" not in node:
         raise ValueError("node config needs 'partition-id' and 'num-partitions' "

@@ -73,6 +73,7 @@ SCHEMA: dict[str, Key] = {
     "teacher-epochs": _int(60, 1),
     "student-model": _choice("auto", "mlp", "cnn1d", "cnn2d"),
     "cut": _str("default", "a cut-point name of the student ('default' = its first block)"),
+    "device-threads": _int(1, 0),
     "round-timeout": _float(600.0, 0.0, 86400.0, low_open=True),
     "output-dir": _str("outputs"),
     "run-name": _str("", "a directory name ('' = a timestamp)"),
@@ -89,7 +90,7 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> DictConfig:
     values = dict(DEFAULTS)
     for name, value in (overrides or {}).items():
         if name not in SCHEMA:
-            raise ConfigError(f"unknown run-config key '{name}' (known: {', '.join(SCHEMA)})")
+            raise ConfigError(f"unknown run-config key {name!r} (known: {', '.join(SCHEMA)})")
         values[name] = value
     for name, key in SCHEMA.items():
         value = values[name]

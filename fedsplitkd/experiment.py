@@ -67,6 +67,7 @@ def metrics_row(server_round: int, method: str, accuracy: float, loss: float,
         "devices": stats.devices, "completed": stats.completed,
         "dropped_failed": stats.dropped["failed"], "dropped_invalid": stats.dropped["invalid"],
         "exchanges": stats.exchanges, "wall_s": round(wall_s, 4),
+        "val_accuracy": float("nan"), "val_loss": float("nan"),  # set when devices evaluate
     }
 
 

@@ -19,6 +19,8 @@ def kd_loss(
     The T^2 factor keeps the soft term's gradient scale independent of T. With
     ``reduction='none'`` one loss per sample is returned. ``alpha = 0`` needs no teacher.
     """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"kd_loss: reduction must be 'mean' or 'none', got {reduction!r}")
     ce = F.cross_entropy(student_logits, labels, reduction="none")
     if alpha == 0.0:
         per_sample = ce

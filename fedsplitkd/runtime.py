@@ -17,6 +17,15 @@ from fedsplitkd.kd import kd_loss
 from fedsplitkd.models import SplitModel
 
 
+class NonFiniteLoss(FloatingPointError):
+    """A step's loss or gradients are not finite; ``indices`` names the culprit minibatches,
+    or is None when the gradients of several minibatches overflowed together."""
+
+    def __init__(self, indices: list[int] | None):
+        super().__init__(f"non-finite loss or gradients from minibatches {indices}")
+        self.indices = indices
+
+
 def make_optimizer(params, lr: float, momentum: float) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, momentum=momentum)
 
@@ -114,16 +123,23 @@ class EdgeRuntime:
         y = torch.from_numpy(np.concatenate(labels))
         t = None if self.alpha == 0.0 else torch.from_numpy(np.concatenate(teacher_logits))
         per_sample = kd_loss(self.part(acts), t, y, self.alpha, self.temperature, reduction="none")
+        bad = [i for i, chunk in enumerate(torch.split(per_sample.detach(), sizes))
+               if not torch.isfinite(chunk).all()]
+        if bad:  # no step: the caller drops these devices and retries without them
+            raise NonFiniteLoss(bad)
         loss = per_sample.mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"server loss is {float(loss)}: step skipped")
+        grads_ok = torch.isfinite(acts.grad).all() and all(
+            torch.isfinite(p.grad).all() for p in self.part.parameters() if p.grad is not None)
+        if not grads_ok:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss([0] if len(sizes) == 1 else None)
         self.optimizer.step()
         # d(mean over all)/da_i = (n_i / n) * d(mean over device i)/da_i
         total = float(sum(sizes))
         grads = [g.numpy() * (total / n) for g, n in zip(torch.split(acts.grad, sizes), sizes)]
-        return grads, float(per_sample.detach().sum())
+        return grads, float(per_sample.detach().double().sum())
 
 
 @torch.no_grad()

@@ -19,14 +19,19 @@ from fedsplitkd.device import DeviceSetup, handle_evaluate, handle_train, teache
 from fedsplitkd.models import SplitModel
 from fedsplitkd.payload import (TEACHER, WEIGHTS, Payload, PayloadError, pack, payload_bytes,
                                 require_array, require_int, require_keys, require_weights)
-from fedsplitkd.runtime import EdgeRuntime, evaluate, load_numpy_state, state_to_numpy
+from fedsplitkd.runtime import EdgeRuntime, NonFiniteLoss, evaluate, load_numpy_state, state_to_numpy
 
 log = logging.getLogger("fedsplitkd")
 
 Transport = Callable[[dict[Hashable, Payload]], dict[Hashable, "Payload | str"]]
 
-CHUNK_FIELDS = {"round", "activations", "labels", "batch-sizes", "remaining",
-                "teacher-input", "sample-ids", "teacher-ids"}
+# A sanity bound far above what the device part yields on standardised inputs: finite but
+# huge activations pass every finiteness check and still wreck the server part in one step.
+MAX_ACTIVATION = 1e6
+
+CHUNK_FIELDS = {"round", "activations", "labels", "batch-sizes", "remaining"}
+TEACHER_FIELDS = {"none": set(), "embedding": {"teacher-input"},
+                  "cached": {"teacher-input", "sample-ids", "teacher-ids"}}
 
 
 @dataclass
@@ -74,11 +79,13 @@ class SplitKDServer:
     # ---- checks ---------------------------------------------------------------------------
     def check_chunk(self, reply: Payload, server_round: int) -> None:
         """Raise PayloadError unless ``reply`` is a well-formed chunk of this round."""
-        require_keys(reply, CHUNK_FIELDS)
+        require_keys(reply, CHUNK_FIELDS | TEACHER_FIELDS[self.mode])
         if require_int(reply, "round", 0) != server_round:
             raise PayloadError(f"field 'round' = {reply['round']}, expected {server_round}")
         acts = require_array(reply, "activations", np.float32, (None, *self.act_shape), finite=True)
         n = len(acts)
+        if np.abs(acts).max(initial=0.0) > MAX_ACTIVATION:
+            raise PayloadError(f"field 'activations' exceeds {MAX_ACTIVATION:g} in magnitude")
         if not 0 < n <= self.max_chunk:
             raise PayloadError(f"field 'activations' has {n} rows, expected 1..{self.max_chunk}")
         labels = require_array(reply, "labels", np.int64, (n,))
@@ -142,12 +149,20 @@ class SplitKDServer:
             steps = [[minibatch] for device_batches in batches for minibatch in device_batches]
         grads: dict[Hashable, list[np.ndarray]] = {key: [] for key in chunks}
         loss_sum, diverged = 0.0, set()
-        for step in steps:
+        queue = list(steps)
+        while queue:
+            step = [b for b in queue.pop(0) if b[0] not in diverged]
+            if not step:
+                continue
             keys, acts, labels, logits = map(list, zip(*step))
             try:
                 step_grads, step_loss = self.edge.train_step(acts, labels, logits)
-            except FloatingPointError:
-                diverged.update(keys)
+            except NonFiniteLoss as err:
+                if err.indices is None:  # cannot tell who: retry the devices one by one
+                    queue[:0] = [[b] for b in step]
+                else:
+                    diverged.update(keys[i] for i in err.indices)
+                    queue.insert(0, step)  # the others, without the culprits
                 continue
             loss_sum += step_loss
             for key, g in zip(keys, step_grads):

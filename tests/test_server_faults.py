@@ -1,0 +1,60 @@
+"""A device whose data breaks the server loss is dropped alone and trains nothing."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny
+from fedsplitkd.config import resolve
+from fedsplitkd.device import device_setup, handle_train
+from fedsplitkd.experiment import build
+from fedsplitkd.server import InProcessTransport
+
+
+def setup(overrides):
+    cfg = resolve(tiny(**overrides))
+    exp = build(cfg)
+    return cfg, exp, {k: device_setup(cfg, k, 4) for k in (0, 1)}
+
+
+def first_chunks(exp, setups):
+    requests = exp.server.first_requests(list(setups), 1)
+    return {k: handle_train(requests[k], {}, setups[k])[0] for k in setups}
+
+
+@pytest.mark.parametrize("batching", ["per-device", "joint"])
+def test_only_the_nan_device_is_dropped_and_its_later_minibatches_skipped(batching):
+    cfg, exp, setups = setup({"server_batching": batching, "exchange_batches": 4})
+    chunks = first_chunks(exp, setups)
+    assert len(chunks[1]["batch-sizes"]) > 1
+    chunks[1]["activations"][0, ...] = np.nan  # its first minibatch only
+    teacher = {k: exp.server.teacher_logits(k, c) for k, c in chunks.items()}
+    steps = []
+    original = exp.server.edge.train_step
+    exp.server.edge.train_step = lambda *a: steps.append(len(a[0][0])) or original(*a)
+    grads, loss_sum, diverged = exp.server.train_chunks(chunks, teacher)
+    assert diverged == {1}
+    assert set(grads) == {0}
+    assert grads[0].shape == chunks[0]["activations"].shape
+    assert np.isfinite(loss_sum)
+    if batching == "per-device":  # device 0's minibatches, then device 1's first (failed) only
+        assert len(steps) == len(chunks[0]["batch-sizes"]) + 1
+
+
+def test_huge_activations_are_rejected_and_leave_no_trace():
+    """Finite but huge activations are refused; the model equals training device 0 alone."""
+    cfg, exp, setups = setup({"exchange_batches": 4})
+    transport = InProcessTransport(setups)
+
+    def send(requests):
+        replies = transport(requests)
+        if isinstance(replies.get(1), dict) and "activations" in replies[1]:
+            replies[1]["activations"] = np.full_like(replies[1]["activations"], 3e38)
+        return replies
+
+    stats = exp.server.run_round(send, [0, 1], 1)
+    assert (stats.completed, stats.dropped["invalid"]) == (1, 1)
+    _, alone, setups_alone = setup({"exchange_batches": 4})
+    alone.server.run_round(InProcessTransport(setups_alone), [0], 1)
+    for (name, a), b in zip(exp.student.state_dict().items(), alone.student.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
