@@ -1,6 +1,6 @@
 """The fedsplitkd ClientApp: one Flower SuperNode is one device.
 
-Handlers: ``train.split_forward`` (a round's first request, carrying the global device
+Handlers: ``query`` (which device this node is), ``train.split_forward`` (a round's first request, carrying the global device
 part), ``train.split_backward`` (cut-layer gradients, and the next chunk or the final
 device part) and ``evaluate`` (split inference on the local validation split). The
 device's state between messages lives in ``context.state``.
@@ -62,6 +62,14 @@ def split_forward(msg: Message, context: Context) -> Message:
 def split_backward(msg: Message, context: Context) -> Message:
     """Apply a chunk's cut-layer gradients; reply the next chunk or the trained device part."""
     return _train(msg, context)
+
+
+@app.query()
+def describe(msg: Message, context: Context) -> Message:
+    """Which device this node is: its partition id and the partition count."""
+    node = context.node_config
+    return Message(to_records({"partition-id": int(node.get("partition-id", -1)),
+                               "num-partitions": int(node.get("num-partitions", 0))}), reply_to=msg)
 
 
 @app.evaluate()

@@ -41,7 +41,7 @@ def main() -> None:
     print(f"HAR 1-D CNN student + teacher, {args.devices} devices, {args.rounds} rounds "
           f"(per-round = median of rounds 2..{args.rounds})")
     print(f"{'K':>3} {'cpus':>4} {'exch/round':>10} {'in-process s':>12} {'flower s':>9} "
-          f"{'ratio':>6} {'startup s':>9} {'acc in-proc':>11} {'acc flower':>10}")
+          f"{'ratio':>6} {'startup s':>9} {'acc in-proc':>11} {'acc flower':>10} {'same metrics':>12}")
     for k in args.exchange_batches:
         cfg = {**base, "exchange-batches": k}
         run_inprocess(cfg, args.devices)  # warm caches (teacher, data) so both sides start alike
@@ -60,9 +60,11 @@ def main() -> None:
                 raise SystemExit(f"the Flower run {name} finished {len(flower) - 1} of {args.rounds} rounds")
             t_in, t_fl = median_round(inproc), median_round(flower)
             startup = total - sum(float(r["wall_s"]) for r in flower if int(r["round"]) >= 2)
+            same = all(abs(float(f["test_loss"]) - a["test_loss"]) < 1e-4 and int(f["bytes_up"]) == a["bytes_up"]
+                       for f, a in zip(flower, inproc))
             print(f"{k:>3} {cpus:>4} {int(flower[-1]['exchanges']):>10} {t_in:>12.3f} {t_fl:>9.3f} "
                   f"{t_fl / t_in:>6.2f} {startup:>9.1f} {inproc[-1]['test_accuracy']:>11.4f} "
-                  f"{float(flower[-1]['test_accuracy']):>10.4f}", flush=True)
+                  f"{float(flower[-1]['test_accuracy']):>10.4f} {'yes' if same else 'NO':>12}", flush=True)
 
 
 if __name__ == "__main__":

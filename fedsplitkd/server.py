@@ -9,9 +9,11 @@ the payload checks and the accounting are this one piece of code for both.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -23,7 +25,26 @@ from fedsplitkd.runtime import EdgeRuntime, NonFiniteLoss, evaluate, load_numpy_
 
 log = logging.getLogger("fedsplitkd")
 
-Transport = Callable[[dict[Hashable, Payload]], dict[Hashable, "Payload | str"]]
+class Transport(Protocol):
+    """Carries requests to devices and their replies back.
+
+    ``send`` must not block on the devices; ``receive`` blocks until at least one reply
+    (or, for a device that failed or timed out, an error string) is available and returns
+    all that are. Every request sent gets exactly one of them.
+    """
+
+    def send(self, requests: dict[Hashable, Payload]) -> None: ...
+
+    def receive(self) -> dict[Hashable, Payload | str]: ...
+
+
+def exchange(transport: Transport, requests: dict[Hashable, Payload]) -> dict[Hashable, Payload | str]:
+    """Send every request and wait for all the replies."""
+    transport.send(requests)
+    replies: dict[Hashable, Payload | str] = {}
+    while len(replies) < len(requests):
+        replies.update(transport.receive())
+    return replies
 
 # A sanity bound far above what the device part yields on standardised inputs: finite but
 # huge activations pass every finiteness check and still wreck the server part in one step.
@@ -46,6 +67,8 @@ class RoundStats:
     bytes_down: int = 0
     bytes_up_activations: int = 0
     exchanges: int = 0
+    transport_s: float = 0.0   # wall time waiting for the devices' replies
+    server_s: float = 0.0      # wall time of the server's own compute
     dropped: Counter = field(default_factory=Counter)
 
     @property
@@ -170,52 +193,73 @@ class SplitKDServer:
         return {k: np.concatenate(g) for k, g in grads.items() if k not in diverged}, loss_sum, diverged
 
     def run_round(self, transport: Transport, keys: list[Hashable], server_round: int) -> RoundStats:
-        """One round: chunk exchanges with every device until each returns its device part."""
+        """One round: chunk exchanges with every device until each returns its device part.
+
+        Replies are handled in the order of ``keys`` within each exchange, and exchange j
+        before exchange j+1, so the server's steps run in the same order whatever the
+        timing. With per-device server steps, a device's next request leaves as soon as
+        its chunk is done, so the server computes while the other devices' replies are on
+        their way; ``joint`` steps wait for the whole exchange.
+        """
         stats = RoundStats(devices=len(keys))
-        requests = self.first_requests(keys, server_round)
         finals: dict[Hashable, tuple[dict[str, np.ndarray], int]] = {}
+        sent: dict[Hashable, Payload] = {}
+        arrived: dict[Hashable, Payload | str] = {}
+
+        def send(requests: dict[Hashable, Payload]) -> None:
+            sent.update(requests)
+            stats.bytes_down += sum(payload_bytes(r) for r in requests.values())
+            transport.send(requests)
 
         def drop(key: Hashable, kind: str, reason: str) -> None:
             log.warning("round %d: dropped device %s (%s): %s", server_round, key, kind, reason)
             stats.dropped[kind] += 1
             self.has_teacher.discard(key)
 
-        while requests:
-            replies = transport(requests)
+        send(self.first_requests(keys, server_round))
+        order = list(keys)
+        while order:
             stats.exchanges += 1
-            stats.bytes_down += sum(payload_bytes(r) for r in requests.values())
-            chunks, teacher = {}, {}
-            for key, request in requests.items():
-                reply = replies.get(key, "no reply")
-                if isinstance(reply, str):
-                    drop(key, "failed", reply)
-                    continue
-                stats.bytes_up += payload_bytes(reply)
-                try:
-                    if request.get("final"):
-                        finals[key] = (self.check_final(reply, server_round), int(reply["num-examples"]))
+            groups = [order] if self.cfg["server-batching"] == "joint" else [[k] for k in order]
+            order = []
+            for group in groups:
+                waited = time.perf_counter()
+                while any(k not in arrived for k in group):
+                    arrived.update(transport.receive())
+                stats.transport_s += time.perf_counter() - waited
+                computed = time.perf_counter()
+                chunks, teacher = {}, {}
+                for key in group:
+                    reply, request = arrived.pop(key), sent.pop(key)
+                    if isinstance(reply, str):
+                        drop(key, "failed", reply)
                         continue
-                    self.check_chunk(reply, server_round)
-                    teacher[key] = self.teacher_logits(key, reply)
-                except PayloadError as err:
-                    drop(key, "invalid", str(err))
-                    continue
-                if any(k.startswith(TEACHER) for k in request):
-                    self.has_teacher.add(key)
-                stats.bytes_up_activations += reply["activations"].nbytes
-                chunks[key] = reply
-            requests = {}
-            if chunks:
-                grads, loss_sum, diverged = self.train_chunks(chunks, teacher)
-                stats.loss_sum += loss_sum
-                for key in diverged:
-                    drop(key, "invalid", "non-finite loss on the server")
-                for key, reply in chunks.items():
-                    if key in diverged:
+                    stats.bytes_up += payload_bytes(reply)
+                    try:
+                        if request.get("final"):
+                            finals[key] = (self.check_final(reply, server_round), int(reply["num-examples"]))
+                            continue
+                        self.check_chunk(reply, server_round)
+                        teacher[key] = self.teacher_logits(key, reply)
+                    except PayloadError as err:
+                        drop(key, "invalid", str(err))
                         continue
-                    stats.samples += len(reply["labels"])
-                    requests[key] = {"round": server_round, "grads": grads[key],
-                                     "final": reply["remaining"] == 0}
+                    if any(k.startswith(TEACHER) for k in request):
+                        self.has_teacher.add(key)
+                    stats.bytes_up_activations += reply["activations"].nbytes
+                    chunks[key] = reply
+                if chunks:
+                    grads, loss_sum, diverged = self.train_chunks(chunks, teacher)
+                    stats.loss_sum += loss_sum
+                    for key in diverged:
+                        drop(key, "invalid", "non-finite loss on the server")
+                    follow = {key: {"round": server_round, "grads": grads[key],
+                                    "final": reply["remaining"] == 0}
+                              for key, reply in chunks.items() if key not in diverged}
+                    stats.samples += sum(len(chunks[key]["labels"]) for key in follow)
+                    send(follow)
+                    order += list(follow)
+                stats.server_s += time.perf_counter() - computed
         stats.completed = len(finals)
         self.aggregate(list(finals.values()))
         return stats
@@ -270,15 +314,18 @@ class InProcessTransport:
     def __init__(self, setups: dict[Hashable, DeviceSetup]):
         self.setups = setups
         self.states: dict[Hashable, Payload] = {key: {} for key in setups}
+        self.replies: dict[Hashable, Payload | str] = {}
 
-    def __call__(self, requests: dict[Hashable, Payload]) -> dict[Hashable, "Payload | str"]:
-        replies: dict[Hashable, Payload | str] = {}
+    def send(self, requests: dict[Hashable, Payload]) -> None:
         for key, request in requests.items():
             try:
-                replies[key], self.states[key] = handle_train(request, self.states[key], self.setups[key])
+                self.replies[key], self.states[key] = handle_train(request, self.states[key], self.setups[key])
             except Exception as err:  # a failing device must not stop the round
-                replies[key] = f"{type(err).__name__}: {err}"
+                self.replies[key] = f"{type(err).__name__}: {err}"
+
+    def receive(self) -> dict[Hashable, Payload | str]:
+        replies, self.replies = self.replies, {}
         return replies
 
-    def evaluate(self, request: Payload) -> dict[Hashable, "Payload | str"]:
+    def evaluate(self, request: Payload) -> dict[Hashable, Payload | str]:
         return {key: handle_evaluate(request, setup) for key, setup in self.setups.items()}

@@ -17,10 +17,60 @@ from fedsplitkd.clients.records import from_records, to_records
 from fedsplitkd.experiment import sample_devices
 from fedsplitkd.payload import WEIGHTS, Payload, PayloadError, pack
 from fedsplitkd.runtime import load_numpy_state, state_to_numpy
-from fedsplitkd.server import RoundStats, SplitKDServer
+from fedsplitkd.server import RoundStats, SplitKDServer, exchange
 
 FORWARD = f"{MessageType.TRAIN}.split_forward"
 BACKWARD = f"{MessageType.TRAIN}.split_backward"
+
+
+class GridTransport:
+    """Carries protocol payloads as Flower Messages over a Grid, polling for replies.
+
+    Polls every ``poll_interval`` seconds: the SuperLink grid's own ``send_and_receive``
+    sleeps 3 s between polls, which would dominate every exchange.
+    """
+
+    def __init__(self, grid: Grid, timeout: float, poll_interval: float = 0.005,
+                 message_type: str | None = None):
+        self.grid, self.timeout, self.poll_interval = grid, timeout, poll_interval
+        self.message_type = message_type
+        self.pending: dict[str, tuple[int, float]] = {}  # message id -> (node id, deadline)
+
+    def send(self, requests: dict[Hashable, Payload]) -> None:
+        messages = [Message(to_records(r), dst_node_id=int(node),
+                            message_type=self.message_type or (BACKWARD if "grads" in r else FORWARD))
+                    for node, r in requests.items()]
+        deadline = time.monotonic() + self.timeout
+        for mid, message in zip(self.grid.push_messages(messages), messages):
+            # A message the SuperLink refused gets no id; it times out like a lost one.
+            self.pending[mid or f"refused-{message.metadata.dst_node_id}"] = (
+                message.metadata.dst_node_id, deadline if mid else 0.0)
+
+    def receive(self) -> dict[Hashable, Payload | str]:
+        replies: dict[Hashable, Payload | str] = {}
+        while not replies and self.pending:
+            for reply in self.grid.pull_messages([m for m in self.pending if not m.startswith("refused-")]):
+                mid = reply.metadata.reply_to_message_id
+                node = self.pending.get(mid, (None,))[0]
+                if node is None or reply.metadata.src_node_id != node:
+                    log(WARNING, "ignored a reply to message %s from node %s", mid, reply.metadata.src_node_id)
+                    continue
+                del self.pending[mid]
+                if reply.has_error():
+                    replies[node] = f"ClientApp error: {reply.error.reason}"
+                    continue
+                try:
+                    replies[node] = from_records(reply.content)
+                except PayloadError as err:
+                    replies[node] = f"invalid records: {err}"
+            now = time.monotonic()
+            for mid, (node, deadline) in list(self.pending.items()):
+                if now >= deadline:
+                    del self.pending[mid]
+                    replies[node] = f"no reply within {self.timeout:.0f} s"
+            if not replies:
+                time.sleep(self.poll_interval)
+        return replies
 
 
 class SplitKD(Strategy):
@@ -42,22 +92,23 @@ class SplitKD(Strategy):
     min_nodes : int
         Nodes that must be connected before the first round starts.
     poll_interval : float
-        Seconds between polls for replies; the SuperLink grid's own ``send_and_receive``
-        sleeps 3 s between polls, which would dominate every exchange.
+        Seconds between polls for replies (see ``GridTransport``).
     seed : int
         Seed of the node sampling.
     """
 
     def __init__(self, server: SplitKDServer, fraction_train: float = 1.0,
-                 fraction_evaluate: float = 0.0, min_nodes: int = 1, poll_interval: float = 0.01,
+                 fraction_evaluate: float = 0.0, min_nodes: int = 1, poll_interval: float = 0.005,
                  seed: int = 0) -> None:
         self.server = server
         self.fraction_train = fraction_train
         self.fraction_evaluate = fraction_evaluate
         self.min_nodes = min_nodes
         self.poll_interval = poll_interval
-        self.rng = np.random.default_rng(seed)
-        self.timeout = 600.0
+        # Separate streams: evaluation sampling must not shift which devices train.
+        self.train_rng, self.evaluate_rng = (np.random.default_rng([seed, i]) for i in (0, 1))
+        self.device_ids: dict[int, int] = {}  # node id -> device (partition) id
+        self.query_timeout = 60.0
         self.last_stats: RoundStats | None = None
 
     def summary(self) -> None:
@@ -66,42 +117,21 @@ class SplitKD(Strategy):
         log(INFO, "\t└──> Cut '%s', teacher input '%s', exchange-batches %d",
             self.server.cut, self.server.mode, self.server.cfg["exchange-batches"])
 
-    # ---- transport ------------------------------------------------------------------------
-    def exchange(self, grid: Grid, requests: dict[Hashable, Payload],
-                 message_type: str | None = None) -> dict[Hashable, Payload | str]:
-        """Send one request per node and collect the replies, or an error string per node."""
-        messages = []
-        for node_id, request in requests.items():
-            kind = message_type or (BACKWARD if "grads" in request else FORWARD)
-            messages.append(Message(to_records(request), dst_node_id=int(node_id), message_type=kind))
-        sent = {mid: m.metadata.dst_node_id for mid, m in zip(grid.push_messages(messages), messages) if mid}
-        replies: dict[Hashable, Payload | str] = {}
-        pending, deadline = set(sent), time.monotonic() + self.timeout
-        while pending and time.monotonic() < deadline:
-            for reply in grid.pull_messages(pending):
-                mid = reply.metadata.reply_to_message_id
-                if mid not in pending or reply.metadata.src_node_id != sent[mid]:
-                    log(WARNING, "ignored a reply to message %s from node %s", mid, reply.metadata.src_node_id)
-                    continue
-                pending.discard(mid)
-                node_id = sent[mid]
-                if reply.has_error():
-                    replies[node_id] = f"ClientApp error: {reply.error.reason}"
-                    continue
-                try:
-                    replies[node_id] = from_records(reply.content)
-                except PayloadError as err:
-                    replies[node_id] = f"invalid records: {err}"
-            if pending:
-                time.sleep(self.poll_interval)
-        for mid in pending:
-            replies[sent[mid]] = f"no reply within {self.timeout:.0f} s"
-        return replies
-
     # ---- Strategy API -------------------------------------------------------------------------
-    def _sample(self, grid: Grid, fraction: float) -> list[int]:
+    def _sample(self, grid: Grid, fraction: float, rng: np.random.Generator) -> list[int]:
+        """Sample nodes in device (partition) order, so runs repeat whatever the node ids."""
         _, nodes = sample_nodes(grid, self.min_nodes, 0)  # waits until min_nodes are connected
-        return [int(n) for n in sample_devices(sorted(nodes), fraction, self.rng)]
+        unknown = [int(n) for n in nodes if int(n) not in self.device_ids]
+        if unknown:
+            transport = GridTransport(grid, self.query_timeout, self.poll_interval, MessageType.QUERY)
+            for node, reply in exchange(transport, {n: {} for n in unknown}).items():
+                if isinstance(reply, dict) and isinstance(reply.get("partition-id"), int):
+                    self.device_ids[node] = reply["partition-id"]
+                else:
+                    log(WARNING, "node %s did not say which device it is: %s", node, reply)
+        known = sorted((n for n in map(int, nodes) if n in self.device_ids),
+                       key=lambda n: (self.device_ids[n], n))
+        return [int(n) for n in sample_devices(known, fraction, rng)] if known else []
 
     def _load(self, arrays: ArrayRecord) -> None:
         load_numpy_state(self.server.student, {k: v.numpy() for k, v in arrays.items()})
@@ -113,7 +143,7 @@ class SplitKD(Strategy):
                         grid: Grid) -> Iterable[Message]:
         """The round's first messages: the global device part for each sampled node."""
         self._load(arrays)
-        requests = self.server.first_requests(self._sample(grid, self.fraction_train), server_round)
+        requests = self.server.first_requests(self._sample(grid, self.fraction_train, self.train_rng), server_round)
         return [Message(to_records(r), dst_node_id=n, message_type=FORWARD) for n, r in requests.items()]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -142,7 +172,7 @@ class SplitKD(Strategy):
         self._load(arrays)
         request = self._evaluate_request(server_round)
         return [Message(to_records(request), dst_node_id=n, message_type=MessageType.EVALUATE)
-                for n in self._sample(grid, self.fraction_evaluate)]
+                for n in self._sample(grid, self.fraction_evaluate, self.evaluate_rng)]
 
     def _evaluate_request(self, server_round: int) -> Payload:
         return {"round": server_round, **pack(WEIGHTS, state_to_numpy(self.server.device_part))}
@@ -169,7 +199,6 @@ class SplitKD(Strategy):
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
               on_round: Callable[[int, RoundStats, Result], None] | None = None) -> Result:
         """Run ``num_rounds`` split-KD rounds; ``on_round`` sees each round's stats as it ends."""
-        self.timeout = timeout
         log(INFO, "Starting SplitKD strategy:")
         self.summary()
         if initial_arrays is not None:
@@ -178,8 +207,9 @@ class SplitKD(Strategy):
         if evaluate_fn and (res := evaluate_fn(0, result.arrays)) is not None:
             result.evaluate_metrics_serverapp[0] = res
         for server_round in range(1, num_rounds + 1):
-            nodes = self._sample(grid, self.fraction_train)
-            stats = self.server.run_round(lambda reqs: self.exchange(grid, reqs), nodes, server_round)
+            nodes = self._sample(grid, self.fraction_train, self.train_rng)
+            transport = GridTransport(grid, timeout, self.poll_interval)
+            stats = self.server.run_round(transport, nodes, server_round)
             self.last_stats = stats
             result.arrays = self._arrays()
             result.train_metrics_clientapp[server_round] = MetricRecord({
@@ -187,8 +217,9 @@ class SplitKD(Strategy):
                 "bytes_down": stats.bytes_down, "completed": stats.completed})
             if self.fraction_evaluate > 0.0:
                 request = self._evaluate_request(server_round)
-                nodes = self._sample(grid, self.fraction_evaluate)
-                replies = self.exchange(grid, {n: request for n in nodes}, MessageType.EVALUATE)
+                nodes = self._sample(grid, self.fraction_evaluate, self.evaluate_rng)
+                transport = GridTransport(grid, timeout, self.poll_interval, MessageType.EVALUATE)
+                replies = exchange(transport, {n: request for n in nodes})
                 if (res := self._evaluate_metrics(replies, server_round)) is not None:
                     result.evaluate_metrics_clientapp[server_round] = res
             if evaluate_fn and (res := evaluate_fn(server_round, result.arrays)) is not None:

@@ -345,19 +345,21 @@ def test_check_final_rejects_bad_weights(exp, cfg):
 
 def test_round_drops_a_device_with_a_corrupted_reply(exp, cfg):
     server = copy.deepcopy(exp.server)  # keep the module's experiment untouched
-    inner = InProcessTransport({k: device_setup(cfg, k, 4) for k in (0, 1)})
     corrupted = []
 
-    def transport(requests):
-        replies = inner(requests)
-        if 1 in replies and not corrupted and "activations" in replies[1]:
-            reply = dict(replies[1])
-            acts = reply["activations"].copy()
-            acts[0, 0] = np.nan
-            reply["activations"] = acts
-            replies[1] = reply
-            corrupted.append(reply)
-        return replies
+    class Corrupting(InProcessTransport):
+        def receive(self):
+            replies = super().receive()
+            if 1 in replies and not corrupted and "activations" in replies[1]:
+                reply = dict(replies[1])
+                acts = reply["activations"].copy()
+                acts[0, 0] = np.nan
+                reply["activations"] = acts
+                replies[1] = reply
+                corrupted.append(reply)
+            return replies
+
+    transport = Corrupting({k: device_setup(cfg, k, 4) for k in (0, 1)})
 
     before = state_to_numpy(server.device_part)
     stats = server.run_round(transport, [0, 1], 1)

@@ -44,15 +44,15 @@ def test_only_the_nan_device_is_dropped_and_its_later_minibatches_skipped(batchi
 def test_huge_activations_are_rejected_and_leave_no_trace():
     """Finite but huge activations are refused; the model equals training device 0 alone."""
     cfg, exp, setups = setup({"exchange_batches": 4})
-    transport = InProcessTransport(setups)
 
-    def send(requests):
-        replies = transport(requests)
-        if isinstance(replies.get(1), dict) and "activations" in replies[1]:
-            replies[1]["activations"] = np.full_like(replies[1]["activations"], 3e38)
-        return replies
+    class Overflowing(InProcessTransport):
+        def receive(self):
+            replies = super().receive()
+            if isinstance(replies.get(1), dict) and "activations" in replies[1]:
+                replies[1]["activations"] = np.full_like(replies[1]["activations"], 3e38)
+            return replies
 
-    stats = exp.server.run_round(send, [0, 1], 1)
+    stats = exp.server.run_round(Overflowing(setups), [0, 1], 1)
     assert (stats.completed, stats.dropped["invalid"]) == (1, 1)
     _, alone, setups_alone = setup({"exchange_batches": 4})
     alone.server.run_round(InProcessTransport(setups_alone), [0], 1)

@@ -11,6 +11,7 @@ import torch
 from fedsplitkd.config import resolve
 from fedsplitkd.data import device_data
 from fedsplitkd.device import batch_plan
+from fedsplitkd.experiment import run_inprocess
 from fedsplitkd.localsim import LocalSimulation
 from fedsplitkd.models import build_student, build_teacher
 from fedsplitkd.results import load_student
@@ -51,6 +52,18 @@ def test_run_learns_and_writes_the_results_contract(runs):
     assert summary["test_accuracy"] == pytest.approx(float(rows[-1]["test_accuracy"]))
     assert (out / "good" / "config.yaml").is_file()
     assert "[round 3/3]" in good.stdout
+
+
+def test_flower_run_equals_the_in_process_reference(runs):
+    """Same config, same math: the Flower run repeats the one-process run round by round."""
+    out, _, _, common = runs
+    _, reference = run_inprocess({**common, "run-name": "ref"}, DEVICES)
+    rows = read_metrics(out / "good")
+    for flower, local in zip(rows, reference, strict=True):
+        assert float(flower["test_accuracy"]) == pytest.approx(local["test_accuracy"], abs=1e-9)
+        assert float(flower["test_loss"]) == pytest.approx(local["test_loss"], rel=1e-4)
+        assert int(flower["bytes_up"]) == local["bytes_up"]
+        assert int(flower["bytes_down"]) == local["bytes_down"]
 
 
 def test_bytes_up_equals_the_payloads_sent(runs):
