@@ -1,9 +1,9 @@
 """The edge-server side of split-KD: one training round over any transport.
 
-A transport maps ``{device key: request}`` to ``{device key: reply, or an error string}``.
-The Flower strategy's transport sends Messages; ``InProcessTransport`` calls the device
-handlers directly (the reference the Flower run is measured against). The round logic,
-the payload checks and the accounting are this one piece of code for both.
+A transport sends ``{device key: request}`` and hands back each device's reply, or an
+error string. The Flower strategy's transport sends Messages; ``InProcessTransport``
+calls the device handlers directly (the reference the Flower run is measured against).
+The round logic, the payload checks and the accounting are this one piece of code for both.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from fedsplitkd.runtime import EdgeRuntime, NonFiniteLoss, evaluate, load_numpy_
 
 log = logging.getLogger("fedsplitkd")
 
+
 class Transport(Protocol):
     """Carries requests to devices and their replies back.
 
@@ -45,6 +46,7 @@ def exchange(transport: Transport, requests: dict[Hashable, Payload]) -> dict[Ha
     while len(replies) < len(requests):
         replies.update(transport.receive())
     return replies
+
 
 # A sanity bound far above what the device part yields on standardised inputs: finite but
 # huge activations pass every finiteness check and still wreck the server part in one step.
@@ -127,11 +129,15 @@ class SplitKDServer:
             if not np.isin(reply["teacher-ids"], reply["sample-ids"]).all():
                 raise PayloadError("field 'teacher-ids' names samples outside 'sample-ids'")
 
-    def check_final(self, reply: Payload, server_round: int) -> dict[str, np.ndarray]:
+    def check_final(self, reply: Payload, server_round: int, examples: int | None = None) -> dict[str, np.ndarray]:
+        """The device part in a final reply; ``examples``, when given, is how many samples
+        the server saw from this device, and the reply must claim exactly that many."""
         require_keys(reply, {"round", "num-examples"}, prefixes=(WEIGHTS,))
         if require_int(reply, "round", 0) != server_round:
             raise PayloadError(f"field 'round' = {reply['round']}, expected {server_round}")
-        require_int(reply, "num-examples", 1)
+        claimed = require_int(reply, "num-examples", 1)
+        if examples is not None and claimed != examples:
+            raise PayloadError(f"field 'num-examples' = {claimed}, but the device sent {examples} samples")
         return require_weights(reply, WEIGHTS, state_to_numpy(self.device_part))
 
     # ---- teacher ----------------------------------------------------------------------------
@@ -205,6 +211,7 @@ class SplitKDServer:
         finals: dict[Hashable, tuple[dict[str, np.ndarray], int]] = {}
         sent: dict[Hashable, Payload] = {}
         arrived: dict[Hashable, Payload | str] = {}
+        seen: Counter = Counter()  # samples trained on per device: its weight in the average
 
         def send(requests: dict[Hashable, Payload]) -> None:
             sent.update(requests)
@@ -237,7 +244,7 @@ class SplitKDServer:
                     stats.bytes_up += payload_bytes(reply)
                     try:
                         if request.get("final"):
-                            finals[key] = (self.check_final(reply, server_round), int(reply["num-examples"]))
+                            finals[key] = (self.check_final(reply, server_round, seen[key]), seen[key])
                             continue
                         self.check_chunk(reply, server_round)
                         teacher[key] = self.teacher_logits(key, reply)
@@ -256,6 +263,8 @@ class SplitKDServer:
                     follow = {key: {"round": server_round, "grads": grads[key],
                                     "final": reply["remaining"] == 0}
                               for key, reply in chunks.items() if key not in diverged}
+                    for key in follow:
+                        seen[key] += len(chunks[key]["labels"])
                     stats.samples += sum(len(chunks[key]["labels"]) for key in follow)
                     send(follow)
                     order += list(follow)

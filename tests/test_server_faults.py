@@ -58,3 +58,18 @@ def test_huge_activations_are_rejected_and_leave_no_trace():
     alone.server.run_round(InProcessTransport(setups_alone), [0], 1)
     for (name, a), b in zip(exp.student.state_dict().items(), alone.student.state_dict().values()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+
+
+def test_a_device_claiming_more_examples_is_not_averaged():
+    """Device parts are weighted by the samples the server saw, and the claim must match."""
+    cfg, exp, setups = setup({"exchange_batches": 4})
+
+    class Boasting(InProcessTransport):
+        def receive(self):
+            replies = super().receive()
+            if isinstance(replies.get(1), dict) and "num-examples" in replies[1]:
+                replies[1]["num-examples"] = 10**9
+            return replies
+
+    stats = exp.server.run_round(Boasting(setups), [0, 1], 1)
+    assert (stats.completed, stats.dropped["invalid"]) == (1, 1)
