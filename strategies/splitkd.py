@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Hashable, Iterable
 from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result, Strategy
+from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
@@ -81,7 +81,8 @@ class SplitKD(Strategy):
     frozen teacher, KD + CE loss) in chunks of ``exchange-batches`` minibatches, then
     return their device parts, which are averaged weighted by examples.
 
-    The ArrayRecord this strategy takes and returns is the whole student.
+    The ArrayRecord this strategy takes and returns is the whole student, and Flower's
+    own ``Strategy.start`` loop runs it: ``configure_train`` drives the round's exchanges.
 
     Parameters
     ----------
@@ -91,6 +92,8 @@ class SplitKD(Strategy):
         Fractions of connected nodes sampled for training / split evaluation.
     min_nodes : int
         Nodes that must be connected before the first round starts.
+    round_timeout : float
+        Seconds to wait for any one reply before the device counts as failed.
     poll_interval : float
         Seconds between polls for replies (see ``GridTransport``).
     seed : int
@@ -98,18 +101,20 @@ class SplitKD(Strategy):
     """
 
     def __init__(self, server: SplitKDServer, fraction_train: float = 1.0,
-                 fraction_evaluate: float = 0.0, min_nodes: int = 1, poll_interval: float = 0.005,
-                 seed: int = 0) -> None:
+                 fraction_evaluate: float = 0.0, min_nodes: int = 1, round_timeout: float = 600.0,
+                 poll_interval: float = 0.005, seed: int = 0) -> None:
         self.server = server
         self.fraction_train = fraction_train
         self.fraction_evaluate = fraction_evaluate
         self.min_nodes = min_nodes
+        self.round_timeout = round_timeout
         self.poll_interval = poll_interval
         # Separate streams: evaluation sampling must not shift which devices train.
         self.train_rng, self.evaluate_rng = (np.random.default_rng([seed, i]) for i in (0, 1))
         self.device_ids: dict[int, int] = {}  # node id -> device (partition) id
         self.query_timeout = 60.0
         self.last_stats: RoundStats | None = None
+        self.last_evaluation: MetricRecord | None = None
 
     def summary(self) -> None:
         log(INFO, "\t├──> Sampling: fraction train %.2f | evaluate %.2f | min nodes %d",
@@ -117,7 +122,6 @@ class SplitKD(Strategy):
         log(INFO, "\t└──> Cut '%s', teacher input '%s', exchange-batches %d",
             self.server.cut, self.server.mode, self.server.cfg["exchange-batches"])
 
-    # ---- Strategy API -------------------------------------------------------------------------
     def _sample(self, grid: Grid, fraction: float, rng: np.random.Generator) -> list[int]:
         """Sample nodes in device (partition) order, so runs repeat whatever the node ids."""
         _, nodes = sample_nodes(grid, self.min_nodes, 0)  # waits until min_nodes are connected
@@ -141,89 +145,44 @@ class SplitKD(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """The round's first messages: the global device part for each sampled node."""
+        """Run the round's split exchanges with the sampled nodes; no messages are left to send.
+
+        A split round is many request/reply turns (activations up, gradients down, device
+        parts up), which Flower's one-shot configure/aggregate loop cannot express: they
+        run here, over ``grid``, and ``aggregate_train`` hands back the result.
+        """
         self._load(arrays)
-        requests = self.server.first_requests(self._sample(grid, self.fraction_train, self.train_rng), server_round)
-        return [Message(to_records(r), dst_node_id=n, message_type=FORWARD) for n, r in requests.items()]
+        nodes = self._sample(grid, self.fraction_train, self.train_rng)
+        transport = GridTransport(grid, self.round_timeout, self.poll_interval)
+        self.last_stats = self.server.run_round(transport, nodes, server_round)
+        return []
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Average the device parts carried by final replies (weighted by examples)."""
-        finals = []
-        for reply in replies:
-            try:
-                if reply.has_error():
-                    raise PayloadError(reply.error.reason)
-                payload = from_records(reply.content)
-                finals.append((self.server.check_final(payload, server_round), int(payload["num-examples"])))
-            except PayloadError as err:
-                log(WARNING, "round %d: final reply of node %s dropped: %s", server_round,
-                    reply.metadata.src_node_id, err)
-        if not finals:
+        """The whole student after the round (device parts averaged by samples trained on)."""
+        stats = self.last_stats
+        if stats is None:
             return None, None
-        self.server.aggregate(finals)
-        return self._arrays(), MetricRecord({"num-examples": sum(n for _, n in finals)})
+        return self._arrays(), MetricRecord({
+            "train_loss": stats.train_loss, "bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down,
+            "devices": stats.devices, "completed": stats.completed, "num-examples": stats.samples})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """Split evaluation: the device part to a sample of nodes (none when fraction is 0)."""
-        if self.fraction_evaluate == 0.0:
-            return []
-        self._load(arrays)
-        request = self._evaluate_request(server_round)
-        return [Message(to_records(request), dst_node_id=n, message_type=MessageType.EVALUATE)
-                for n in self._sample(grid, self.fraction_evaluate, self.evaluate_rng)]
-
-    def _evaluate_request(self, server_round: int) -> Payload:
-        return {"round": server_round, **pack(WEIGHTS, state_to_numpy(self.server.device_part))}
-
-    def _evaluate_metrics(self, replies: dict[Hashable, Payload | str], server_round: int) -> MetricRecord | None:
-        accuracy, loss, n = self.server.evaluate_replies(replies, server_round)
-        return MetricRecord({"val_accuracy": accuracy, "val_loss": loss, "num-examples": n}) if n else None
+        """Split evaluation on a sample of nodes' validation splits (skipped at fraction 0)."""
+        self.last_evaluation = None
+        if self.fraction_evaluate > 0.0:
+            self._load(arrays)
+            request = {"round": server_round, **pack(WEIGHTS, state_to_numpy(self.server.device_part))}
+            nodes = self._sample(grid, self.fraction_evaluate, self.evaluate_rng)
+            transport = GridTransport(grid, self.round_timeout, self.poll_interval, MessageType.EVALUATE)
+            accuracy, loss, n = self.server.evaluate_replies(exchange(transport, {n: request for n in nodes}),
+                                                             server_round)
+            if n:
+                self.last_evaluation = MetricRecord({"val_accuracy": accuracy, "val_loss": loss,
+                                                     "num-examples": n})
+        return []
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Accuracy and loss of the whole student over the devices' validation activations."""
-        payloads: dict[Hashable, Payload | str] = {}
-        for reply in replies:
-            try:
-                payloads[reply.metadata.src_node_id] = (
-                    reply.error.reason if reply.has_error() else from_records(reply.content))
-            except PayloadError as err:
-                payloads[reply.metadata.src_node_id] = str(err)
-        return self._evaluate_metrics(payloads, server_round)
-
-    # ---- the round loop -----------------------------------------------------------------------
-    def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int = 3,
-              timeout: float = 600.0, train_config: ConfigRecord | None = None,
-              evaluate_config: ConfigRecord | None = None,
-              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-              on_round: Callable[[int, RoundStats, Result], None] | None = None) -> Result:
-        """Run ``num_rounds`` split-KD rounds; ``on_round`` sees each round's stats as it ends."""
-        log(INFO, "Starting SplitKD strategy:")
-        self.summary()
-        if initial_arrays is not None:
-            self._load(initial_arrays)
-        result = Result(arrays=self._arrays())
-        if evaluate_fn and (res := evaluate_fn(0, result.arrays)) is not None:
-            result.evaluate_metrics_serverapp[0] = res
-        for server_round in range(1, num_rounds + 1):
-            nodes = self._sample(grid, self.fraction_train, self.train_rng)
-            transport = GridTransport(grid, timeout, self.poll_interval)
-            stats = self.server.run_round(transport, nodes, server_round)
-            self.last_stats = stats
-            result.arrays = self._arrays()
-            result.train_metrics_clientapp[server_round] = MetricRecord({
-                "train_loss": stats.train_loss, "bytes_up": stats.bytes_up,
-                "bytes_down": stats.bytes_down, "completed": stats.completed})
-            if self.fraction_evaluate > 0.0:
-                request = self._evaluate_request(server_round)
-                nodes = self._sample(grid, self.fraction_evaluate, self.evaluate_rng)
-                transport = GridTransport(grid, timeout, self.poll_interval, MessageType.EVALUATE)
-                replies = exchange(transport, {n: request for n in nodes})
-                if (res := self._evaluate_metrics(replies, server_round)) is not None:
-                    result.evaluate_metrics_clientapp[server_round] = res
-            if evaluate_fn and (res := evaluate_fn(server_round, result.arrays)) is not None:
-                result.evaluate_metrics_serverapp[server_round] = res
-            if on_round:
-                on_round(server_round, stats, result)
-        return result
+        return self.last_evaluation
