@@ -48,10 +48,14 @@ def _str(default: str, accepts: str = "a string") -> Key:
 
 SCHEMA: dict[str, Key] = {
     "method": _choice("splitkd"),
-    "dataset": _choice("digits", "har", "npz"),
+    "dataset": _choice("digits", "har", "shakespeare", "cifar10", "fashion_mnist", "femnist", "npz", "csv"),
     "data-path": _str("", "a file path ('' = the dataset's default source)"),
-    "partition": _choice("dirichlet", "iid"),
+    "label-column": _str("label", "the label column's name (csv)"),
+    "seq-len": _int(40, 2),
+    "text-stride": _int(40, 1),
+    "partition": _choice("dirichlet", "iid", "pathological", "natural"),
     "dirichlet-alpha": _float(0.5, 0.0, 1e6, low_open=True),
+    "classes-per-device": _int(2, 1),
     "public-fraction": _float(0.1, 0.0, 0.9, low_open=True),
     "val-fraction": _float(0.1, 0.0, 0.5),
     "seed": _int(0, 0),

@@ -1,21 +1,26 @@
 """Datasets, the server's public split, and federated partitions.
 
-Every array is numpy; features are float32 of shape (N, *input_shape), labels int64.
+Features are float32 of shape (N, *input_shape) (int64 token ids for text), labels int64.
 The test split stays on the server (central evaluation); the public split (teacher
 pre-training) is cut from the training data and removed from the devices.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from fedsplitkd import sources
+from fedsplitkd.sources import DataError
 
-class DataError(ValueError):
-    """A dataset file or partition request is unusable; the message says why."""
+__all__ = ["DataError", "Dataset", "DeviceData", "load_dataset", "public_split", "partition",
+           "device_data"]
+
+STANDARDISED = {"har", "npz", "csv"}  # sources whose features arrive in raw units
 
 
 @dataclass(frozen=True)
@@ -26,10 +31,16 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    ids_train: np.ndarray | None = None  # natural id per training sample (role, subject, writer)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
+
+    @property
+    def tokens(self) -> bool:
+        """Whether the features are token ids (text), not measurements."""
+        return np.issubdtype(self.x_train.dtype, np.integer)
 
 
 @dataclass(frozen=True)
@@ -42,57 +53,69 @@ class DeviceData:
     y_val: np.ndarray
 
 
-def _digits() -> Dataset:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    bunch = load_digits()
-    x = (bunch.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
-    y = bunch.target.astype(np.int64)
-    # A fixed split: the test set must not move with the run seed.
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
-    return Dataset("digits", x_tr, y_tr, x_te, y_te, 10)
-
-
-def _npz(name: str, path: str) -> Dataset:
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise DataError(f"dataset '{name}': no file at '{file}' (set data-path to an .npz with "
-                        "x_train, y_train, x_test, y_test)")
-    with np.load(file, allow_pickle=False) as arrays:
-        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
-        if missing:
-            raise DataError(f"dataset file '{file}': missing arrays {missing}")
-        x_tr, y_tr, x_te, y_te = (arrays[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+def _checked(name: str, origin: str, raw: dict) -> Dataset:
+    """Validate arrays from any source; standardise raw measurements with training statistics."""
+    x_tr, y_tr, x_te, y_te = (np.asarray(raw[k]) for k in ("x_train", "y_train", "x_test", "y_test"))
     for split, x, y in (("train", x_tr, y_tr), ("test", x_te, y_te)):
-        if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
-            raise DataError(f"dataset file '{file}': x_{split} {x.shape} and y_{split} {y.shape} "
-                            "must be (N, ...) and (N,)")
+        if x.ndim < 2 or y.ndim != 1 or len(x) != len(y) or not len(x):
+            raise DataError(f"{origin}: x_{split} {x.shape} and y_{split} {y.shape} must be (N, ...) "
+                            "and (N,) with N > 0")
         if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
-            raise DataError(f"dataset file '{file}': y_{split} must hold integer labels >= 0")
+            raise DataError(f"{origin}: y_{split} must hold integer labels >= 0 (dtype {y.dtype}, "
+                            f"min {y.min()})")
+        if not (np.issubdtype(x.dtype, np.number) and not np.issubdtype(x.dtype, np.complexfloating)):
+            raise DataError(f"{origin}: x_{split} must be numeric, not {x.dtype}")
     if x_tr.shape[1:] != x_te.shape[1:]:
-        raise DataError(f"dataset file '{file}': x_train {x_tr.shape[1:]} and x_test "
-                        f"{x_te.shape[1:]} feature shapes differ")
-    x_tr, x_te = x_tr.astype(np.float32), x_te.astype(np.float32)
-    # Standardise per channel (axis 1) with training statistics only.
-    axes = (0,) + tuple(range(2, x_tr.ndim))
-    mean, std = x_tr.mean(axis=axes, keepdims=True), x_tr.std(axis=axes, keepdims=True) + 1e-6
-    num_classes = int(max(y_tr.max(), y_te.max())) + 1
-    return Dataset(name, (x_tr - mean) / std, y_tr.astype(np.int64), (x_te - mean) / std,
-                   y_te.astype(np.int64), num_classes)
+        raise DataError(f"{origin}: x_train {x_tr.shape[1:]} and x_test {x_te.shape[1:]} feature "
+                        "shapes differ")
+    num_classes = int(raw.get("num_classes", max(y_tr.max(), y_te.max()) + 1))
+    if max(y_tr.max(), y_te.max()) >= num_classes:
+        raise DataError(f"{origin}: labels reach {max(y_tr.max(), y_te.max())} but there are "
+                        f"{num_classes} classes")
+    ids = raw.get("ids_train")
+    if ids is not None and np.asarray(ids).shape != y_tr.shape:
+        raise DataError(f"{origin}: ids_train {np.asarray(ids).shape} must be one id per training sample")
+    if np.issubdtype(x_tr.dtype, np.integer) and name == "shakespeare":
+        x_tr, x_te = x_tr.astype(np.int64), x_te.astype(np.int64)
+    else:
+        x_tr, x_te = x_tr.astype(np.float32), x_te.astype(np.float32)
+        if not (np.isfinite(x_tr).all() and np.isfinite(x_te).all()):
+            raise DataError(f"{origin}: features hold NaN or Inf")
+        if name in STANDARDISED:  # per channel (axis 1) with training statistics only
+            axes = (0,) + tuple(range(2, x_tr.ndim))
+            mean, std = x_tr.mean(axis=axes, keepdims=True), x_tr.std(axis=axes, keepdims=True) + 1e-6
+            x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
+    return Dataset(name, x_tr, y_tr.astype(np.int64), x_te, y_te.astype(np.int64), num_classes,
+                   None if ids is None else np.asarray(ids).astype(np.int64))
 
 
 @functools.lru_cache(maxsize=4)
-def load_dataset(name: str, path: str = "") -> Dataset:
-    """Load a dataset by run-config name; ``har`` and ``npz`` read an .npz at ``path``."""
+def _load(name: str, path: str, seq_len: int, stride: int, label_column: str) -> Dataset:
     if name == "digits":
-        return _digits()
-    if name in ("har", "npz"):
+        raw = sources.digits()
+    elif name == "har":
+        raw = sources.har(path)
+    elif name == "shakespeare":
+        raw = sources.shakespeare(path, seq_len, stride)
+    elif name in sources.HUB:
+        raw = sources.hub(name)
+    elif name == "npz":
         if not path:
-            raise DataError(f"dataset '{name}' needs data-path: an .npz with x_train, y_train, "
-                            "x_test, y_test (for har: UCI HAR windows, shape (N, 9, 128))")
-        return _npz(name, path)
-    raise DataError(f"unknown dataset '{name}'")
+            raise DataError("dataset 'npz' needs data-path: an .npz with x_train, y_train, x_test, y_test")
+        raw = sources.npz(path)
+    elif name == "csv":
+        if not path:
+            raise DataError("dataset 'csv' needs data-path: a CSV file, or a directory with train.csv "
+                            "and test.csv")
+        raw = sources.csv(path, label_column)
+    else:
+        raise DataError(f"unknown dataset '{name}'")
+    return _checked(name, f"dataset '{name}'" + (f" ({path})" if path else ""), raw)
+
+
+def load_dataset(cfg) -> Dataset:
+    """The dataset a run config names, loaded once per process."""
+    return _load(cfg["dataset"], cfg["data-path"], cfg["seq-len"], cfg["text-stride"], cfg["label-column"])
 
 
 def public_split(num_train: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -102,48 +125,85 @@ def public_split(num_train: int, fraction: float, seed: int) -> tuple[np.ndarray
     return np.sort(order[:n_public]), np.sort(order[n_public:])
 
 
-def partition(labels: np.ndarray, num_partitions: int, scheme: str, alpha: float,
-              seed: int) -> list[np.ndarray]:
+def group_ids(ids: np.ndarray, num_groups: int) -> np.ndarray:
+    """Merge natural ids into ``num_groups`` devices: largest id first, each to the device
+    holding the fewest samples so far (ties: lowest device). Returns a device per sample."""
+    unique, counts = np.unique(ids, return_counts=True)
+    if len(unique) < num_groups:
+        raise DataError(f"natural partition: {len(unique)} natural ids cannot fill {num_groups} devices")
+    load, device_of = np.zeros(num_groups, dtype=np.int64), {}
+    for i in sorted(range(len(unique)), key=lambda i: (-counts[i], unique[i])):
+        device = int(np.argmin(load))
+        device_of[unique[i]] = device
+        load[device] += counts[i]
+    return np.array([device_of[i] for i in ids], dtype=np.int64)
+
+
+def partition(labels: np.ndarray, num_partitions: int, scheme: str, alpha: float, seed: int,
+              classes_per_device: int = 2, ids: np.ndarray | None = None) -> list[np.ndarray]:
     """Split sample indices among devices with a flwr-datasets partitioner."""
     from datasets import Dataset as HFDataset
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+    from flwr_datasets.partitioner import (DirichletPartitioner, IidPartitioner,
+                                           NaturalIdPartitioner, PathologicalPartitioner)
 
     if len(labels) < num_partitions:
         raise DataError(f"cannot give {num_partitions} devices a sample each from "
                         f"{len(labels)} training samples")
+    columns = {"label": labels, "index": np.arange(len(labels))}
     if scheme == "iid":
         partitioner = IidPartitioner(num_partitions)
-    else:
+    elif scheme == "dirichlet":
         partitioner = DirichletPartitioner(num_partitions, partition_by="label", alpha=alpha,
                                            min_partition_size=2, self_balancing=False,
                                            shuffle=True, seed=seed)
-    partitioner.dataset = HFDataset.from_dict({"label": labels, "index": np.arange(len(labels))})
-    try:
-        parts = [np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64)
-                 for i in range(num_partitions)]
+    elif scheme == "pathological":
+        partitioner = PathologicalPartitioner(num_partitions, partition_by="label",
+                                              num_classes_per_partition=classes_per_device,
+                                              class_assignment_mode="random", seed=seed)
+    elif scheme == "natural":
+        if ids is None:
+            raise DataError("partition 'natural' needs natural ids (speaking role, subject, writer): "
+                            "this dataset has none")
+        columns["device"] = group_ids(ids, num_partitions)
+        partitioner = NaturalIdPartitioner(partition_by="device")
+    else:
+        raise DataError(f"unknown partition '{scheme}'")
+    partitioner.dataset = HFDataset.from_dict(columns)
+    try:  # NaturalIdPartitioner numbers the sorted ids, so partition i is device i
+        with contextlib.redirect_stderr(io.StringIO()):  # its progress bar, once per process
+            parts = [partitioner.load_partition(i)["index"] for i in range(num_partitions)]
     except ValueError as err:
         raise DataError(f"partition '{scheme}' of {len(labels)} samples into {num_partitions} "
                         f"devices failed: {err}") from err
+    parts = [np.asarray(p, dtype=np.int64) for p in parts]
+    empty = [i for i, p in enumerate(parts) if not len(p)]
+    if empty:
+        raise DataError(f"partition '{scheme}' leaves device {empty[0]} of {num_partitions} without "
+                        f"samples ({len(labels)} training samples): use fewer devices or another partition")
     return parts
 
 
 @functools.lru_cache(maxsize=8)
-def _device_index(name: str, path: str, public_fraction: float, scheme: str, alpha: float,
-                  seed: int, num_partitions: int) -> tuple[np.ndarray, ...]:
-    ds = load_dataset(name, path)
-    _, pool = public_split(len(ds.y_train), public_fraction, seed)
-    parts = partition(ds.y_train[pool], num_partitions, scheme, alpha, seed)
+def _device_index(cfg_items: tuple, num_partitions: int) -> tuple[np.ndarray, ...]:
+    cfg = dict(cfg_items)
+    ds = load_dataset(cfg)
+    _, pool = public_split(len(ds.y_train), cfg["public-fraction"], cfg["seed"])
+    ids = ds.ids_train[pool] if ds.ids_train is not None else None
+    parts = partition(ds.y_train[pool], num_partitions, cfg["partition"], cfg["dirichlet-alpha"],
+                      cfg["seed"], cfg["classes-per-device"], ids)
     return tuple(pool[p] for p in parts)
+
+
+DATA_KEYS = ("dataset", "data-path", "seq-len", "text-stride", "label-column", "public-fraction",
+             "partition", "dirichlet-alpha", "classes-per-device", "seed")
 
 
 def device_data(cfg, partition_id: int, num_partitions: int) -> DeviceData:
     """The local data of device ``partition_id``, deterministic for the run config."""
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} out of range for {num_partitions} partitions")
-    ds = load_dataset(cfg["dataset"], cfg["data-path"])
-    index = _device_index(cfg["dataset"], cfg["data-path"], cfg["public-fraction"],
-                          cfg["partition"], cfg["dirichlet-alpha"], cfg["seed"],
-                          num_partitions)[partition_id]
+    ds = load_dataset(cfg)
+    index = _device_index(tuple((k, cfg[k]) for k in DATA_KEYS), num_partitions)[partition_id]
     order = np.random.default_rng([cfg["seed"], partition_id]).permutation(index)
     n_val = int(round(cfg["val-fraction"] * len(order))) if len(order) > 1 else 0
     val, train = order[:n_val], order[n_val:]

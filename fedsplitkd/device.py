@@ -53,12 +53,12 @@ class DeviceSetup:
 @functools.lru_cache(maxsize=64)
 def _setup(cfg_items: tuple, partition_id: int, num_partitions: int) -> DeviceSetup:
     cfg = dict(cfg_items)
-    dataset = data_lib.load_dataset(cfg["dataset"], cfg["data-path"])
+    dataset = data_lib.load_dataset(cfg)
     local = data_lib.device_data(cfg, partition_id, num_partitions)
-    student = build_student(cfg["student-model"], dataset.input_shape, dataset.num_classes)
+    student = build_student(cfg["student-model"], dataset.input_shape, dataset.num_classes, dataset.tokens)
     embedding = None
     if teacher_mode(cfg) != "none":
-        teacher = build_teacher(cfg["student-model"], dataset.input_shape, dataset.num_classes)
+        teacher = build_teacher(cfg["student-model"], dataset.input_shape, dataset.num_classes, dataset.tokens)
         embedding = teacher.device_part(teacher.cut_points[0])
     runtime = DeviceRuntime(student, cfg["cut"], cfg["learning-rate"], cfg["momentum"], embedding)
     return DeviceSetup(cfg, partition_id, local, runtime)

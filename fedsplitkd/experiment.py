@@ -39,14 +39,13 @@ class Experiment:
 
 def build(cfg) -> Experiment:
     """Load the data, get the teacher, initialise the student and the edge server."""
-    dataset = load_dataset(cfg["dataset"], cfg["data-path"])
+    dataset = load_dataset(cfg)
     public, _ = public_split(len(dataset.y_train), cfg["public-fraction"], cfg["seed"])
     teacher = None
     if teacher_mode(cfg) != "none":
-        teacher = get_teacher(cfg, dataset.input_shape, dataset.num_classes,
-                              dataset.x_train[public], dataset.y_train[public])
+        teacher = get_teacher(cfg, dataset, dataset.x_train[public], dataset.y_train[public])
     torch.manual_seed(cfg["seed"])
-    student = build_student(cfg["student-model"], dataset.input_shape, dataset.num_classes)
+    student = build_student(cfg["student-model"], dataset.input_shape, dataset.num_classes, dataset.tokens)
     student.cut_index(cfg["cut"])  # fail early, naming the cut points, on a bad 'cut'
     server = SplitKDServer(student, teacher, cfg, dataset.num_classes)
     return Experiment(dict(cfg), dataset, student, teacher, server)

@@ -33,9 +33,14 @@ class SplitModel(nn.Sequential):
     least one block to compute the loss.
     """
 
-    def __init__(self, blocks: list[tuple[str, nn.Module]], input_shape: tuple[int, ...]):
+    def __init__(self, blocks: list[tuple[str, nn.Module]], input_shape: tuple[int, ...],
+                 input_dtype: torch.dtype = torch.float32):
         super().__init__(OrderedDict(blocks))
         self.input_shape = tuple(input_shape)
+        self.input_dtype = input_dtype
+
+    def example_input(self, batch: int = 1) -> torch.Tensor:
+        return torch.zeros(batch, *self.input_shape, dtype=self.input_dtype)
 
     @property
     def block_names(self) -> list[str]:
@@ -61,7 +66,7 @@ class SplitModel(nn.Sequential):
     def block_stats(self) -> list[BlockStats]:
         """Parameters, output size and forward FLOPs per sample of every block."""
         stats = []
-        x = torch.zeros(1, *self.input_shape)
+        x = self.example_input()
         with torch.no_grad():
             for name, block in self._modules.items():
                 counter = FlopCounterMode(display=False)
@@ -124,13 +129,41 @@ def cnn2d(input_shape: tuple[int, ...], num_classes: int, channels: list[int], h
     return SplitModel(blocks, input_shape)
 
 
-def family_for(input_shape: tuple[int, ...]) -> str:
-    """Flat features -> MLP, (C, L) -> 1-D CNN, (C, H, W) -> 2-D CNN."""
+class Transpose(nn.Module):
+    """(N, L, D) token embeddings -> (N, D, L) channels for 1-D convolutions."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2)
+
+
+def charcnn(seq_len: int, vocab: int, dim: int, channels: list[int]) -> SplitModel:
+    """Next-token prediction over a window of token ids; the first block is the embedding."""
+    blocks = [("embed", nn.Sequential(nn.Embedding(vocab, dim), Transpose()))]
+    c_in = dim
+    for i, c_out in enumerate(channels):
+        last = i == len(channels) - 1
+        pool = [nn.AdaptiveMaxPool1d(1), nn.Flatten()] if last else []
+        blocks.append((f"conv{i + 1}", nn.Sequential(
+            nn.Conv1d(c_in, c_out, kernel_size=3, padding=1), nn.ReLU(), *pool)))
+        c_in = c_out
+    blocks.append(("head", nn.Linear(c_in, vocab)))
+    return SplitModel(blocks, (seq_len,), torch.int64)
+
+
+def family_for(input_shape: tuple[int, ...], tokens: bool = False) -> str:
+    """Token ids -> char CNN; flat features -> MLP, (C, L) -> 1-D CNN, (C, H, W) -> 2-D CNN."""
+    if tokens:
+        return "charcnn"
+    if len(input_shape) not in (1, 2, 3):
+        raise ValueError(f"no model family for feature shape {input_shape}: expected (F,), (C, L) or (C, H, W)")
     return {1: "mlp", 2: "cnn1d", 3: "cnn2d"}[len(input_shape)]
 
 
-def build_student(family: str, input_shape: tuple[int, ...], num_classes: int) -> SplitModel:
-    family = family_for(input_shape) if family == "auto" else family
+def build_student(family: str, input_shape: tuple[int, ...], num_classes: int,
+                  tokens: bool = False) -> SplitModel:
+    family = family_for(input_shape, tokens) if family == "auto" else family
+    if family == "charcnn":
+        return charcnn(input_shape[0], num_classes, 32, [64, 64])
     if family == "mlp":
         return mlp(input_shape, num_classes, [128, 64])
     if family == "cnn1d":
@@ -138,9 +171,12 @@ def build_student(family: str, input_shape: tuple[int, ...], num_classes: int) -
     return cnn2d(input_shape, num_classes, [16, 32], hidden=64)
 
 
-def build_teacher(family: str, input_shape: tuple[int, ...], num_classes: int) -> SplitModel:
+def build_teacher(family: str, input_shape: tuple[int, ...], num_classes: int,
+                  tokens: bool = False) -> SplitModel:
     """A clearly larger model of the student's family; its first block is the embedding module."""
-    family = family_for(input_shape) if family == "auto" else family
+    family = family_for(input_shape, tokens) if family == "auto" else family
+    if family == "charcnn":
+        return charcnn(input_shape[0], num_classes, 64, [128, 128, 128])
     if family == "mlp":
         return mlp(input_shape, num_classes, [512, 512, 256])
     if family == "cnn1d":

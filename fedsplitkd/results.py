@@ -53,7 +53,7 @@ class ResultsWriter:
         torch.save(student.state_dict(), self.dir / "student.pt")
         # A self-contained program: torch.export.load(path).module() is a plain nn.Module
         # that runs without fedsplitkd installed.
-        program = torch.export.export(student.eval(), (torch.zeros(2, *student.input_shape),),
+        program = torch.export.export(student.eval(), (student.example_input(2),),
                                       dynamic_shapes=({0: torch.export.Dim("batch")},))
         torch.export.save(program, self.dir / "student.pt2")
         student.train()
@@ -70,7 +70,7 @@ def load_student(directory: str | Path) -> SplitModel:
     """Rebuild the merged final student of a finished run, ready for inference."""
     directory = Path(directory)
     cfg = OmegaConf.load(directory / "config.yaml")
-    dataset = load_dataset(cfg["dataset"], cfg["data-path"])
-    student = build_student(cfg["student-model"], dataset.input_shape, dataset.num_classes)
+    dataset = load_dataset(cfg)
+    student = build_student(cfg["student-model"], dataset.input_shape, dataset.num_classes, dataset.tokens)
     student.load_state_dict(torch.load(directory / "student.pt", weights_only=True))
     return student.eval()

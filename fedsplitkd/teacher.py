@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedsplitkd.models import SplitModel, build_teacher
+from fedsplitkd.models import SplitModel, build_teacher, family_for
 from fedsplitkd.runtime import evaluate
 
 log = logging.getLogger("fedsplitkd")
@@ -54,11 +54,12 @@ def cache_key(family: str, input_shape: tuple, num_classes: int, x: np.ndarray, 
     return digest.hexdigest()[:20]
 
 
-def get_teacher(cfg, input_shape: tuple, num_classes: int, x_public: np.ndarray,
-                y_public: np.ndarray) -> SplitModel:
+def get_teacher(cfg, dataset, x_public: np.ndarray, y_public: np.ndarray) -> SplitModel:
     """The teacher from ``teacher-path``, the disk cache, or fresh training on the public split."""
     torch.manual_seed(cfg["seed"])
-    teacher = build_teacher(cfg["student-model"], input_shape, num_classes)
+    input_shape, num_classes = dataset.input_shape, dataset.num_classes
+    family = family_for(input_shape, dataset.tokens) if cfg["student-model"] == "auto" else cfg["student-model"]
+    teacher = build_teacher(family, input_shape, num_classes)
     if cfg["teacher-path"]:
         path = Path(cfg["teacher-path"]).expanduser()
         if not path.is_file():
@@ -70,7 +71,7 @@ def get_teacher(cfg, input_shape: tuple, num_classes: int, x_public: np.ndarray,
                              f"{input_shape}: {str(err).splitlines()[0]}") from err
         return teacher
     cache_dir = Path(cfg["teacher-cache-dir"]).expanduser() if cfg["teacher-cache-dir"] else default_cache_dir()
-    key = cache_key(cfg["student-model"], input_shape, num_classes, x_public, y_public,
+    key = cache_key(family, input_shape, num_classes, x_public, y_public,
                     cfg["teacher-epochs"], cfg["seed"])
     path = cache_dir / f"teacher-{key}.pt"
     if path.is_file():

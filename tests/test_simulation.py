@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,7 +32,21 @@ def runs(tmp_path_factory):
         good = sim.run(ROOT, {**common, "run-name": "good", "fraction-evaluate": 1.0},
                        num_supernodes=DEVICES)
         bad = sim.run(ROOT, {**common, "run-name": "bad", "kd-alpha": 1.5}, num_supernodes=DEVICES)
+        own = sim.run(ROOT, {**common, "run-name": "npz", "dataset": "npz", "num-rounds": 1,
+                             "learning-rate": 0.05, "batch-size": 16,
+                             "data-path": str(write_sensor_npz(out / "mine.npz"))}, num_supernodes=DEVICES)
+    assert (out / "npz" / "metrics.csv").is_file(), own.stdout[-3000:]
     return out, good, bad, {**common, "fraction-evaluate": 1.0}
+
+
+def write_sensor_npz(path: Path) -> Path:
+    """A user's own file: 3 classes of (3 channels x 16 steps) windows, one pattern per class."""
+    rng = np.random.default_rng(0)
+    patterns = rng.normal(size=(3, 3, 16))
+    y_train, y_test = rng.integers(0, 3, 600), rng.integers(0, 3, 150)
+    np.savez(path, x_train=patterns[y_train] + 0.5 * rng.normal(size=(600, 3, 16)), y_train=y_train,
+             x_test=patterns[y_test] + 0.5 * rng.normal(size=(150, 3, 16)), y_test=y_test)
+    return path
 
 
 def read_metrics(directory: Path) -> list[dict]:
@@ -92,7 +107,7 @@ def test_final_student_loads_and_matches_the_reported_accuracy(runs):
     student = load_student(out / "good")
     cfg = resolve({**common, "run-name": "good"})
     from fedsplitkd.data import load_dataset
-    ds = load_dataset(cfg["dataset"], cfg["data-path"])
+    ds = load_dataset(cfg)
     accuracy, _ = evaluate(student, ds.x_test, ds.y_test)
     assert accuracy == pytest.approx(float(read_metrics(out / "good")[-1]["test_accuracy"]))
     program = torch.export.load(str(out / "good" / "student.pt2")).module()
@@ -104,6 +119,14 @@ def test_final_student_loads_and_matches_the_reported_accuracy(runs):
     assert merged.keys() == parts.keys()
     assert all(torch.equal(merged[k], parts[k]) for k in merged)
     assert not math.isnan(accuracy)
+
+
+def test_a_users_npz_trains_end_to_end(runs):
+    out = runs[0]
+    rows = read_metrics(out / "npz")
+    assert [int(r["round"]) for r in rows] == [0, 1]
+    assert float(rows[1]["test_accuracy"]) > max(0.9, float(rows[0]["test_accuracy"]))
+    assert load_student(out / "npz")[0][0].__class__.__name__ == "Conv1d"  # (C, L) -> 1-D CNN
 
 
 def test_invalid_config_stops_the_run_naming_the_key(runs):
