@@ -42,6 +42,10 @@ def _float(default: float, low: float, high: float, low_open: bool = False) -> K
                and (v > low if low_open else v >= low) and v <= high)
 
 
+def _bool(default: bool) -> Key:
+    return Key(default, "true or false", lambda v: isinstance(v, bool))
+
+
 def _str(default: str, accepts: str = "a string") -> Key:
     return Key(default, accepts, lambda v: isinstance(v, str))
 
@@ -77,6 +81,13 @@ SCHEMA: dict[str, Key] = {
     "teacher-epochs": _int(60, 1),
     "student-model": _choice("auto", "mlp", "cnn1d", "cnn2d"),
     "cut": _str("default", "a cut-point name of the student ('default' = its first block)"),
+    "device-classes": _str("", "a YAML file of device classes ('' = the bundled one)"),
+    "class-mix": _str("", "class:weight pairs, e.g. 'mcu:1,raspberry_pi:2' ('' = all alike)"),
+    "profile-jitter": _float(0.1, 0.0, 0.9),
+    "profile-file": _str("", "a CSV with one device profile per row ('' = sample from the classes)"),
+    "fading": _bool(False),
+    "deadline-s": _float(0.0, 0.0, 1e9),
+    "straggler-policy": _choice("wait", "drop"),
     "device-threads": _int(1, 0),
     "round-timeout": _float(600.0, 0.0, 86400.0, low_open=True),
     "output-dir": _str("outputs"),
@@ -100,7 +111,7 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> DictConfig:
         value = values[name]
         # Flower hands TOML floats such as 1.0 through; an int where a float is
         # expected is fine, a whole float where an int is expected is taken as int.
-        if isinstance(key.default, int) and isinstance(value, float) and value.is_integer():
+        if type(key.default) is int and isinstance(value, float) and value.is_integer():
             value = values[name] = int(value)
         if not key.check(value):
             raise ConfigError(f"run-config '{name}' = {value!r}: must be {key.accepts}")

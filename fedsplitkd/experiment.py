@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from fedsplitkd import config as config_lib
+from fedsplitkd.costs import CostModel, SplitFlops
 from fedsplitkd.data import Dataset, load_dataset, public_split
 from fedsplitkd.device import device_setup, teacher_mode
 from fedsplitkd.models import SplitModel, build_student
@@ -32,6 +33,7 @@ class Experiment:
     student: SplitModel
     teacher: SplitModel | None
     server: SplitKDServer
+    device_rows: list = field(default_factory=list)  # the cost model's per-device rows, all rounds
 
     def evaluate(self) -> tuple[float, float]:
         return evaluate(self.student, self.dataset.x_test, self.dataset.y_test)
@@ -47,13 +49,18 @@ def build(cfg) -> Experiment:
     torch.manual_seed(cfg["seed"])
     student = build_student(cfg["student-model"], dataset.input_shape, dataset.num_classes, dataset.tokens)
     student.cut_index(cfg["cut"])  # fail early, naming the cut points, on a bad 'cut'
-    server = SplitKDServer(student, teacher, cfg, dataset.num_classes)
+    costs = CostModel.from_config(cfg, SplitFlops.of(student, cfg["cut"], teacher))
+    server = SplitKDServer(student, teacher, cfg, dataset.num_classes, costs)
     return Experiment(dict(cfg), dataset, student, teacher, server)
 
 
 def sample_devices(keys: list[Hashable], fraction: float, rng: np.random.Generator) -> list[Hashable]:
     count = max(1, int(round(fraction * len(keys))))
     return [keys[i] for i in sorted(rng.choice(len(keys), size=count, replace=False))]
+
+
+COST_COLUMNS = ("device_flops", "server_flops", "device_energy_j", "round_delay_s", "sim_time_s",
+                "cum_device_energy_j", "stragglers")
 
 
 def metrics_row(server_round: int, method: str, accuracy: float, loss: float,
@@ -68,6 +75,7 @@ def metrics_row(server_round: int, method: str, accuracy: float, loss: float,
         "exchanges": stats.exchanges, "wall_s": round(wall_s, 4),
         "transport_s": round(stats.transport_s, 4), "server_s": round(stats.server_s, 4),
         "val_accuracy": float("nan"), "val_loss": float("nan"),  # set when devices evaluate
+        **{k: stats.costs.get(k, 0) for k in COST_COLUMNS},
     }
 
 
@@ -85,6 +93,7 @@ def run_inprocess(overrides: dict | None, num_devices: int,
         stats = exp.server.run_round(transport, keys, server_round)
         rows.append(metrics_row(server_round, cfg["method"], *exp.evaluate(), stats,
                                 time.perf_counter() - start))
+        exp.device_rows += [{"round": server_round, **r} for r in stats.device_costs]
         if on_round:
             on_round(rows[-1])
     return exp, rows

@@ -46,6 +46,18 @@ class ResultsWriter:
             csv.writer(f).writerow([row.get(c, "") for c in self.columns])
         self.rows.append(row)
 
+    def append_devices(self, server_round: int, rows: list[dict]) -> None:
+        """Per-device cost rows of a round, to devices.csv."""
+        path = self.dir / "devices.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            for row in rows:
+                writer = csv.DictWriter(f, fieldnames=["round", *row])
+                if new:
+                    writer.writeheader()
+                    new = False
+                writer.writerow({"round": server_round, **row})
+
     def finish(self, student: SplitModel, cut: str, extra: dict | None = None) -> dict:
         """Save the student in its parts and merged, and the summary of the last round."""
         torch.save(student.device_part(cut).state_dict(), self.dir / "student_device.pt")
@@ -63,7 +75,29 @@ class ResultsWriter:
                    "total_bytes_up": sum(r["bytes_up"] for r in self.rows),
                    "total_bytes_down": sum(r["bytes_down"] for r in self.rows), **(extra or {})}
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        plot_accuracy(self.rows, self.dir)
         return summary
+
+
+def plot_accuracy(rows: list[dict], directory: Path) -> None:
+    """Test accuracy against simulated time and against cumulative device energy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    method = rows[0]["method"] if rows else ""
+    for column, label, name in (("sim_time_s", "simulated time (s)", "accuracy_vs_time.png"),
+                                ("cum_device_energy_j", "cumulative device energy (J)", "accuracy_vs_energy.png")):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot([r.get(column, 0) for r in rows], [r["test_accuracy"] for r in rows], marker=".", label=method)
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(directory / name, dpi=120)
+        plt.close(fig)
 
 
 def load_student(directory: str | Path) -> SplitModel:

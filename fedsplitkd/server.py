@@ -17,6 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
+from fedsplitkd.costs import CostModel, DeviceTraffic
 from fedsplitkd.device import DeviceSetup, handle_evaluate, handle_train, teacher_mode
 from fedsplitkd.models import SplitModel
 from fedsplitkd.payload import (TEACHER, WEIGHTS, Payload, PayloadError, pack, payload_bytes,
@@ -59,7 +60,7 @@ TEACHER_FIELDS = {"none": set(), "embedding": {"teacher-input"},
 
 @dataclass
 class RoundStats:
-    """What one round cost and produced, summed over devices."""
+    """What one round cost and produced, summed over devices; ``traffic`` per device."""
 
     devices: int = 0
     completed: int = 0
@@ -72,6 +73,10 @@ class RoundStats:
     transport_s: float = 0.0   # wall time waiting for the devices' replies
     server_s: float = 0.0      # wall time of the server's own compute
     dropped: Counter = field(default_factory=Counter)
+    traffic: dict = field(default_factory=dict)  # device key -> DeviceTraffic
+    completed_keys: list = field(default_factory=list)
+    costs: dict = field(default_factory=dict)        # the cost model's totals (metrics.csv)
+    device_costs: list = field(default_factory=list)  # and its per-device rows
 
     @property
     def train_loss(self) -> float:
@@ -82,7 +87,7 @@ class SplitKDServer:
     """Holds the student's server part and the teacher; runs rounds against a transport."""
 
     def __init__(self, student: SplitModel, teacher: SplitModel | None, cfg,
-                 num_classes: int):
+                 num_classes: int, costs: CostModel | None = None):
         self.student, self.teacher, self.cfg = student, teacher, cfg
         self.cut = cfg["cut"]
         self.mode = teacher_mode(cfg)
@@ -99,6 +104,7 @@ class SplitKDServer:
             self.emb_shape = teacher.block_stats()[0].out_shape
         self.max_chunk = cfg["exchange-batches"] * cfg["batch-size"]
         self.has_teacher: set[Hashable] = set()   # devices holding the teacher embedding
+        self.costs = costs  # prices each round; its deadline may keep stragglers out
         self.teacher_cache: dict[Hashable, dict[int, np.ndarray]] = {}
 
     # ---- checks ---------------------------------------------------------------------------
@@ -208,6 +214,8 @@ class SplitKDServer:
         their way; ``joint`` steps wait for the whole exchange.
         """
         stats = RoundStats(devices=len(keys))
+        if self.costs is not None:
+            self.costs.server_round = server_round
         finals: dict[Hashable, tuple[dict[str, np.ndarray], int]] = {}
         sent: dict[Hashable, Payload] = {}
         arrived: dict[Hashable, Payload | str] = {}
@@ -215,6 +223,10 @@ class SplitKDServer:
 
         def send(requests: dict[Hashable, Payload]) -> None:
             sent.update(requests)
+            for key, request in requests.items():
+                traffic = stats.traffic.setdefault(key, DeviceTraffic())
+                traffic.bytes_down += payload_bytes(request)
+                traffic.exchanges += 1
             stats.bytes_down += sum(payload_bytes(r) for r in requests.values())
             transport.send(requests)
 
@@ -242,6 +254,7 @@ class SplitKDServer:
                         drop(key, "failed", reply)
                         continue
                     stats.bytes_up += payload_bytes(reply)
+                    stats.traffic[key].bytes_up += payload_bytes(reply)
                     try:
                         if request.get("final"):
                             finals[key] = (self.check_final(reply, server_round, seen[key]), seen[key])
@@ -265,11 +278,20 @@ class SplitKDServer:
                               for key, reply in chunks.items() if key not in diverged}
                     for key in follow:
                         seen[key] += len(chunks[key]["labels"])
+                        stats.traffic[key].samples += len(chunks[key]["labels"])
+                        if "teacher-input" in chunks[key]:
+                            stats.traffic[key].teacher_samples += len(chunks[key]["teacher-input"])
                     stats.samples += sum(len(chunks[key]["labels"]) for key in follow)
                     send(follow)
                     order += list(follow)
                 stats.server_s += time.perf_counter() - computed
+        if self.costs is not None:
+            for key in [k for k in finals if not self.costs.admit(key, stats.traffic[k])]:
+                del finals[key]
+                stats.dropped["straggler"] += 1
+            stats.costs, stats.device_costs = self.costs.account(stats.traffic)
         stats.completed = len(finals)
+        stats.completed_keys = list(finals)
         self.aggregate(list(finals.values()))
         return stats
 

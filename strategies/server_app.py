@@ -37,9 +37,11 @@ def main(grid: Grid, context: Context) -> None:
             row.update({k: v for k, v in strategy.last_evaluation.items() if k.startswith("val_")})
         writer.append(row)
         if stats:
-            log(INFO, "[round %d/%d] test acc %.4f loss %.4f | up %.2f MB down %.2f MB | %d/%d devices | %.2f s",
-                server_round, cfg["num-rounds"], accuracy, loss, stats.bytes_up / 1e6,
-                stats.bytes_down / 1e6, stats.completed, stats.devices, row["wall_s"])
+            writer.append_devices(server_round, stats.device_costs)
+            log(INFO, "[round %d/%d] test acc %.4f loss %.4f | up %.2f MB down %.2f MB | %d/%d devices | "
+                "sim %.1f s, %.2f J | %.2f s", server_round, cfg["num-rounds"], accuracy, loss,
+                stats.bytes_up / 1e6, stats.bytes_down / 1e6, stats.completed, stats.devices,
+                row["sim_time_s"], row["device_energy_j"], row["wall_s"])
         clock[0] = time.perf_counter()
         return MetricRecord({"test_accuracy": accuracy, "test_loss": loss})
 

@@ -26,48 +26,50 @@ BACKWARD = f"{MessageType.TRAIN}.split_backward"
 class GridTransport:
     """Carries protocol payloads as Flower Messages over a Grid, polling for replies.
 
-    Polls every ``poll_interval`` seconds: the SuperLink grid's own ``send_and_receive``
-    sleeps 3 s between polls, which would dominate every exchange.
+    Requests and replies are keyed by device id; ``nodes`` maps each device to the node
+    that serves it (``None``: the keys are node ids). Polls every ``poll_interval``
+    seconds: the SuperLink grid's own ``send_and_receive`` sleeps 3 s between polls,
+    which would dominate every exchange.
     """
 
     def __init__(self, grid: Grid, timeout: float, poll_interval: float = 0.005,
-                 message_type: str | None = None):
+                 message_type: str | None = None, nodes: dict[Hashable, int] | None = None):
         self.grid, self.timeout, self.poll_interval = grid, timeout, poll_interval
-        self.message_type = message_type
-        self.pending: dict[str, tuple[int, float]] = {}  # message id -> (node id, deadline)
+        self.message_type, self.nodes = message_type, nodes
+        self.pending: dict[str, tuple[Hashable, int, float]] = {}  # message id -> (key, node, deadline)
 
     def send(self, requests: dict[Hashable, Payload]) -> None:
-        messages = [Message(to_records(r), dst_node_id=int(node),
+        keys = list(requests)
+        messages = [Message(to_records(r), dst_node_id=int(self.nodes[k] if self.nodes else k),
                             message_type=self.message_type or (BACKWARD if "grads" in r else FORWARD))
-                    for node, r in requests.items()]
+                    for k, r in requests.items()]
         deadline = time.monotonic() + self.timeout
-        for mid, message in zip(self.grid.push_messages(messages), messages):
+        for key, mid, message in zip(keys, self.grid.push_messages(messages), messages):
             # A message the SuperLink refused gets no id; it times out like a lost one.
-            self.pending[mid or f"refused-{message.metadata.dst_node_id}"] = (
-                message.metadata.dst_node_id, deadline if mid else 0.0)
+            self.pending[mid or f"refused-{key}"] = (key, message.metadata.dst_node_id, deadline if mid else 0.0)
 
     def receive(self) -> dict[Hashable, Payload | str]:
         replies: dict[Hashable, Payload | str] = {}
         while not replies and self.pending:
             for reply in self.grid.pull_messages([m for m in self.pending if not m.startswith("refused-")]):
                 mid = reply.metadata.reply_to_message_id
-                node = self.pending.get(mid, (None,))[0]
+                key, node, _ = self.pending.get(mid, (None, None, 0.0))
                 if node is None or reply.metadata.src_node_id != node:
                     log(WARNING, "ignored a reply to message %s from node %s", mid, reply.metadata.src_node_id)
                     continue
                 del self.pending[mid]
                 if reply.has_error():
-                    replies[node] = f"ClientApp error: {reply.error.reason}"
+                    replies[key] = f"ClientApp error: {reply.error.reason}"
                     continue
                 try:
-                    replies[node] = from_records(reply.content)
+                    replies[key] = from_records(reply.content)
                 except PayloadError as err:
-                    replies[node] = f"invalid records: {err}"
+                    replies[key] = f"invalid records: {err}"
             now = time.monotonic()
-            for mid, (node, deadline) in list(self.pending.items()):
+            for mid, (key, _, deadline) in list(self.pending.items()):
                 if now >= deadline:
                     del self.pending[mid]
-                    replies[node] = f"no reply within {self.timeout:.0f} s"
+                    replies[key] = f"no reply within {self.timeout:.0f} s"
             if not replies:
                 time.sleep(self.poll_interval)
         return replies
@@ -111,7 +113,7 @@ class SplitKD(Strategy):
         self.poll_interval = poll_interval
         # Separate streams: evaluation sampling must not shift which devices train.
         self.train_rng, self.evaluate_rng = (np.random.default_rng([seed, i]) for i in (0, 1))
-        self.device_ids: dict[int, int] = {}  # node id -> device (partition) id
+        self.nodes: dict[int, int] = {}  # device (partition) id -> node id
         self.query_timeout = 60.0
         self.last_stats: RoundStats | None = None
         self.last_evaluation: MetricRecord | None = None
@@ -123,19 +125,24 @@ class SplitKD(Strategy):
             self.server.cut, self.server.mode, self.server.cfg["exchange-batches"])
 
     def _sample(self, grid: Grid, fraction: float, rng: np.random.Generator) -> list[int]:
-        """Sample nodes in device (partition) order, so runs repeat whatever the node ids."""
+        """Sample device (partition) ids, so runs repeat whatever ids the nodes get.
+
+        Each node is asked once which device it is (a ``query`` message); ``self.nodes``
+        maps devices to the nodes serving them.
+        """
         _, nodes = sample_nodes(grid, self.min_nodes, 0)  # waits until min_nodes are connected
-        unknown = [int(n) for n in nodes if int(n) not in self.device_ids]
+        unknown = [int(n) for n in nodes if int(n) not in self.nodes.values()]
         if unknown:
             transport = GridTransport(grid, self.query_timeout, self.poll_interval, MessageType.QUERY)
             for node, reply in exchange(transport, {n: {} for n in unknown}).items():
-                if isinstance(reply, dict) and isinstance(reply.get("partition-id"), int):
-                    self.device_ids[node] = reply["partition-id"]
-                else:
-                    log(WARNING, "node %s did not say which device it is: %s", node, reply)
-        known = sorted((n for n in map(int, nodes) if n in self.device_ids),
-                       key=lambda n: (self.device_ids[n], n))
-        return [int(n) for n in sample_devices(known, fraction, rng)] if known else []
+                device = reply.get("partition-id") if isinstance(reply, dict) else None
+                if not isinstance(device, int) or device < 0 or device in self.nodes:
+                    log(WARNING, "node %s did not say which device it is, or a taken one: %s", node, reply)
+                    continue
+                self.nodes[device] = int(node)
+        online = set(map(int, nodes))
+        devices = sorted(d for d, n in self.nodes.items() if n in online)
+        return sample_devices(devices, fraction, rng) if devices else []
 
     def _load(self, arrays: ArrayRecord) -> None:
         load_numpy_state(self.server.student, {k: v.numpy() for k, v in arrays.items()})
@@ -153,7 +160,7 @@ class SplitKD(Strategy):
         """
         self._load(arrays)
         nodes = self._sample(grid, self.fraction_train, self.train_rng)
-        transport = GridTransport(grid, self.round_timeout, self.poll_interval)
+        transport = GridTransport(grid, self.round_timeout, self.poll_interval, nodes=self.nodes)
         self.last_stats = self.server.run_round(transport, nodes, server_round)
         return []
 
@@ -174,9 +181,10 @@ class SplitKD(Strategy):
         if self.fraction_evaluate > 0.0:
             self._load(arrays)
             request = {"round": server_round, **pack(WEIGHTS, state_to_numpy(self.server.device_part))}
-            nodes = self._sample(grid, self.fraction_evaluate, self.evaluate_rng)
-            transport = GridTransport(grid, self.round_timeout, self.poll_interval, MessageType.EVALUATE)
-            accuracy, loss, n = self.server.evaluate_replies(exchange(transport, {n: request for n in nodes}),
+            devices = self._sample(grid, self.fraction_evaluate, self.evaluate_rng)
+            transport = GridTransport(grid, self.round_timeout, self.poll_interval, MessageType.EVALUATE,
+                                      nodes=self.nodes)
+            accuracy, loss, n = self.server.evaluate_replies(exchange(transport, {d: request for d in devices}),
                                                              server_round)
             if n:
                 self.last_evaluation = MetricRecord({"val_accuracy": accuracy, "val_loss": loss,

@@ -67,6 +67,12 @@ def test_run_learns_and_writes_the_results_contract(runs):
     assert summary["test_accuracy"] == pytest.approx(float(rows[-1]["test_accuracy"]))
     assert (out / "good" / "config.yaml").is_file()
     assert "[round 3/3]" in good.stdout
+    assert float(rows[-1]["sim_time_s"]) > float(rows[1]["sim_time_s"]) > 0
+    assert float(rows[1]["device_energy_j"]) > 0 and float(rows[1]["device_flops"]) > 0
+    devices = list(csv.DictReader(open(out / "good" / "devices.csv")))
+    assert len(devices) == ROUNDS * DEVICES and {d["device"] for d in devices} == {"0", "1", "2"}
+    for name in ("accuracy_vs_time.png", "accuracy_vs_energy.png"):
+        assert (out / "good" / name).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_flower_run_equals_the_in_process_reference(runs):
