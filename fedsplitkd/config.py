@@ -80,7 +80,16 @@ SCHEMA: dict[str, Key] = {
     "teacher-cache-dir": _str("", "a directory ('' = ~/.cache/fedsplitkd/teachers)"),
     "teacher-epochs": _int(60, 1),
     "student-model": _choice("auto", "mlp", "cnn1d", "cnn2d"),
-    "cut": _str("default", "a cut-point name of the student ('default' = its first block)"),
+    "cut": _str("default", "a cut-point name of the student ('default' = its first block, "
+                "'adaptive' = chosen per cluster from the cost model)"),
+    "clusters": Key("1", "'1' (no clustering), 'auto' (k by silhouette) or a number of clusters",
+                    lambda v: isinstance(v, str) and (v == "auto" or v.isdigit() and int(v) >= 1)),
+    "cluster-features": Key("compute,link,energy,memory", "a comma list of compute, link, energy, memory",
+                            lambda v: isinstance(v, str) and bool(v) and
+                            set(v.split(",")) <= {"compute", "link", "energy", "memory"}),
+    "recluster-every": _int(0, 0),
+    "energy-weight": _float(1.0, 0.0, 1e9),
+    "bandwidth-allocation": _choice("dedicated", "equal", "minmax"),
     "device-classes": _str("", "a YAML file of device classes ('' = the bundled one)"),
     "class-mix": _str("", "class:weight pairs, e.g. 'mcu:1,raspberry_pi:2' ('' = all alike)"),
     "profile-jitter": _float(0.1, 0.0, 0.9),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -98,13 +98,54 @@ def round_delay(groups: list[list[DeviceCost]], server: EdgeServer, deadline_s: 
     return sum(group_delay(g, server, deadline_s) for g in groups)
 
 
+def allocate_bandwidth(profiles: list[DeviceProfile], server: EdgeServer, flops: SplitFlops,
+                       traffics: list[DeviceTraffic], fadings: list[float], policy: str) -> list[DeviceProfile]:
+    """The profiles with the edge's bandwidth shared among devices served at once.
+
+    ``dedicated``: each keeps its own link. ``equal``: B / n each, up and down. ``minmax``:
+    the split of B that minimises the slowest device's time (bisection on that time).
+    """
+    if policy == "dedicated" or not profiles:
+        return profiles
+    total = server.bandwidth_hz
+
+    def with_band(p: DeviceProfile, hz: float) -> DeviceProfile:
+        return replace(p, uplink_hz=hz, downlink_hz=hz)
+
+    def time_at(i: int, hz: float) -> float:
+        return device_cost(with_band(profiles[i], hz), server, flops, traffics[i], fadings[i]).time_s
+
+    if policy == "equal":
+        return [with_band(p, total / len(profiles)) for p in profiles]
+
+    def band_for(i: int, deadline: float) -> float:  # least bandwidth meeting the deadline
+        low, high = total * 1e-9, total
+        if time_at(i, high) > deadline:
+            return math.inf
+        for _ in range(60):
+            mid = (low + high) / 2
+            low, high = (mid, high) if time_at(i, mid) > deadline else (low, mid)
+        return high
+
+    n = len(profiles)
+    low = max(time_at(i, total) for i in range(n))             # nobody beats having it all
+    high = max(time_at(i, total / n) for i in range(n))         # the equal split is feasible
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if sum(band_for(i, mid) for i in range(n)) > total else (low, mid)
+    bands = [band_for(i, high) for i in range(n)]
+    spare = (total - sum(bands)) / n  # hand out what the bisection left over
+    return [with_band(p, b + spare) for p, b in zip(profiles, bands)]
+
+
 class CostModel:
     """Profiles of the fleet plus the clock: prices every round of any method alike."""
 
-    def __init__(self, profiles: Fleet, server: EdgeServer, flops: SplitFlops,
-                 fading: bool, deadline_s: float, drop_stragglers: bool, seed: int):
-        self.profiles, self.server, self.flops = profiles, server, flops
+    def __init__(self, profiles: Fleet, server: EdgeServer, fading: bool, deadline_s: float,
+                 drop_stragglers: bool, seed: int, bandwidth: str = "dedicated"):
+        self.profiles, self.server = profiles, server
         self.fading, self.deadline_s, self.drop_stragglers, self.seed = fading, deadline_s, drop_stragglers, seed
+        self.bandwidth = bandwidth
         self.server_round = 0
         self.sim_time_s = 0.0
         self.energy_j = 0.0
@@ -116,26 +157,31 @@ class CostModel:
         return float(np.random.default_rng([self.seed, self.server_round, device, 11]).exponential())
 
     @classmethod
-    def from_config(cls, cfg, flops: SplitFlops) -> CostModel:
+    def from_config(cls, cfg) -> CostModel:
         fleet = Fleet(cfg)
         deadline = cfg["deadline-s"] or math.inf
-        return cls(fleet, fleet.server, flops, cfg["fading"], deadline, cfg["straggler-policy"] == "drop",
-                   cfg["seed"])
+        return cls(fleet, fleet.server, cfg["fading"], deadline, cfg["straggler-policy"] == "drop",
+                   cfg["seed"], cfg["bandwidth-allocation"])
 
-    def cost(self, device: Hashable, traffic: DeviceTraffic) -> DeviceCost:
-        return device_cost(self.profiles[int(device)], self.server, self.flops, traffic,
-                           self.fading_of(int(device)))
+    def costs(self, traffic: dict[Hashable, DeviceTraffic], flops: SplitFlops) -> dict[Hashable, DeviceCost]:
+        """Each device's cost, the edge's bandwidth shared among them per the allocation policy."""
+        devices = list(traffic)
+        fadings = [self.fading_of(int(d)) for d in devices]
+        profiles = allocate_bandwidth([self.profiles[int(d)] for d in devices], self.server, flops,
+                                      [traffic[d] for d in devices], fadings, self.bandwidth)
+        return {d: device_cost(p, self.server, flops, traffic[d], f) for d, p, f in zip(devices, profiles, fadings)}
 
-    def admit(self, device: Hashable, traffic: DeviceTraffic) -> bool:
-        """False for a straggler under the drop policy: its part stays out of the average."""
-        return not (self.drop_stragglers and self.cost(device, traffic).time_s > self.deadline_s)
+    def stragglers(self, traffic: dict[Hashable, DeviceTraffic], flops: SplitFlops) -> set[Hashable]:
+        """Devices past the deadline that the drop policy keeps out of the average."""
+        if not self.drop_stragglers:
+            return set()
+        return {d for d, c in self.costs(traffic, flops).items() if c.time_s > self.deadline_s}
 
-    def account(self, traffic: dict[Hashable, DeviceTraffic],
-                groups: list[list[Hashable]] | None = None) -> tuple[dict, list[dict]]:
-        """The round's totals (metrics.csv columns) and per-device rows; advances the clock."""
-        costs = {d: self.cost(d, t) for d, t in traffic.items()}
-        groups = groups or [list(costs)]
-        delay = round_delay([[costs[d] for d in g] for g in groups], self.server, self.deadline_s)
+    def account(self, traffic: dict[Hashable, DeviceTraffic], flops: SplitFlops) -> tuple[dict, list[dict]]:
+        """Totals (metrics.csv columns) and per-device rows of devices served in parallel;
+        advances the clock (sequential groups are accounted one after another)."""
+        costs = self.costs(traffic, flops)
+        delay = group_delay(list(costs.values()), self.server, self.deadline_s)
         self.sim_time_s += delay
         energy = sum(c.energy_j for c in costs.values())
         self.energy_j += energy

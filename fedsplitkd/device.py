@@ -14,12 +14,14 @@ so any process can serve any request; the batch order is recomputed from the see
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from fedsplitkd import data as data_lib
-from fedsplitkd.models import build_student, build_teacher
+from torch import nn
+
+from fedsplitkd.models import SplitModel, build_student, build_teacher
 from fedsplitkd.payload import TEACHER, WEIGHTS, Payload, PayloadError, pack, unpack
 from fedsplitkd.runtime import DeviceRuntime, load_numpy_state
 
@@ -42,12 +44,22 @@ def batch_plan(num_samples: int, batch_size: int, epochs: int, seed: int, server
 
 @dataclass
 class DeviceSetup:
-    """What a device builds once per process: its data, student part and teacher embedding."""
+    """What a device builds once per process: its data, student and teacher embedding."""
 
     cfg: dict
     device_key: int
     data: data_lib.DeviceData
-    runtime: DeviceRuntime
+    student: SplitModel
+    embedding: nn.Module | None
+    runtimes: dict = field(default_factory=dict)  # cut -> DeviceRuntime
+
+    def runtime(self, cut: str | None = None) -> DeviceRuntime:
+        """The runtime for a cut (the server may move the cut between rounds)."""
+        cut = cut or self.cfg["cut"]
+        if cut not in self.runtimes:
+            self.runtimes[cut] = DeviceRuntime(self.student, cut, self.cfg["learning-rate"],
+                                               self.cfg["momentum"], self.embedding)
+        return self.runtimes[cut]
 
 
 @functools.lru_cache(maxsize=64)
@@ -60,8 +72,7 @@ def _setup(cfg_items: tuple, partition_id: int, num_partitions: int) -> DeviceSe
     if teacher_mode(cfg) != "none":
         teacher = build_teacher(cfg["student-model"], dataset.input_shape, dataset.num_classes, dataset.tokens)
         embedding = teacher.device_part(teacher.cut_points[0])
-    runtime = DeviceRuntime(student, cfg["cut"], cfg["learning-rate"], cfg["momentum"], embedding)
-    return DeviceSetup(cfg, partition_id, local, runtime)
+    return DeviceSetup(cfg, partition_id, local, student, embedding)
 
 
 def device_setup(cfg, partition_id: int, num_partitions: int) -> DeviceSetup:
@@ -70,15 +81,19 @@ def device_setup(cfg, partition_id: int, num_partitions: int) -> DeviceSetup:
 
 def handle_train(request: Payload, state: Payload, setup: DeviceSetup) -> tuple[Payload, Payload]:
     """Serve one training request; return the reply and the device's new state."""
-    cfg, runtime, local = setup.cfg, setup.runtime, setup.data
+    cfg, local = setup.cfg, setup.data
     server_round = int(request.get("round", -1))
     if any(k.startswith(WEIGHTS) for k in request):
         state = {k: v for k, v in state.items() if k.startswith(TEACHER) or k == "teacher-sent"}
         state.update({k: v for k, v in request.items() if k.startswith((WEIGHTS, TEACHER))})
-        state.update({"round": server_round, "cursor": 0, "optimizer": b""})
+        cut = str(request.get("cut", cfg["cut"]))
+        if cut != "default" and cut not in setup.student.cut_points:
+            raise PayloadError(f"field 'cut' = {cut!r} is not a cut point: {setup.student.cut_points}")
+        state.update({"round": server_round, "cursor": 0, "optimizer": b"", "cut": cut})
     elif state.get("round") != server_round or "grads" not in request:
         raise PayloadError(f"request for round {server_round} without weights or grads, "
                            f"device is in round {state.get('round')}")
+    runtime = setup.runtime(state["cut"])
     runtime.load(unpack(WEIGHTS, state), state["optimizer"])
     plan = batch_plan(len(local.y_train), cfg["batch-size"], cfg["local-epochs"], cfg["seed"],
                       server_round, setup.device_key)
@@ -130,7 +145,7 @@ def handle_train(request: Payload, state: Payload, setup: DeviceSetup) -> tuple[
 
 def handle_evaluate(request: Payload, setup: DeviceSetup) -> Payload:
     """Split inference on the local validation split with the given device part."""
-    runtime, local = setup.runtime, setup.data
+    runtime, local = setup.runtime(request.get("cut")), setup.data
     load_numpy_state(runtime.part, unpack(WEIGHTS, request))
     return {"round": int(request.get("round", -1)),
             "activations": runtime.forward(local.x_val), "labels": local.y_val}

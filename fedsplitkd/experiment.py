@@ -15,11 +15,12 @@ import numpy as np
 import torch
 
 from fedsplitkd import config as config_lib
-from fedsplitkd.costs import CostModel, SplitFlops
+from fedsplitkd.costs import CostModel
 from fedsplitkd.data import Dataset, load_dataset, public_split
 from fedsplitkd.device import device_setup, teacher_mode
 from fedsplitkd.models import SplitModel, build_student
 from fedsplitkd.runtime import evaluate
+from fedsplitkd.schedule import Scheduler
 from fedsplitkd.server import InProcessTransport, RoundStats, SplitKDServer
 from fedsplitkd.teacher import get_teacher
 
@@ -33,6 +34,7 @@ class Experiment:
     student: SplitModel
     teacher: SplitModel | None
     server: SplitKDServer
+    scheduler: Scheduler
     device_rows: list = field(default_factory=list)  # the cost model's per-device rows, all rounds
 
     def evaluate(self) -> tuple[float, float]:
@@ -48,10 +50,13 @@ def build(cfg) -> Experiment:
         teacher = get_teacher(cfg, dataset, dataset.x_train[public], dataset.y_train[public])
     torch.manual_seed(cfg["seed"])
     student = build_student(cfg["student-model"], dataset.input_shape, dataset.num_classes, dataset.tokens)
-    student.cut_index(cfg["cut"])  # fail early, naming the cut points, on a bad 'cut'
-    costs = CostModel.from_config(cfg, SplitFlops.of(student, cfg["cut"], teacher))
-    server = SplitKDServer(student, teacher, cfg, dataset.num_classes, costs)
-    return Experiment(dict(cfg), dataset, student, teacher, server)
+    cut = "default" if cfg["cut"] == "adaptive" else cfg["cut"]
+    student.cut_index(cut)  # fail early, naming the cut points, on a bad 'cut'
+    server = SplitKDServer(student, teacher, cfg, dataset.num_classes, CostModel.from_config(cfg), cut)
+    # Training samples all devices together put through the split in a round: the scheduler's
+    # guess for a device it has not seen yet is this over the fleet size.
+    pool = len(dataset.y_train) * (1 - cfg["public-fraction"]) * (1 - cfg["val-fraction"]) * cfg["local-epochs"]
+    return Experiment(dict(cfg), dataset, student, teacher, server, Scheduler(server, cfg, int(pool)))
 
 
 def sample_devices(keys: list[Hashable], fraction: float, rng: np.random.Generator) -> list[Hashable]:
@@ -85,12 +90,13 @@ def run_inprocess(overrides: dict | None, num_devices: int,
     cfg = config_lib.resolve(overrides)
     exp = build(cfg)
     transport = InProcessTransport({i: device_setup(cfg, i, num_devices) for i in range(num_devices)})
+    exp.scheduler.fleet_size = num_devices
     rng = np.random.default_rng([cfg["seed"], 0])  # the train-sampling stream of SplitKD
     rows = [metrics_row(0, cfg["method"], *exp.evaluate(), None, 0.0)]
     for server_round in range(1, cfg["num-rounds"] + 1):
         start = time.perf_counter()
         keys = sample_devices(list(range(num_devices)), cfg["fraction-train"], rng)
-        stats = exp.server.run_round(transport, keys, server_round)
+        stats = exp.scheduler.run_round(transport, keys, server_round)
         rows.append(metrics_row(server_round, cfg["method"], *exp.evaluate(), stats,
                                 time.perf_counter() - start))
         exp.device_rows += [{"round": server_round, **r} for r in stats.device_costs]

@@ -44,6 +44,7 @@ class DeviceProfile:
 class EdgeServer:
     flops: float
     downlink_power_w: float
+    bandwidth_hz: float = 4e7  # shared among the devices served at once (bandwidth-allocation)
 
 
 NUMERIC = [f.name for f in fields(DeviceProfile) if f.name != "device_class"]
@@ -76,7 +77,8 @@ def load_classes(path: str = "") -> tuple[dict[str, DeviceProfile], EdgeServer]:
     classes = {name: _profile(name, values, f"device-classes '{file}'") for name, values in spec["classes"].items()}
     server = spec["edge_server"]
     try:
-        edge = EdgeServer(float(server["flops"]), float(server["downlink_power_w"]))
+        edge = EdgeServer(float(server["flops"]), float(server["downlink_power_w"]),
+                          float(server.get("bandwidth_hz", EdgeServer.bandwidth_hz)))
     except (KeyError, TypeError, ValueError) as err:
         raise ProfileError(f"device-classes '{file}': edge_server needs flops and downlink_power_w ({err})") from err
     return classes, edge

@@ -46,6 +46,9 @@ class ResultsWriter:
             csv.writer(f).writerow([row.get(c, "") for c in self.columns])
         self.rows.append(row)
 
+    def write_json(self, name: str, data) -> None:
+        (self.dir / name).write_text(json.dumps(data, indent=1))
+
     def append_devices(self, server_round: int, rows: list[dict]) -> None:
         """Per-device cost rows of a round, to devices.csv."""
         path = self.dir / "devices.csv"

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from fedsplitkd.costs import CostModel, DeviceTraffic
+from fedsplitkd.costs import CostModel, DeviceTraffic, SplitFlops
 from fedsplitkd.device import DeviceSetup, handle_evaluate, handle_train, teacher_mode
 from fedsplitkd.models import SplitModel
 from fedsplitkd.payload import (TEACHER, WEIGHTS, Payload, PayloadError, pack, payload_bytes,
@@ -87,15 +87,16 @@ class SplitKDServer:
     """Holds the student's server part and the teacher; runs rounds against a transport."""
 
     def __init__(self, student: SplitModel, teacher: SplitModel | None, cfg,
-                 num_classes: int, costs: CostModel | None = None):
+                 num_classes: int, costs: CostModel | None = None, cut: str | None = None):
         self.student, self.teacher, self.cfg = student, teacher, cfg
-        self.cut = cfg["cut"]
+        self.cut = cut or cfg["cut"]
         self.mode = teacher_mode(cfg)
         self.num_classes = num_classes
         self.edge = EdgeRuntime(student, self.cut, teacher if self.mode != "none" else None,
                                 cfg["kd-alpha"], cfg["kd-temperature"], cfg["learning-rate"],
                                 cfg["momentum"])
         self.device_part = student.device_part(self.cut)
+        self.flops = SplitFlops.of(student, self.cut, teacher if self.mode != "none" else None)
         stats = student.block_stats()
         self.act_shape = stats[student.cut_index(self.cut) - 1].out_shape
         if self.mode != "none":
@@ -104,8 +105,19 @@ class SplitKDServer:
             self.emb_shape = teacher.block_stats()[0].out_shape
         self.max_chunk = cfg["exchange-batches"] * cfg["batch-size"]
         self.has_teacher: set[Hashable] = set()   # devices holding the teacher embedding
-        self.costs = costs  # prices each round; its deadline may keep stragglers out
         self.teacher_cache: dict[Hashable, dict[int, np.ndarray]] = {}
+        self.costs = costs  # prices each round; its deadline may keep stragglers out
+        self.siblings: dict[str, SplitKDServer] = {self.cut: self}
+
+    def at_cut(self, cut: str) -> SplitKDServer:
+        """The server for another cut of the same student: it shares the student, the teacher,
+        the cost model and what devices hold; it has its own server-part optimizer."""
+        if cut not in self.siblings:
+            sibling = SplitKDServer(self.student, self.teacher, self.cfg, self.num_classes, self.costs, cut)
+            sibling.has_teacher, sibling.teacher_cache = self.has_teacher, self.teacher_cache
+            sibling.siblings = self.siblings
+            self.siblings[cut] = sibling
+        return self.siblings[cut]
 
     # ---- checks ---------------------------------------------------------------------------
     def check_chunk(self, reply: Payload, server_round: int) -> None:
@@ -286,10 +298,10 @@ class SplitKDServer:
                     order += list(follow)
                 stats.server_s += time.perf_counter() - computed
         if self.costs is not None:
-            for key in [k for k in finals if not self.costs.admit(key, stats.traffic[k])]:
+            for key in self.costs.stragglers(stats.traffic, self.flops) & set(finals):
                 del finals[key]
                 stats.dropped["straggler"] += 1
-            stats.costs, stats.device_costs = self.costs.account(stats.traffic)
+            stats.costs, stats.device_costs = self.costs.account(stats.traffic, self.flops)
         stats.completed = len(finals)
         stats.completed_keys = list(finals)
         self.aggregate(list(finals.values()))
@@ -300,7 +312,7 @@ class SplitKDServer:
         global_weights = pack(WEIGHTS, state_to_numpy(self.device_part))
         requests = {}
         for key in keys:
-            requests[key] = {"round": server_round, **global_weights}
+            requests[key] = {"round": server_round, "cut": self.cut, **global_weights}
             if self.mode != "none" and key not in self.has_teacher:
                 requests[key].update(pack(TEACHER, self.teacher_weights))
         return requests

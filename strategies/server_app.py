@@ -23,7 +23,7 @@ def main(grid: Grid, context: Context) -> None:
     directory = run_dir(cfg)
     writer = ResultsWriter(cfg, directory)
     exp = build(cfg)
-    strategy = SplitKD(exp.server, cfg["fraction-train"], cfg["fraction-evaluate"], cfg["min-nodes"],
+    strategy = SplitKD(exp.scheduler, cfg["fraction-train"], cfg["fraction-evaluate"], cfg["min-nodes"],
                        cfg["round-timeout"], seed=cfg["seed"])
     clock = [time.perf_counter()]
 
@@ -47,5 +47,6 @@ def main(grid: Grid, context: Context) -> None:
 
     strategy.start(grid, ArrayRecord(torch_state_dict=exp.student.state_dict()),
                    num_rounds=cfg["num-rounds"], timeout=cfg["round-timeout"], evaluate_fn=evaluate_fn)
-    summary = writer.finish(exp.student, cfg["cut"])
+    writer.write_json("clusters.json", exp.scheduler.history)
+    summary = writer.finish(exp.student, exp.server.cut)
     log(INFO, "fedsplitkd: final test accuracy %.4f; results in %s", summary["test_accuracy"], directory)

@@ -17,6 +17,7 @@ from fedsplitkd.clients.records import from_records, to_records
 from fedsplitkd.experiment import sample_devices
 from fedsplitkd.payload import WEIGHTS, Payload, PayloadError, pack
 from fedsplitkd.runtime import load_numpy_state, state_to_numpy
+from fedsplitkd.schedule import Scheduler
 from fedsplitkd.server import RoundStats, SplitKDServer, exchange
 
 FORWARD = f"{MessageType.TRAIN}.split_forward"
@@ -102,10 +103,12 @@ class SplitKD(Strategy):
         Seed of the node sampling.
     """
 
-    def __init__(self, server: SplitKDServer, fraction_train: float = 1.0,
+    def __init__(self, server: SplitKDServer | Scheduler, fraction_train: float = 1.0,
                  fraction_evaluate: float = 0.0, min_nodes: int = 1, round_timeout: float = 600.0,
                  poll_interval: float = 0.005, seed: int = 0) -> None:
-        self.server = server
+        # The scheduler runs clusters in sequence at their cuts; a bare server is one cluster.
+        self.scheduler = server if isinstance(server, Scheduler) else Scheduler(server, server.cfg, 0)
+        self.server = self.scheduler.server
         self.fraction_train = fraction_train
         self.fraction_evaluate = fraction_evaluate
         self.min_nodes = min_nodes
@@ -159,9 +162,10 @@ class SplitKD(Strategy):
         run here, over ``grid``, and ``aggregate_train`` hands back the result.
         """
         self._load(arrays)
-        nodes = self._sample(grid, self.fraction_train, self.train_rng)
+        devices = self._sample(grid, self.fraction_train, self.train_rng)
+        self.scheduler.fleet_size = len(self.nodes)
         transport = GridTransport(grid, self.round_timeout, self.poll_interval, nodes=self.nodes)
-        self.last_stats = self.server.run_round(transport, nodes, server_round)
+        self.last_stats = self.scheduler.run_round(transport, devices, server_round)
         return []
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]

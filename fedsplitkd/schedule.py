@@ -1,0 +1,182 @@
+"""Clustered collaborative training (CPSL) with an adaptive cut per cluster.
+
+Devices are grouped by k-means on standardised profile features. Within a round the
+clusters train one after another; inside a cluster the devices train in parallel. Each
+cluster runs at its own cut and starts from the student the previous cluster left:
+its averaged device parts replace the blocks below its cut, and the blocks above were
+trained in place by the server. So one student comes out of clusters with different
+cuts, and no layer is ever averaged across clusters (the rule for layers that some
+clusters hold on the device and others on the server is: the latest cluster's wins).
+
+The cut of a cluster minimises ``delay + energy-weight * energy`` of the cluster's
+predicted round over the student's cut points, subject to every device's memory and
+energy budget, from the cost model (``cut = 'adaptive'``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedsplitkd.costs import CostModel, DeviceTraffic, group_delay
+from fedsplitkd.profiles import DeviceProfile, channel_gain, rate_bps
+from fedsplitkd.server import RoundStats, SplitKDServer, Transport
+
+log = logging.getLogger("fedsplitkd")
+
+FEATURES = {
+    "compute": lambda p: p.flops,
+    "link": lambda p: rate_bps(p.uplink_hz, p.tx_power_w, channel_gain(p.distance_m)),
+    "energy": lambda p: min(p.energy_budget_j, 1e9),
+    "memory": lambda p: p.memory_bytes,
+}
+
+
+@dataclass
+class Clusters:
+    labels: dict[Hashable, int]     # device -> cluster
+    centres: np.ndarray             # (k, features), in the features' own units
+    features: list[str]
+
+
+def cluster_devices(profiles: dict[Hashable, DeviceProfile], features: list[str], k: int | str,
+                    seed: int) -> Clusters:
+    """k-means on standardised profile features; k = 'auto' picks k by silhouette score."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+    from sklearn.preprocessing import StandardScaler
+
+    devices = list(profiles)
+    raw = np.array([[FEATURES[f](profiles[d]) for f in features] for d in devices], dtype=np.float64)
+    scaler = StandardScaler().fit(raw)
+    x = scaler.transform(raw)
+    distinct = len(np.unique(x.round(9), axis=0))
+    if k == "auto":
+        candidates = range(2, min(8, distinct - 1) + 1)
+        if not candidates:
+            k = 1
+        else:
+            scored = [(silhouette_score(x, KMeans(c, n_init=10, random_state=seed).fit_predict(x)), c)
+                      for c in candidates]
+            k = max(scored)[1]
+    k = max(1, min(int(k), distinct))
+    model = KMeans(k, n_init=10, random_state=seed).fit(x)
+    return Clusters(dict(zip(devices, model.labels_.tolist())),
+                    scaler.inverse_transform(model.cluster_centers_), features)
+
+
+def predicted_traffic(server: SplitKDServer, samples: int) -> DeviceTraffic:
+    """What a device with ``samples`` training samples sends and receives in a round at this cut."""
+    act = int(np.prod(server.act_shape)) * 4
+    emb = int(np.prod(server.emb_shape)) * 4 if server.mode != "none" else 0
+    params = sum(p.numel() for p in server.device_part.parameters()) * 4
+    return DeviceTraffic(bytes_up=samples * (act + emb + 8) + params, bytes_down=samples * act + params,
+                         samples=samples, teacher_samples=samples if server.mode != "none" else 0)
+
+
+def memory_needed(server: SplitKDServer, batch_size: int) -> int:
+    """Device part weights, optimizer state and one batch's activations up to the cut (bytes)."""
+    params = sum(p.numel() for p in server.device_part.parameters())
+    acts = sum(s.activation_numel for s in server.student.block_stats()[:server.student.cut_index(server.cut)])
+    return 4 * (3 * params + 2 * batch_size * acts)
+
+
+def pick_cut(table: dict[str, tuple[float, float]]) -> str:
+    """From {cut: (score, violation)}: the lowest score among cuts that violate nothing, else
+    the least violating cut (ties: the earlier cut)."""
+    feasible = [(score, i, cut) for i, (cut, (score, violation)) in enumerate(table.items()) if violation == 0]
+    if feasible:
+        return min(feasible)[2]
+    least = min((violation, i, cut) for i, (cut, (_, violation)) in enumerate(table.items()))[2]
+    log.warning("no cut fits every device's memory and energy budget; taking the least violating, %s", least)
+    return least
+
+
+def cut_table(server: SplitKDServer, costs: CostModel, devices: list[Hashable],
+              samples: dict[Hashable, int], energy_weight: float) -> dict[str, tuple[float, float]]:
+    """Per cut point: the cluster's predicted delay + energy_weight * energy, and how far its
+    devices' memory and energy budgets are exceeded (sum of relative excesses)."""
+    table = {}
+    for cut in server.student.cut_points:
+        at_cut = server.at_cut(cut)
+        predicted = costs.costs({d: predicted_traffic(at_cut, samples[d]) for d in devices}, at_cut.flops)
+        score = group_delay(list(predicted.values()), costs.server) + energy_weight * sum(
+            c.energy_j for c in predicted.values())
+        memory = memory_needed(at_cut, server.cfg["batch-size"])
+        violation = sum(max(0.0, memory / costs.profiles[int(d)].memory_bytes - 1)
+                        + max(0.0, c.energy_j / costs.profiles[int(d)].energy_budget_j - 1)
+                        for d, c in predicted.items())
+        table[cut] = (score, violation)
+    return table
+
+
+class Scheduler:
+    """Runs a round as clusters in sequence, each at its cut; one cluster of all by default."""
+
+    def __init__(self, server: SplitKDServer, cfg, pool_samples: int):
+        self.server, self.cfg = server, cfg
+        self.pool_samples = pool_samples  # all devices' samples per round, for unseen devices' share
+        self.fleet_size = 1               # set by whoever knows how many devices there are
+        self.samples: dict[Hashable, int] = {}  # samples each device put through last time
+        self.clusters: Clusters | None = None
+        self.cuts: dict[int, str] = {}
+        self.history: list[dict] = []  # per round: assignments, centres, cuts
+
+    def plan(self, devices: list[Hashable], server_round: int) -> list[tuple[str, list[Hashable]]]:
+        """(cut, devices) per cluster, clustering and choosing cuts when due."""
+        cfg, costs = self.cfg, self.server.costs
+        every = cfg["recluster-every"]
+        due = self.clusters is None or (every and (server_round - 1) % every == 0)
+        if cfg["clusters"] != "1" and (due or any(d not in self.clusters.labels for d in devices)):
+            known = set(self.clusters.labels) if self.clusters and not due else set()
+            fleet = {d: costs.profiles[int(d)] for d in sorted(known | set(devices))}
+            k = cfg["clusters"] if cfg["clusters"] == "auto" else int(cfg["clusters"])
+            self.clusters = cluster_devices(fleet, cfg["cluster-features"].split(","), k, cfg["seed"])
+            self.cuts = {}
+        labels = self.clusters.labels if self.clusters else {d: 0 for d in devices}
+        groups: dict[int, list[Hashable]] = {}
+        for d in devices:
+            groups.setdefault(labels[d], []).append(d)
+        plan = []
+        for c in sorted(groups):
+            if cfg["cut"] != "adaptive":
+                cut = cfg["cut"]
+            else:
+                if c not in self.cuts or due:
+                    guess = max(1, self.pool_samples // max(1, self.fleet_size))
+                    samples = {d: self.samples.get(d, guess) for d in groups[c]}
+                    self.cuts[c] = pick_cut(cut_table(self.server, costs, groups[c], samples, cfg["energy-weight"]))
+                cut = self.cuts[c]
+            plan.append((cut, groups[c]))
+        self.history.append({"round": server_round, "clusters": {int(c): g for c, g in groups.items()},
+                             "cuts": {int(c): cut for c, (cut, _) in zip(sorted(groups), plan)},
+                             "centres": self.clusters.centres.tolist() if self.clusters else []})
+        return plan
+
+    def run_round(self, transport: Transport, devices: list[Hashable], server_round: int) -> RoundStats:
+        total = RoundStats()
+        for cut, group in self.plan(devices, server_round):
+            stats = self.server.at_cut(cut).run_round(transport, group, server_round)
+            self.samples.update({d: t.samples for d, t in stats.traffic.items() if t.samples})
+            total = merge(total, stats)
+        return total
+
+
+SUMMED = ("devices", "completed", "samples", "loss_sum", "bytes_up", "bytes_down", "bytes_up_activations",
+          "exchanges", "transport_s", "server_s")
+LAST = ("sim_time_s", "cum_device_energy_j")
+
+
+def merge(a: RoundStats, b: RoundStats) -> RoundStats:
+    """Two sequential parts of a round as one: counts add, the clock reads the later."""
+    merged = RoundStats(**{f: getattr(a, f) + getattr(b, f) for f in SUMMED})
+    merged.dropped = a.dropped + b.dropped
+    merged.traffic = {**a.traffic, **b.traffic}
+    merged.completed_keys = a.completed_keys + b.completed_keys
+    merged.device_costs = a.device_costs + b.device_costs
+    merged.costs = {k: (b.costs[k] if k in LAST else a.costs.get(k, 0) + b.costs[k]) for k in b.costs}
+    return merged

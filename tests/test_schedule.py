@@ -1,0 +1,126 @@
+"""Clustering, cut choice, the CPSL schedule and bandwidth allocation."""
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from conftest import tiny
+from fedsplitkd.config import resolve
+from fedsplitkd.costs import DeviceTraffic, SplitFlops, allocate_bandwidth, device_cost
+from fedsplitkd.device import device_setup
+from fedsplitkd.experiment import build
+from fedsplitkd.payload import WEIGHTS, unpack
+from fedsplitkd.profiles import EdgeServer, load_classes, sample_profile
+from fedsplitkd.schedule import cluster_devices, cut_table, pick_cut
+from fedsplitkd.server import InProcessTransport
+
+
+def test_kmeans_recovers_planted_device_classes():
+    classes, _ = load_classes()
+    planted = ["mcu", "raspberry_pi", "smartphone"]
+    fleet = {i: sample_profile(i, classes, {planted[i % 3]: 1.0}, 0.05, seed=0) for i in range(30)}
+    for k in (3, "auto"):
+        found = cluster_devices(fleet, ["compute", "link", "memory"], k, seed=0)
+        assert len(set(found.labels.values())) == 3
+        for cls in planted:  # each planted class is exactly one cluster
+            members = {found.labels[i] for i in fleet if fleet[i].device_class == cls}
+            assert len(members) == 1
+        assert found.centres.shape == (3, 3)
+
+
+def test_pick_cut_on_a_hand_built_table():
+    assert pick_cut({"conv1": (5.0, 0.0), "conv2": (3.0, 0.0), "conv3": (1.0, 0.2)}) == "conv2"
+    assert pick_cut({"conv1": (5.0, 0.5), "conv2": (3.0, 0.1), "conv3": (1.0, 0.2)}) == "conv2"
+    assert pick_cut({"conv1": (2.0, 0.0), "conv2": (2.0, 0.0)}) == "conv1"
+
+
+def test_cut_follows_the_bottleneck():
+    """A fast device on a slow link cuts late (small activations); a slow one on a fast link cuts early."""
+    exp = build(resolve(tiny()))  # digits CNN activations: conv1 1024 > conv2 512 > fc 64 floats
+    costs, server = exp.server.costs, exp.server
+    base = costs.profiles[0]
+    fast_cpu_slow_link = replace(base, flops=1e13, uplink_hz=1e4, downlink_hz=1e4)
+    slow_cpu_fast_link = replace(base, flops=1e5, uplink_hz=1e9, downlink_hz=1e9, memory_bytes=1e12)
+    for profile, expected in ((fast_cpu_slow_link, "fc"), (slow_cpu_fast_link, "conv1")):
+        costs.profiles._sampled[0] = replace(profile, memory_bytes=1e12, energy_budget_j=math.inf)
+        assert pick_cut(cut_table(server, costs, [0], {0: 100}, energy_weight=0.0)) == expected
+    costs.profiles._sampled[0] = replace(fast_cpu_slow_link, memory_bytes=1e3)  # no cut fits in 1 kB
+    table = cut_table(server, costs, [0], {0: 100}, energy_weight=0.0)
+    assert all(violation > 0 for _, violation in table.values())
+    assert pick_cut(table) == min(table, key=lambda c: table[c][1])
+
+
+def test_mixed_cuts_train_one_student_by_the_sequential_rule():
+    """Cluster A (cut conv1) then cluster B (cut conv2): B starts from A's result, and the
+    student's blocks below B's cut are the example-weighted average of B's device parts."""
+    cfg = resolve(tiny(exchange_batches=8))
+    exp = build(cfg)
+    sent, finals = {}, {}
+
+    class Spy(InProcessTransport):
+        def send(self, requests):
+            for d, r in requests.items():
+                if any(k.startswith(WEIGHTS) for k in r):
+                    sent[d] = {k: v.copy() for k, v in unpack(WEIGHTS, r).items()}
+            super().send(requests)
+
+        def receive(self):
+            replies = super().receive()
+            for d, r in replies.items():
+                if isinstance(r, dict) and "num-examples" in r:
+                    finals[d] = (unpack(WEIGHTS, r), r["num-examples"])
+            return replies
+
+    transport = Spy({d: device_setup(cfg, d, 4) for d in range(4)})
+    exp.scheduler.plan = lambda devices, rnd: [("conv1", [0, 1]), ("conv2", [2, 3])]
+    exp.scheduler.run_round(transport, [0, 1, 2, 3], 1)
+
+    def average(devices, key):
+        total = sum(finals[d][1] for d in devices)
+        return sum(finals[d][0][key].astype(np.float64) * finals[d][1] / total for d in devices)
+
+    for key in ("0.weight", "0.bias"):  # conv1: A's average was B's start, B's average is the result
+        np.testing.assert_allclose(sent[2][f"conv1.{key}"], average([0, 1], f"conv1.{key}"), atol=1e-6)
+    state = {k: v.numpy() for k, v in exp.student.state_dict().items()}
+    for key in ("conv1.0.weight", "conv1.0.bias", "conv2.0.weight", "conv2.0.bias"):
+        np.testing.assert_allclose(state[key], average([2, 3], key), atol=1e-6)
+    assert set(sent[0]) == {"conv1.0.weight", "conv1.0.bias"}
+    assert set(sent[2]) == {"conv1.0.weight", "conv1.0.bias", "conv2.0.weight", "conv2.0.bias"}
+
+
+def test_round_delay_is_the_sum_of_the_clusters_maxima():
+    cfg = resolve(tiny(class_mix="mcu:1,smartphone:1", bandwidth_allocation="equal"))
+    exp = build(cfg)
+    transport = InProcessTransport({d: device_setup(cfg, d, 6) for d in range(6)})
+    exp.scheduler.plan = lambda devices, rnd: [("default", [0, 1, 2]), ("conv2", [3, 4, 5])]
+    stats = exp.scheduler.run_round(transport, list(range(6)), 1)
+    by_device = {r["device"]: r for r in stats.device_costs}
+    expected = sum(max(by_device[d]["time_s"] for d in group)
+                   + sum(by_device[d]["server_flops"] for d in group) / exp.server.costs.server.flops
+                   for group in ([0, 1, 2], [3, 4, 5]))
+    assert stats.costs["round_delay_s"] == pytest.approx(expected)
+    assert stats.costs["sim_time_s"] == pytest.approx(expected)
+    assert stats.completed == 6
+
+
+def test_bandwidth_allocation_equal_and_minmax():
+    classes, _ = load_classes()
+    server = EdgeServer(flops=1e12, downlink_power_w=20.0, bandwidth_hz=4e7)
+    profiles = [sample_profile(i, classes, {"mcu": 0.5, "smartphone": 0.5}, 0.3, seed=1) for i in range(6)]
+    traffic = [DeviceTraffic(bytes_up=200_000 * (i + 1), bytes_down=50_000, samples=100) for i in range(6)]
+    flops = SplitFlops(1e5, 1e6, 0, 0)
+    ones = [1.0] * 6
+
+    def times(allocated):
+        return [device_cost(p, server, flops, t).time_s for p, t in zip(allocated, traffic)]
+
+    equal = allocate_bandwidth(profiles, server, flops, traffic, ones, "equal")
+    assert all(p.uplink_hz == p.downlink_hz == pytest.approx(4e7 / 6) for p in equal)
+    minmax = allocate_bandwidth(profiles, server, flops, traffic, ones, "minmax")
+    assert sum(p.uplink_hz for p in minmax) == pytest.approx(4e7, rel=1e-6)
+    assert max(times(minmax)) < max(times(equal))
+    spread = times(minmax)
+    assert max(spread) - min(spread) < 0.05 * max(spread)  # the slowest devices are evened out
+    assert allocate_bandwidth(profiles, server, flops, traffic, ones, "dedicated") == profiles
