@@ -12,14 +12,19 @@ import functools
 
 import torch
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsplitkd.clients.records import ARRAYS, SCALARS, from_records, to_records
 from fedsplitkd.config import resolve
+from fedsplitkd.data import load_dataset
 from fedsplitkd.device import device_setup, handle_evaluate, handle_train
+from fedsplitkd.local import train_whole
+from fedsplitkd.models import build_student
+from fedsplitkd.runtime import evaluate as evaluate_model, load_numpy_state
 
 STATE_PREFIX = "fedsplitkd."  # context.state holds our ArrayRecord and ConfigRecord under it
+LOCAL_MODEL = "fedsplitkd.local-model"
 
 app = ClientApp()
 
@@ -62,6 +67,41 @@ def split_forward(msg: Message, context: Context) -> Message:
 def split_backward(msg: Message, context: Context) -> Message:
     """Apply a chunk's cut-layer gradients; reply the next chunk or the trained device part."""
     return _train(msg, context)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Whole-student local training from the global model (FedAvg, FedProx: ``proximal-mu``)."""
+    setup = _setup(context)
+    load_numpy_state(setup.student, {k: v.numpy() for k, v in msg.content["arrays"].items()})
+    config = msg.content["config"]
+    samples, loss = train_whole(setup.student, setup.data, setup.cfg, int(config.get("server-round", 0)),
+                                setup.device_key, float(config.get("proximal-mu", 0.0)))
+    return Message(RecordDict({
+        "arrays": ArrayRecord(torch_state_dict=setup.student.state_dict()),
+        "metrics": MetricRecord({"num-examples": len(setup.data.y_train), "trained-samples": samples,
+                                 "train_loss": loss / max(1, samples)})}), reply_to=msg)
+
+
+@app.train("local")
+def train_alone(msg: Message, context: Context) -> Message:
+    """The local baseline: train this device's own model (kept in context.state), test it."""
+    setup = _setup(context)
+    cfg = setup.cfg
+    if LOCAL_MODEL in context.state:
+        load_numpy_state(setup.student, {k: v.numpy() for k, v in context.state[LOCAL_MODEL].items()})
+    test = load_dataset(cfg)
+    if LOCAL_MODEL not in context.state:  # the server's initial student: same seed, same weights
+        torch.manual_seed(cfg["seed"])
+        initial = build_student(cfg["student-model"], test.input_shape, test.num_classes, test.tokens)
+        setup.student.load_state_dict(initial.state_dict())
+    server_round = int(msg.content["config"].get("server-round", 0))
+    samples, loss = train_whole(setup.student, setup.data, cfg, server_round, setup.device_key)
+    context.state[LOCAL_MODEL] = ArrayRecord(torch_state_dict=setup.student.state_dict())
+    accuracy, test_loss = evaluate_model(setup.student, test.x_test, test.y_test)
+    return Message(RecordDict({"metrics": MetricRecord({
+        "num-examples": len(setup.data.y_train), "trained-samples": samples, "train_loss": loss / max(1, samples),
+        "test_accuracy": accuracy, "test_loss": test_loss})}), reply_to=msg)
 
 
 @app.query()

@@ -51,7 +51,8 @@ def _str(default: str, accepts: str = "a string") -> Key:
 
 
 SCHEMA: dict[str, Key] = {
-    "method": _choice("splitkd"),
+    "method": _choice("splitkd", "splitfed", "fedavg", "fedprox", "local", "central-kd"),
+    "proximal-mu": _float(0.01, 0.0, 1e6),
     "dataset": _choice("digits", "har", "shakespeare", "cifar10", "fashion_mnist", "femnist", "npz", "csv"),
     "data-path": _str("", "a file path ('' = the dataset's default source)"),
     "label-column": _str("label", "the label column's name (csv)"),
@@ -116,6 +117,8 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> DictConfig:
         if name not in SCHEMA:
             raise ConfigError(f"unknown run-config key {name!r} (known: {', '.join(SCHEMA)})")
         values[name] = value
+    if values["method"] == "splitfed":  # split learning without KD, per-device server copies
+        values.update({"kd-alpha": 0.0, "server-batching": "per-device"})
     for name, key in SCHEMA.items():
         value = values[name]
         # Flower hands TOML floats such as 1.0 through; an int where a float is

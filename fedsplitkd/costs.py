@@ -177,6 +177,14 @@ class CostModel:
             return set()
         return {d for d, c in self.costs(traffic, flops).items() if c.time_s > self.deadline_s}
 
+    def account_server(self, server_flops: float) -> dict:
+        """A round of server compute alone (the central baseline); advances the clock."""
+        delay = server_flops / self.server.flops
+        self.sim_time_s += delay
+        return {"device_flops": 0.0, "server_flops": server_flops, "device_energy_j": 0.0,
+                "round_delay_s": delay, "sim_time_s": self.sim_time_s, "cum_device_energy_j": self.energy_j,
+                "stragglers": 0}
+
     def account(self, traffic: dict[Hashable, DeviceTraffic], flops: SplitFlops) -> tuple[dict, list[dict]]:
         """Totals (metrics.csv columns) and per-device rows of devices served in parallel;
         advances the clock (sequential groups are accounted one after another)."""

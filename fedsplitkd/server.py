@@ -8,6 +8,7 @@ The round logic, the payload checks and the accounting are this one piece of cod
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections import Counter
@@ -107,6 +108,10 @@ class SplitKDServer:
         self.has_teacher: set[Hashable] = set()   # devices holding the teacher embedding
         self.teacher_cache: dict[Hashable, dict[int, np.ndarray]] = {}
         self.costs = costs  # prices each round; its deadline may keep stragglers out
+        # SplitFed V1: each device trains its own copy of the server part (with its own
+        # optimizer), and the copies are averaged by samples at the round's end.
+        self.per_device_server = cfg["method"] == "splitfed"
+        self.copies: dict[Hashable, tuple[dict, dict]] = {}
         self.siblings: dict[str, SplitKDServer] = {self.cut: self}
 
     def at_cut(self, cut: str) -> SplitKDServer:
@@ -190,7 +195,7 @@ class SplitKDServer:
             t = np.split(teacher[key], bounds) if teacher[key] is not None else [None] * (len(bounds) + 1)
             batches.append(list(zip([key] * (len(bounds) + 1), np.split(reply["activations"], bounds),
                                     np.split(reply["labels"], bounds), t)))
-        if self.cfg["server-batching"] == "joint":
+        if self.cfg["server-batching"] == "joint" and not self.per_device_server:
             steps = [[b[j] for b in batches if j < len(b)] for j in range(max(map(len, batches)))]
         else:
             steps = [[minibatch] for device_batches in batches for minibatch in device_batches]
@@ -202,6 +207,8 @@ class SplitKDServer:
             if not step:
                 continue
             keys, acts, labels, logits = map(list, zip(*step))
+            if self.per_device_server:
+                self._enter_copy(keys[0])
             try:
                 step_grads, step_loss = self.edge.train_step(acts, labels, logits)
             except NonFiniteLoss as err:
@@ -211,10 +218,24 @@ class SplitKDServer:
                     diverged.update(keys[i] for i in err.indices)
                     queue.insert(0, step)  # the others, without the culprits
                 continue
+            finally:
+                if self.per_device_server:
+                    self._leave_copy(keys[0])
             loss_sum += step_loss
             for key, g in zip(keys, step_grads):
                 grads[key].append(g)
         return {k: np.concatenate(g) for k, g in grads.items() if k not in diverged}, loss_sum, diverged
+
+    def _enter_copy(self, key: Hashable) -> None:
+        weights, optimizer = self.copies.get(key, (self.round_start, {}))
+        load_numpy_state(self.edge.part, weights)
+        if optimizer:
+            self.edge.optimizer.load_state_dict(optimizer)
+        else:
+            self.edge.optimizer.state.clear()
+
+    def _leave_copy(self, key: Hashable) -> None:
+        self.copies[key] = (state_to_numpy(self.edge.part), copy.deepcopy(self.edge.optimizer.state_dict()))
 
     def run_round(self, transport: Transport, keys: list[Hashable], server_round: int) -> RoundStats:
         """One round: chunk exchanges with every device until each returns its device part.
@@ -228,6 +249,8 @@ class SplitKDServer:
         stats = RoundStats(devices=len(keys))
         if self.costs is not None:
             self.costs.server_round = server_round
+        if self.per_device_server:
+            self.round_start, self.copies = state_to_numpy(self.edge.part), {}
         finals: dict[Hashable, tuple[dict[str, np.ndarray], int]] = {}
         sent: dict[Hashable, Payload] = {}
         arrived: dict[Hashable, Payload | str] = {}
@@ -305,6 +328,10 @@ class SplitKDServer:
         stats.completed = len(finals)
         stats.completed_keys = list(finals)
         self.aggregate(list(finals.values()))
+        if self.per_device_server:  # SplitFed V1: the completed devices' server copies, averaged
+            kept = [(self.copies[k][0], seen[k]) for k in finals if k in self.copies]
+            load_numpy_state(self.edge.part, average([w for w, _ in kept], [n for _, n in kept])
+                             if kept else self.round_start)
         return stats
 
     def first_requests(self, keys: list[Hashable], server_round: int) -> dict[Hashable, Payload]:

@@ -10,7 +10,6 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
 from fedsplitkd.clients.records import from_records, to_records
@@ -18,6 +17,7 @@ from fedsplitkd.experiment import sample_devices
 from fedsplitkd.payload import WEIGHTS, Payload, PayloadError, pack
 from fedsplitkd.runtime import load_numpy_state, state_to_numpy
 from fedsplitkd.schedule import Scheduler
+from fedsplitkd.strategies.grid import discover
 from fedsplitkd.server import RoundStats, SplitKDServer, exchange
 
 FORWARD = f"{MessageType.TRAIN}.split_forward"
@@ -128,23 +128,8 @@ class SplitKD(Strategy):
             self.server.cut, self.server.mode, self.server.cfg["exchange-batches"])
 
     def _sample(self, grid: Grid, fraction: float, rng: np.random.Generator) -> list[int]:
-        """Sample device (partition) ids, so runs repeat whatever ids the nodes get.
-
-        Each node is asked once which device it is (a ``query`` message); ``self.nodes``
-        maps devices to the nodes serving them.
-        """
-        _, nodes = sample_nodes(grid, self.min_nodes, 0)  # waits until min_nodes are connected
-        unknown = [int(n) for n in nodes if int(n) not in self.nodes.values()]
-        if unknown:
-            transport = GridTransport(grid, self.query_timeout, self.poll_interval, MessageType.QUERY)
-            for node, reply in exchange(transport, {n: {} for n in unknown}).items():
-                device = reply.get("partition-id") if isinstance(reply, dict) else None
-                if not isinstance(device, int) or device < 0 or device in self.nodes:
-                    log(WARNING, "node %s did not say which device it is, or a taken one: %s", node, reply)
-                    continue
-                self.nodes[device] = int(node)
-        online = set(map(int, nodes))
-        devices = sorted(d for d, n in self.nodes.items() if n in online)
+        """Sample device (partition) ids, so runs repeat whatever ids the nodes get."""
+        devices = discover(grid, self.nodes, self.min_nodes, self.query_timeout)
         return sample_devices(devices, fraction, rng) if devices else []
 
     def _load(self, arrays: ArrayRecord) -> None:

@@ -1,0 +1,25 @@
+"""Pricing whole-model baselines with the same cost model as the split methods."""
+
+from __future__ import annotations
+
+from fedsplitkd.costs import CostModel, DeviceTraffic, SplitFlops
+from fedsplitkd.models import SplitModel
+from fedsplitkd.server import RoundStats
+
+
+def whole_flops(student: SplitModel) -> SplitFlops:
+    """The whole student runs on the device; the server only averages."""
+    return SplitFlops(device=sum(s.forward_flops for s in student.block_stats()), server=0.0,
+                      teacher_device=0.0, teacher_server=0.0)
+
+
+def round_stats(costs: CostModel, traffic: dict[int, DeviceTraffic], flops: SplitFlops,
+                server_round: int) -> RoundStats:
+    """A RoundStats (bytes, completed devices, cost totals) from per-device traffic."""
+    costs.server_round = server_round
+    stats = RoundStats(devices=len(traffic), completed=sum(t.samples > 0 for t in traffic.values()),
+                       samples=sum(t.samples for t in traffic.values()),
+                       bytes_up=sum(t.bytes_up for t in traffic.values()),
+                       bytes_down=sum(t.bytes_down for t in traffic.values()), traffic=dict(traffic))
+    stats.costs, stats.device_costs = costs.account(traffic, flops)
+    return stats

@@ -1,0 +1,34 @@
+"""fedavg and fedprox: Flower's own FedAvg / FedProx strategies on the whole student."""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, FedProx
+
+from fedsplitkd.baselines.accounting import round_stats, whole_flops
+from fedsplitkd.experiment import Experiment
+from fedsplitkd.runtime import load_numpy_state
+from fedsplitkd.strategies.grid import FastGrid, discover
+from fedsplitkd.strategies.recorder import Recorder
+
+
+def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
+    cfg = exp.cfg
+    nodes: dict[int, int] = {}
+    discover(grid, nodes, cfg["min-nodes"])
+    fast = FastGrid(grid, nodes)  # polls fast and records each device's traffic
+    common = dict(fraction_train=cfg["fraction-train"], fraction_evaluate=0.0, min_train_nodes=1,
+                  min_evaluate_nodes=0, min_available_nodes=cfg["min-nodes"])
+    strategy = (FedProx(proximal_mu=cfg["proximal-mu"], **common) if cfg["method"] == "fedprox"
+                else FedAvg(**common))
+    flops = whole_flops(exp.student)
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        load_numpy_state(exp.student, {k: v.numpy() for k, v in arrays.items()})
+        stats = round_stats(exp.server.costs, fast.traffic, flops, server_round) if server_round else None
+        fast.traffic = {}
+        return recorder.round(server_round, *exp.evaluate(), stats)
+
+    strategy.start(fast, ArrayRecord(torch_state_dict=exp.student.state_dict()), num_rounds=cfg["num-rounds"],
+                   timeout=cfg["round-timeout"], evaluate_fn=evaluate_fn)

@@ -1,0 +1,34 @@
+"""One row of metrics.csv (and devices.csv) per round, and the progress line, for every method."""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+
+from flwr.app import MetricRecord
+from flwr.supercore import log
+
+from fedsplitkd.experiment import Experiment, metrics_row
+from fedsplitkd.results import ResultsWriter
+from fedsplitkd.server import RoundStats
+
+
+class Recorder:
+    def __init__(self, exp: Experiment, writer: ResultsWriter):
+        self.exp, self.writer, self.cfg = exp, writer, exp.cfg
+        self.clock = time.perf_counter()
+
+    def round(self, server_round: int, accuracy: float, loss: float, stats: RoundStats | None,
+              extra: dict | None = None) -> MetricRecord:
+        row = metrics_row(server_round, self.cfg["method"], accuracy, loss, stats,
+                          time.perf_counter() - self.clock if server_round else 0.0)
+        row.update(extra or {})
+        self.writer.append(row)
+        if stats is not None:
+            self.writer.append_devices(server_round, stats.device_costs)
+            log(INFO, "[round %d/%d] %s test acc %.4f loss %.4f | up %.2f MB down %.2f MB | %d/%d devices | "
+                "sim %.1f s, %.2f J | %.2f s", server_round, self.cfg["num-rounds"], self.cfg["method"],
+                accuracy, loss, stats.bytes_up / 1e6, stats.bytes_down / 1e6, stats.completed, stats.devices,
+                row["sim_time_s"], row["device_energy_j"], row["wall_s"])
+        self.clock = time.perf_counter()
+        return MetricRecord({"test_accuracy": accuracy, "test_loss": loss})

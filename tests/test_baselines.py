@@ -1,0 +1,56 @@
+"""Every method through `flwr run`, on the same partitions and cost accounting."""
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from fedsplitkd.config import resolve
+from fedsplitkd.data import device_data
+from fedsplitkd.localsim import LocalSimulation
+from fedsplitkd.models import build_student
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICES, ROUNDS = 3, 2
+METHODS = ["splitkd", "splitfed", "fedavg", "fedprox", "local", "central-kd"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("baselines")
+    common = {"output-dir": str(out), "num-rounds": ROUNDS, "learning-rate": 0.05, "teacher-epochs": 20,
+              "teacher-cache-dir": str(tmp_path_factory.mktemp("teachers"))}
+    logs = {}
+    with LocalSimulation() as sim:
+        for method in METHODS:
+            logs[method] = sim.run(ROOT, {**common, "method": method, "run-name": method},
+                                   num_supernodes=DEVICES, cpus_per_client=1)
+    rows = {}
+    for method in METHODS:
+        path = out / method / "metrics.csv"
+        assert path.is_file(), f"{method} wrote no metrics: {logs[method].stdout[-2000:]}"
+        rows[method] = list(csv.DictReader(open(path)))
+    return rows, common
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_beats_its_initial_accuracy(results, method):
+    rows = results[0][method]
+    assert [int(r["round"]) for r in rows] == list(range(ROUNDS + 1))
+    assert float(rows[-1]["test_accuracy"]) > float(rows[0]["test_accuracy"])
+    assert float(rows[-1]["sim_time_s"]) > 0
+
+
+def test_weights_and_activations_are_priced_alike(results):
+    """FedAvg moves the whole student both ways; split methods move activations and the device part."""
+    rows, common = results
+    cfg = resolve({**common, "run-name": "x"})
+    params = sum(p.numel() for p in build_student("auto", (1, 8, 8), 10).parameters())
+    for r in rows["fedavg"][1:]:
+        assert int(r["bytes_up"]) == int(r["bytes_down"]) == DEVICES * params * 4
+    samples = sum(len(device_data(cfg, d, DEVICES).y_train) for d in range(DEVICES))
+    for r in rows["splitfed"][1:]:  # no teacher: activations + labels + batch sizes + device part
+        assert int(r["bytes_up_activations"]) == samples * 16 * 8 * 8 * 4
+    assert float(rows["fedavg"][1]["device_flops"]) > float(rows["splitfed"][1]["device_flops"])
+    assert all(float(r["device_energy_j"]) == 0 for r in rows["central-kd"][1:])
+    assert all(int(r["bytes_up"]) == 0 for r in rows["local"][1:])
