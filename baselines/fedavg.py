@@ -1,4 +1,4 @@
-"""fedavg and fedprox: Flower's own FedAvg / FedProx strategies on the whole student."""
+"""fedavg, fedprox and feddf: Flower's FedAvg / FedProx (and FedAvg + ensemble distillation)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 
 from fedsplitkd.baselines.accounting import round_stats, whole_flops
+from fedsplitkd.baselines.feddf import FedDF
+from fedsplitkd.data import public_split
+from fedsplitkd.models import build_student
 from fedsplitkd.experiment import Experiment
 from fedsplitkd.runtime import load_numpy_state
 from fedsplitkd.strategies.grid import FastGrid, discover
@@ -20,8 +23,16 @@ def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
     fast = FastGrid(grid, nodes)  # polls fast and records each device's traffic
     common = dict(fraction_train=cfg["fraction-train"], fraction_evaluate=0.0, min_train_nodes=1,
                   min_evaluate_nodes=0, min_available_nodes=cfg["min-nodes"])
-    strategy = (FedProx(proximal_mu=cfg["proximal-mu"], **common) if cfg["method"] == "fedprox"
-                else FedAvg(**common))
+    if cfg["method"] == "fedprox":
+        strategy = FedProx(proximal_mu=cfg["proximal-mu"], **common)
+    elif cfg["method"] == "feddf":
+        public, _ = public_split(len(exp.dataset.y_train), cfg["public-fraction"], cfg["seed"])
+        make = lambda: build_student(cfg["student-model"], exp.dataset.input_shape,  # noqa: E731
+                                     exp.dataset.num_classes, exp.dataset.tokens)
+        strategy = FedDF(make, exp.dataset.x_train[public], cfg["distill-steps"], cfg["kd-temperature"],
+                         seed=cfg["seed"], **common)
+    else:
+        strategy = FedAvg(**common)
     flops = whole_flops(exp.student)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:

@@ -51,8 +51,9 @@ def _str(default: str, accepts: str = "a string") -> Key:
 
 
 SCHEMA: dict[str, Key] = {
-    "method": _choice("splitkd", "splitfed", "fedavg", "fedprox", "local", "central-kd"),
+    "method": _choice("splitkd", "splitfed", "fedavg", "fedprox", "feddf", "local", "central-kd"),
     "proximal-mu": _float(0.01, 0.0, 1e6),
+    "distill-steps": _int(100, 0),
     "dataset": _choice("digits", "har", "shakespeare", "cifar10", "fashion_mnist", "femnist", "npz", "csv"),
     "data-path": _str("", "a file path ('' = the dataset's default source)"),
     "label-column": _str("label", "the label column's name (csv)"),

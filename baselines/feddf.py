@@ -1,0 +1,65 @@
+"""feddf: FedAvg, then ensemble distillation on the server's unlabeled public split (Lin et al. 2020).
+
+The averaged model is the starting point; the ensemble of the devices' returned models
+(their averaged softened predictions) is the teacher; the labels of the public split are
+never used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import FedAvg
+
+from fedsplitkd.kd import kd_loss
+from fedsplitkd.models import SplitModel
+from fedsplitkd.runtime import load_numpy_state
+
+
+def ensemble_distill(fused: SplitModel, members: list[SplitModel], x_public: np.ndarray, steps: int,
+                     temperature: float, batch_size: int, seed: int, lr: float = 1e-3) -> SplitModel:
+    """Train ``fused`` towards the mean of the members' logits on unlabeled public data (Adam)."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(fused.parameters(), lr=lr)
+    x_all = torch.from_numpy(x_public)
+    dummy = torch.zeros(batch_size, dtype=torch.int64)  # alpha = 1: the labels play no part
+    for _ in range(steps):
+        idx = torch.randint(len(x_all), (min(batch_size, len(x_all)),), generator=generator)
+        x = x_all[idx]
+        with torch.no_grad():
+            teacher = torch.stack([m(x) for m in members]).mean(0)
+        loss = kd_loss(fused(x), teacher, dummy[: len(x)], alpha=1.0, temperature=temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return fused
+
+
+class FedDF(FedAvg):
+    """Flower's FedAvg with server-side ensemble distillation after each aggregation."""
+
+    def __init__(self, make_student: Callable[[], SplitModel], x_public: np.ndarray, steps: int = 100,
+                 temperature: float = 3.0, batch_size: int = 64, seed: int = 0, **fedavg_args):
+        super().__init__(**fedavg_args)
+        self.make_student, self.x_public = make_student, x_public
+        self.steps, self.temperature, self.batch_size, self.seed = steps, temperature, batch_size, seed
+
+    def _model(self, arrays: ArrayRecord) -> SplitModel:
+        model = self.make_student()
+        load_numpy_state(model, {k: v.numpy() for k, v in arrays.items()})
+        return model
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        valid = [r for r in replies if not r.has_error()]
+        if arrays is None or not valid:
+            return arrays, metrics
+        members = [self._model(r.content[self.arrayrecord_key]).eval() for r in valid]
+        fused = ensemble_distill(self._model(arrays), members, self.x_public, self.steps, self.temperature,
+                                 self.batch_size, self.seed + server_round)
+        return ArrayRecord(torch_state_dict=fused.state_dict()), metrics
