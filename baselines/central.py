@@ -27,7 +27,8 @@ def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
     teacher_flops = sum(s.forward_flops for s in teacher.block_stats()) if teacher is not None else 0.0
     recorder.round(0, *exp.evaluate(), None)
     for server_round in range(1, cfg["num-rounds"] + 1):
-        samples, loss = train_whole(exp.student, data, cfg, server_round, count, teacher=teacher)
+        samples, loss = train_whole(exp.student, data, cfg, server_round, count,
+                                    teacher=None if teacher is None else lambda x, y: teacher(x))
         stats = RoundStats(samples=samples, loss_sum=loss)
         stats.costs = exp.server.costs.account_server(
             samples * ((1 + BACKWARD_FACTOR) * student_flops + teacher_flops))

@@ -12,19 +12,19 @@ import functools
 
 import torch
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsplitkd.clients.records import ARRAYS, SCALARS, from_records, to_records
 from fedsplitkd.config import resolve
 from fedsplitkd.data import load_dataset
 from fedsplitkd.device import device_setup, handle_evaluate, handle_train
-from fedsplitkd.local import train_whole
+from fedsplitkd.local import class_logits, class_targets, train_whole
 from fedsplitkd.models import build_student
 from fedsplitkd.runtime import evaluate as evaluate_model, load_numpy_state
 
 STATE_PREFIX = "fedsplitkd."  # context.state holds our ArrayRecord and ConfigRecord under it
-LOCAL_MODEL = "fedsplitkd.local-model"
+OWN_MODEL = "fedsplitkd.own-model"
 
 app = ClientApp()
 
@@ -83,25 +83,44 @@ def train(msg: Message, context: Context) -> Message:
                                  "train_loss": loss / max(1, samples)})}), reply_to=msg)
 
 
-@app.train("local")
-def train_alone(msg: Message, context: Context) -> Message:
-    """The local baseline: train this device's own model (kept in context.state), test it."""
+def _train_own(msg: Message, context: Context, federated_distillation: bool) -> Message:
+    """Train this device's own student (kept in context.state), test it; with federated
+    distillation, towards the global class logits in the message, sharing its own."""
     setup = _setup(context)
-    cfg = setup.cfg
-    if LOCAL_MODEL in context.state:
-        load_numpy_state(setup.student, {k: v.numpy() for k, v in context.state[LOCAL_MODEL].items()})
-    test = load_dataset(cfg)
-    if LOCAL_MODEL not in context.state:  # the server's initial student: same seed, same weights
+    cfg, test = setup.cfg, load_dataset(setup.cfg)
+    if OWN_MODEL in context.state:
+        load_numpy_state(setup.student, {k: v.numpy() for k, v in context.state[OWN_MODEL].items()})
+    else:  # the server's initial student: same seed, same weights
         torch.manual_seed(cfg["seed"])
         initial = build_student(cfg["student-model"], test.input_shape, test.num_classes, test.tokens)
         setup.student.load_state_dict(initial.state_dict())
+    teacher = None
+    if federated_distillation and "arrays" in msg.content and "global-logits" in msg.content["arrays"]:
+        arrays = msg.content["arrays"]
+        teacher = class_targets(arrays["global-logits"].numpy(), arrays["global-counts"].numpy())
     server_round = int(msg.content["config"].get("server-round", 0))
-    samples, loss = train_whole(setup.student, setup.data, cfg, server_round, setup.device_key)
-    context.state[LOCAL_MODEL] = ArrayRecord(torch_state_dict=setup.student.state_dict())
+    samples, loss = train_whole(setup.student, setup.data, cfg, server_round, setup.device_key, teacher=teacher)
+    context.state[OWN_MODEL] = ArrayRecord(torch_state_dict=setup.student.state_dict())
     accuracy, test_loss = evaluate_model(setup.student, test.x_test, test.y_test)
-    return Message(RecordDict({"metrics": MetricRecord({
+    content = RecordDict({"metrics": MetricRecord({
         "num-examples": len(setup.data.y_train), "trained-samples": samples, "train_loss": loss / max(1, samples),
-        "test_accuracy": accuracy, "test_loss": test_loss})}), reply_to=msg)
+        "test_accuracy": accuracy, "test_loss": test_loss})})
+    if federated_distillation:
+        logits, counts = class_logits(setup.student, setup.data.x_train, setup.data.y_train, test.num_classes)
+        content["arrays"] = ArrayRecord({"class-logits": Array(logits), "class-counts": Array(counts)})
+    return Message(content, reply_to=msg)
+
+
+@app.train("local")
+def train_alone(msg: Message, context: Context) -> Message:
+    """The local baseline: this device's own student, trained alone."""
+    return _train_own(msg, context, federated_distillation=False)
+
+
+@app.train("fd")
+def train_fd(msg: Message, context: Context) -> Message:
+    """Federated distillation: own student, KD towards the global class logits, shares its own."""
+    return _train_own(msg, context, federated_distillation=True)
 
 
 @app.query()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import nn
@@ -13,10 +15,12 @@ from fedsplitkd.runtime import make_optimizer
 
 
 def train_whole(model: nn.Module, data: DeviceData, cfg, server_round: int, device_key: int,
-                proximal_mu: float = 0.0, teacher: nn.Module | None = None) -> tuple[int, float]:
+                proximal_mu: float = 0.0,
+                teacher: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> tuple[int, float]:
     """``local-epochs`` over the device's data in the seed's batch order (the split methods'
-    order too), cross-entropy (KD from ``teacher`` when given), plus FedProx's
-    (mu / 2) ||w - w_start||^2. Returns the samples trained on and the summed loss."""
+    order too), cross-entropy, or KD towards ``teacher(x, y)`` logits when given (rows of
+    NaN: cross-entropy only), plus FedProx's (mu / 2) ||w - w_start||^2. Returns the
+    samples trained on and the summed loss."""
     optimizer = make_optimizer(model.parameters(), cfg["learning-rate"], cfg["momentum"])
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu else []
     plan = batch_plan(len(data.y_train), cfg["batch-size"], cfg["local-epochs"], cfg["seed"],
@@ -28,8 +32,14 @@ def train_whole(model: nn.Module, data: DeviceData, cfg, server_round: int, devi
         logits = model(x)
         if teacher is not None:
             with torch.no_grad():
-                target = teacher(x)
-            loss = kd_loss(logits, target, y, cfg["kd-alpha"], cfg["kd-temperature"])
+                target = teacher(x, y)
+            known = ~torch.isnan(target).any(-1)
+            per_sample = nn.functional.cross_entropy(logits, y, reduction="none")
+            if known.any():
+                per_sample = per_sample.clone()
+                per_sample[known] = kd_loss(logits[known], target[known], y[known], cfg["kd-alpha"],
+                                            cfg["kd-temperature"], reduction="none")
+            loss = per_sample.mean()
         else:
             loss = nn.functional.cross_entropy(logits, y)
         objective = loss
@@ -46,3 +56,33 @@ def train_whole(model: nn.Module, data: DeviceData, cfg, server_round: int, devi
 def pooled(parts: list[DeviceData]) -> DeviceData:
     """Every device's data in one place (the central upper bound)."""
     return DeviceData(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("x_train", "y_train", "x_val", "y_val")))
+
+
+@torch.no_grad()
+def class_logits(model: nn.Module, x: np.ndarray, y: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean logit vector of each class over (x, y), and the class counts (federated distillation)."""
+    model.eval()
+    logits = model(torch.from_numpy(x)).numpy().astype(np.float64)
+    model.train()
+    counts = np.bincount(y, minlength=num_classes)
+    sums = np.zeros((num_classes, logits.shape[1]))
+    np.add.at(sums, y, logits)
+    return (sums / np.maximum(counts, 1)[:, None]).astype(np.float32), counts.astype(np.int64)
+
+
+def merge_class_logits(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The global per-class logits: each device's class means weighted by its class counts."""
+    counts = sum(c.astype(np.float64) for _, c in parts)
+    sums = sum(logits.astype(np.float64) * c[:, None] for logits, c in parts)
+    return (sums / np.maximum(counts, 1)[:, None]).astype(np.float32), counts.astype(np.int64)
+
+
+def class_targets(logits: np.ndarray, counts: np.ndarray) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Federated distillation's teacher: the global mean logits of each sample's label.
+    Samples of classes no device has reported are left out (their KD target is NaN, masked)."""
+    table, seen = torch.from_numpy(logits), torch.from_numpy(counts > 0)
+
+    def targets(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.where(seen[y][:, None], table[y], torch.full_like(table[y], float("nan")))
+
+    return targets

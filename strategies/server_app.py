@@ -36,7 +36,7 @@ def run_split(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
 
 METHODS = {"splitkd": run_split, "splitfed": run_split, "fedavg": fedavg.run, "fedprox": fedavg.run,
            "feddf": fedavg.run,
-           "local": local.run, "central-kd": central.run}
+           "local": local.run, "fd": local.run, "central-kd": central.run}
 
 
 @app.main()
