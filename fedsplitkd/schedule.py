@@ -16,7 +16,6 @@ energy budget, from the cost model (``cut = 'adaptive'``).
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Hashable
 from dataclasses import dataclass
 

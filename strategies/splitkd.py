@@ -89,8 +89,9 @@ class SplitKD(Strategy):
 
     Parameters
     ----------
-    server : SplitKDServer
-        The edge server (student upper part, teacher, payload checks, accounting).
+    server : SplitKDServer or Scheduler
+        The edge server (student upper part, teacher, payload checks, accounting), or a
+        ``Scheduler`` over it that runs clusters in sequence at their cuts.
     fraction_train, fraction_evaluate : float
         Fractions of connected nodes sampled for training / split evaluation.
     min_nodes : int
