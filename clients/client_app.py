@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch import nn
 
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -19,12 +20,15 @@ from fedsplitkd.clients.records import ARRAYS, SCALARS, from_records, to_records
 from fedsplitkd.config import resolve
 from fedsplitkd.data import load_dataset
 from fedsplitkd.device import device_setup, handle_evaluate, handle_train
+from fedsplitkd.gkt import device_head, extract, train_device
 from fedsplitkd.local import class_logits, class_targets, train_whole
+from fedsplitkd.payload import PayloadError
 from fedsplitkd.models import build_student
 from fedsplitkd.runtime import evaluate as evaluate_model, load_numpy_state
 
 STATE_PREFIX = "fedsplitkd."  # context.state holds our ArrayRecord and ConfigRecord under it
 OWN_MODEL = "fedsplitkd.own-model"
+GKT_MODEL = "fedsplitkd.gkt-model"
 
 app = ClientApp()
 
@@ -121,6 +125,59 @@ def train_alone(msg: Message, context: Context) -> Message:
 def train_fd(msg: Message, context: Context) -> Message:
     """Federated distillation: own student, KD towards the global class logits, shares its own."""
     return _train_own(msg, context, federated_distillation=True)
+
+
+def _gkt_models(setup, context: Context) -> nn.ModuleDict:
+    """This device's FedGKT extractor (its student blocks up to the cut) and head, from context.state."""
+    if setup.gkt is None:
+        torch.manual_seed(setup.cfg["seed"])
+        test = load_dataset(setup.cfg)
+        extractor = build_student(setup.cfg["student-model"], test.input_shape, test.num_classes,
+                                  test.tokens).device_part(setup.cfg["cut"])
+        with torch.no_grad():
+            shape = tuple(extractor(setup.student.example_input()).shape[1:])
+        setup.gkt = nn.ModuleDict({"extractor": extractor, "head": device_head(shape, test.num_classes)})
+        setup.gkt_initial = {k: v.clone() for k, v in setup.gkt.state_dict().items()}
+    if GKT_MODEL in context.state:
+        load_numpy_state(setup.gkt, {k: v.numpy() for k, v in context.state[GKT_MODEL].items()})
+    else:  # the server's initial student (same seed) and a seeded head
+        setup.gkt.load_state_dict(setup.gkt_initial)
+    return setup.gkt
+
+
+@app.train("fedgkt")
+def train_gkt(msg: Message, context: Context) -> Message:
+    """FedGKT: train own extractor + head (KD towards the server's logits), upload features."""
+    setup = _setup(context)
+    models = _gkt_models(setup, context)
+    arrays = msg.content["arrays"] if "arrays" in msg.content else {}
+    server_logits = arrays["server-logits"].numpy() if "server-logits" in arrays else None
+    if server_logits is not None and server_logits.shape[0] != len(setup.data.y_train):
+        raise PayloadError(f"field 'server-logits' has {server_logits.shape[0]} rows for "
+                           f"{len(setup.data.y_train)} samples")
+    server_round = int(msg.content["config"].get("server-round", 0))
+    samples, loss = train_device(models["extractor"], models["head"], setup.data, server_logits, setup.cfg,
+                                 server_round, setup.device_key)
+    context.state[GKT_MODEL] = ArrayRecord(torch_state_dict=models.state_dict())
+    features, logits = extract(models["extractor"], models["head"], setup.data.x_train)
+    return Message(RecordDict({
+        "arrays": ArrayRecord({"features": Array(features), "logits": Array(logits),
+                               "labels": Array(setup.data.y_train)}),
+        "metrics": MetricRecord({"num-examples": len(setup.data.y_train), "trained-samples": samples,
+                                 "train_loss": loss / max(1, samples)})}), reply_to=msg)
+
+
+@app.evaluate("fedgkt")
+def evaluate_gkt(msg: Message, context: Context) -> Message:
+    """FedGKT: this device's extractor under the server's part, on the test split."""
+    setup = _setup(context)
+    models = _gkt_models(setup, context)
+    upper = setup.student.server_part(setup.cfg["cut"])
+    load_numpy_state(upper, {k: v.numpy() for k, v in msg.content["arrays"].items()})
+    test = load_dataset(setup.cfg)
+    accuracy, loss = evaluate_model(nn.Sequential(models["extractor"], upper), test.x_test, test.y_test)
+    return Message(RecordDict({"metrics": MetricRecord({"test_accuracy": accuracy, "test_loss": loss,
+                                                        "num-examples": len(test.y_test)})}), reply_to=msg)
 
 
 @app.query()

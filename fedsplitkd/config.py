@@ -51,7 +51,7 @@ def _str(default: str, accepts: str = "a string") -> Key:
 
 
 SCHEMA: dict[str, Key] = {
-    "method": _choice("splitkd", "splitfed", "fedavg", "fedprox", "feddf", "fd", "local", "central-kd"),
+    "method": _choice("splitkd", "splitfed", "fedavg", "fedprox", "feddf", "fd", "fedgkt", "local", "central-kd"),
     "proximal-mu": _float(0.01, 0.0, 1e6),
     "distill-steps": _int(100, 0),
     "dataset": _choice("digits", "har", "shakespeare", "cifar10", "fashion_mnist", "femnist", "npz", "csv"),

@@ -52,6 +52,8 @@ class DeviceSetup:
     student: SplitModel
     embedding: nn.Module | None
     runtimes: dict = field(default_factory=dict)  # cut -> DeviceRuntime
+    gkt: nn.Module | None = None                  # FedGKT's own extractor + head
+    gkt_initial: dict | None = None
 
     def runtime(self, cut: str | None = None) -> DeviceRuntime:
         """The runtime for a cut (the server may move the cut between rounds)."""

@@ -8,7 +8,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from fedsplitkd.baselines import central, fedavg, local
+from fedsplitkd.baselines import central, fedavg, fedgkt, local
 from fedsplitkd.config import resolve
 from fedsplitkd.experiment import Experiment, build
 from fedsplitkd.results import ResultsWriter, run_dir
@@ -36,7 +36,7 @@ def run_split(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
 
 METHODS = {"splitkd": run_split, "splitfed": run_split, "fedavg": fedavg.run, "fedprox": fedavg.run,
            "feddf": fedavg.run,
-           "local": local.run, "fd": local.run, "central-kd": central.run}
+           "local": local.run, "fd": local.run, "fedgkt": fedgkt.run, "central-kd": central.run}
 
 
 @app.main()

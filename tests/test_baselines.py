@@ -12,7 +12,7 @@ from fedsplitkd.models import build_student
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICES, ROUNDS = 3, 2
-METHODS = ["splitkd", "splitfed", "fedavg", "fedprox", "feddf", "fd", "local", "central-kd"]
+METHODS = ["splitkd", "splitfed", "fedavg", "fedprox", "feddf", "fd", "fedgkt", "local", "central-kd"]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,88 @@
+"""fedgkt: group knowledge transfer (He et al. 2020) on the split student.
+
+One training message per device per round: the server's logits for the device's samples
+go down, the device's features, logits and labels come up. The server trains the
+student's upper part on everyone's features. Test accuracy is the mean, over devices,
+of each device's extractor under the server's part (an evaluate message carrying the
+server part; evaluation traffic is not charged to training, as for every method).
+"""
+
+from __future__ import annotations
+
+import statistics
+from logging import WARNING
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from fedsplitkd.baselines.accounting import round_stats
+from fedsplitkd.costs import SplitFlops
+from fedsplitkd.experiment import Experiment, sample_devices
+from fedsplitkd.gkt import server_optimizer, train_server
+from fedsplitkd.payload import PayloadError, require_array
+from fedsplitkd.strategies.grid import FastGrid, discover
+from fedsplitkd.strategies.recorder import Recorder
+
+
+def upload_of(reply: Message, feature_shape: tuple, num_classes: int) -> tuple[np.ndarray, ...]:
+    """A device's features, logits and labels, checked before the server trains on them."""
+    if "arrays" not in reply.content:
+        raise PayloadError("missing record 'arrays'")
+    arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+    features = require_array(arrays, "features", np.float32, (None, *feature_shape), finite=True)
+    logits = require_array(arrays, "logits", np.float32, (len(features), num_classes), finite=True)
+    labels = require_array(arrays, "labels", np.int64, (len(features),))
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise PayloadError(f"field 'labels' outside [0, {num_classes})")
+    return features, logits, labels
+
+
+def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
+    cfg = exp.cfg
+    nodes: dict[int, int] = {}
+    rng = np.random.default_rng([cfg["seed"], 0])
+    upper = exp.server.edge.part  # the student's blocks after the cut: the server's model
+    optimizer = server_optimizer(upper, cfg)
+    feature_shape, classes = exp.server.act_shape, exp.dataset.num_classes
+    flops = SplitFlops.of(exp.student, exp.server.cut, None)
+    server_logits: dict[int, np.ndarray] = {}
+    recorder.round(0, *exp.evaluate(), None)  # every device's extractor starts as this student's
+    for server_round in range(1, cfg["num-rounds"] + 1):
+        devices = sample_devices(discover(grid, nodes, cfg["min-nodes"]), cfg["fraction-train"], rng)
+        fast = FastGrid(grid, nodes)
+        messages = []
+        for d in devices:
+            content = {"config": ConfigRecord({"server-round": server_round})}
+            if d in server_logits:
+                content["arrays"] = ArrayRecord({"server-logits": Array(server_logits[d])})
+            messages.append(Message(RecordDict(content), dst_node_id=nodes[d],
+                                    message_type=f"{MessageType.TRAIN}.fedgkt"))
+        uploads = {}
+        for reply in fast.send_and_receive(messages, timeout=cfg["round-timeout"]):
+            device = fast.devices.get(reply.metadata.src_node_id)
+            if reply.has_error() or device is None:
+                continue
+            try:
+                uploads[device] = upload_of(reply, feature_shape, classes)
+            except PayloadError as err:
+                log(WARNING, "round %d: upload of device %s dropped: %s", server_round, device, err)
+        stats = round_stats(exp.server.costs, fast.traffic, flops, server_round)
+        if uploads:
+            features, logits, labels = (np.concatenate([u[i] for u in uploads.values()]) for i in range(3))
+            stats.loss_sum = train_server(upper, optimizer, features, logits, labels, cfg, server_round)
+            upper.eval()
+            with torch.no_grad():
+                for d, (f, _, _) in uploads.items():
+                    server_logits[d] = upper(torch.from_numpy(f)).numpy()
+        evaluation = FastGrid(grid, nodes)  # not charged to training
+        weights = ArrayRecord(torch_state_dict=upper.state_dict())
+        replies = evaluation.send_and_receive(
+            [Message(RecordDict({"arrays": weights}), dst_node_id=nodes[d],
+                     message_type=f"{MessageType.EVALUATE}.fedgkt") for d in uploads], timeout=cfg["round-timeout"])
+        metrics = [r.content["metrics"] for r in replies if not r.has_error()]
+        accuracy = statistics.mean(m["test_accuracy"] for m in metrics) if metrics else float("nan")
+        loss = statistics.mean(m["test_loss"] for m in metrics) if metrics else float("nan")
+        recorder.round(server_round, accuracy, loss, stats)
