@@ -28,7 +28,7 @@ def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
     recorder.round(0, *exp.evaluate(), None)
     for server_round in range(1, cfg["num-rounds"] + 1):
         samples, loss = train_whole(exp.student, data, cfg, server_round, count,
-                                    teacher=None if teacher is None else lambda x, y: teacher(x))
+                                    teacher=None if teacher is None else lambda idx, x, y: teacher(x))
         stats = RoundStats(samples=samples, loss_sum=loss)
         stats.costs = exp.server.costs.account_server(
             samples * ((1 + BACKWARD_FACTOR) * student_flops + teacher_flops))

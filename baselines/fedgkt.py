@@ -22,7 +22,7 @@ from fedsplitkd.baselines.accounting import round_stats
 from fedsplitkd.costs import SplitFlops
 from fedsplitkd.experiment import Experiment, sample_devices
 from fedsplitkd.gkt import server_optimizer, train_server
-from fedsplitkd.payload import PayloadError, require_array
+from fedsplitkd.payload import PayloadError, require_array, require_labels
 from fedsplitkd.strategies.grid import FastGrid, discover
 from fedsplitkd.strategies.recorder import Recorder
 
@@ -34,9 +34,7 @@ def upload_of(reply: Message, feature_shape: tuple, num_classes: int) -> tuple[n
     arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()}
     features = require_array(arrays, "features", np.float32, (None, *feature_shape), finite=True)
     logits = require_array(arrays, "logits", np.float32, (len(features), num_classes), finite=True)
-    labels = require_array(arrays, "labels", np.int64, (len(features),))
-    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise PayloadError(f"field 'labels' outside [0, {num_classes})")
+    labels = require_labels(arrays, "labels", len(features), num_classes)
     return features, logits, labels
 
 

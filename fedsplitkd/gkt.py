@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from fedsplitkd.data import DeviceData
-from fedsplitkd.device import batch_plan
 from fedsplitkd.kd import kd_loss
+from fedsplitkd.local import train_whole
 from fedsplitkd.runtime import make_optimizer
 
 
@@ -26,23 +26,10 @@ def device_head(feature_shape: tuple[int, ...], num_classes: int) -> nn.Module:
 
 def train_device(extractor: nn.Module, head: nn.Module, data: DeviceData, server_logits: np.ndarray | None,
                  cfg, server_round: int, device_key: int) -> tuple[int, float]:
-    """The device's extractor and head, ``local-epochs`` in the seed's batch order: KD towards
-    the server's logits for each sample (plain cross-entropy before the server has any)."""
-    model = nn.Sequential(extractor, head)
-    optimizer = make_optimizer(model.parameters(), cfg["learning-rate"], cfg["momentum"])
-    alpha = cfg["kd-alpha"] if server_logits is not None else 0.0
-    samples, loss_sum = 0, 0.0
-    for batch in batch_plan(len(data.y_train), cfg["batch-size"], cfg["local-epochs"], cfg["seed"],
-                            server_round, device_key):
-        target = torch.from_numpy(server_logits[batch]) if server_logits is not None else None
-        loss = kd_loss(model(torch.from_numpy(data.x_train[batch])), target, torch.from_numpy(data.y_train[batch]),
-                       alpha, cfg["kd-temperature"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        samples += len(batch)
-        loss_sum += float(loss.detach()) * len(batch)
-    return samples, loss_sum
+    """The device's extractor and head, trained like any whole model: KD towards the
+    server's logits for each sample (plain cross-entropy before the server has any)."""
+    teacher = None if server_logits is None else lambda idx, x, y: torch.from_numpy(server_logits[idx])
+    return train_whole(nn.Sequential(extractor, head), data, cfg, server_round, device_key, teacher=teacher)
 
 
 @torch.no_grad()

@@ -13,14 +13,17 @@ from fedsplitkd.device import batch_plan
 from fedsplitkd.kd import kd_loss
 from fedsplitkd.runtime import make_optimizer
 
+# KD targets for a batch, from its sample indices, inputs and labels.
+Teacher = Callable[[np.ndarray, torch.Tensor, torch.Tensor], torch.Tensor]
+
 
 def train_whole(model: nn.Module, data: DeviceData, cfg, server_round: int, device_key: int,
                 proximal_mu: float = 0.0,
-                teacher: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> tuple[int, float]:
+                teacher: Teacher | None = None) -> tuple[int, float]:
     """``local-epochs`` over the device's data in the seed's batch order (the split methods'
-    order too), cross-entropy, or KD towards ``teacher(x, y)`` logits when given (rows of
-    NaN: cross-entropy only), plus FedProx's (mu / 2) ||w - w_start||^2. Returns the
-    samples trained on and the summed loss."""
+    order too), cross-entropy, or KD towards ``teacher(indices, x, y)`` logits when given
+    (rows of NaN: cross-entropy only), plus FedProx's (mu / 2) ||w - w_start||^2. Returns
+    the samples trained on and the summed loss."""
     optimizer = make_optimizer(model.parameters(), cfg["learning-rate"], cfg["momentum"])
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu else []
     plan = batch_plan(len(data.y_train), cfg["batch-size"], cfg["local-epochs"], cfg["seed"],
@@ -32,7 +35,7 @@ def train_whole(model: nn.Module, data: DeviceData, cfg, server_round: int, devi
         logits = model(x)
         if teacher is not None:
             with torch.no_grad():
-                target = teacher(x, y)
+                target = teacher(batch, x, y)
             known = ~torch.isnan(target).any(-1)
             per_sample = nn.functional.cross_entropy(logits, y, reduction="none")
             if known.any():
@@ -77,12 +80,12 @@ def merge_class_logits(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.n
     return (sums / np.maximum(counts, 1)[:, None]).astype(np.float32), counts.astype(np.int64)
 
 
-def class_targets(logits: np.ndarray, counts: np.ndarray) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def class_targets(logits: np.ndarray, counts: np.ndarray) -> Teacher:
     """Federated distillation's teacher: the global mean logits of each sample's label.
     Samples of classes no device has reported are left out (their KD target is NaN, masked)."""
     table, seen = torch.from_numpy(logits), torch.from_numpy(counts > 0)
 
-    def targets(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def targets(indices: np.ndarray, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.where(seen[y][:, None], table[y], torch.full_like(table[y], float("nan")))
 
     return targets

@@ -183,6 +183,3 @@ def build_teacher(family: str, input_shape: tuple[int, ...], num_classes: int,
         return cnn1d(input_shape, num_classes, [32, 64, 128, 256], hidden=128)
     return cnn2d(input_shape, num_classes, [32, 64, 128], hidden=256)
 
-
-def num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

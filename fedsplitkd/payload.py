@@ -51,6 +51,14 @@ def require_array(payload: Payload, key: str, dtype: type, shape: tuple[int | No
     return value
 
 
+def require_labels(payload: Payload, key: str, count: int, num_classes: int) -> np.ndarray:
+    """``count`` int64 labels, each in [0, num_classes)."""
+    labels = require_array(payload, key, np.int64, (count,))
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise PayloadError(f"field '{key}' outside [0, {num_classes})")
+    return labels
+
+
 def require_int(payload: Payload, key: str, low: int, high: int | None = None) -> int:
     value = payload.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):

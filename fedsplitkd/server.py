@@ -22,7 +22,7 @@ from fedsplitkd.costs import CostModel, DeviceTraffic, SplitFlops
 from fedsplitkd.device import DeviceSetup, handle_evaluate, handle_train, teacher_mode
 from fedsplitkd.models import SplitModel
 from fedsplitkd.payload import (TEACHER, WEIGHTS, Payload, PayloadError, pack, payload_bytes,
-                                require_array, require_int, require_keys, require_weights)
+                                require_array, require_int, require_keys, require_labels, require_weights)
 from fedsplitkd.runtime import EdgeRuntime, NonFiniteLoss, evaluate, load_numpy_state, state_to_numpy
 
 log = logging.getLogger("fedsplitkd")
@@ -136,9 +136,7 @@ class SplitKDServer:
             raise PayloadError(f"field 'activations' exceeds {MAX_ACTIVATION:g} in magnitude")
         if not 0 < n <= self.max_chunk:
             raise PayloadError(f"field 'activations' has {n} rows, expected 1..{self.max_chunk}")
-        labels = require_array(reply, "labels", np.int64, (n,))
-        if labels.min() < 0 or labels.max() >= self.num_classes:
-            raise PayloadError(f"field 'labels' outside [0, {self.num_classes})")
+        require_labels(reply, "labels", n, self.num_classes)
         sizes = require_array(reply, "batch-sizes", np.int64, (None,))
         if not 0 < len(sizes) <= self.cfg["exchange-batches"] or sizes.min() < 1 or sizes.sum() != n:
             raise PayloadError(f"field 'batch-sizes' {sizes.tolist()[:8]} does not split {n} rows")
@@ -358,9 +356,7 @@ class SplitKDServer:
                     raise PayloadError(reply)
                 require_keys(reply, {"round", "activations", "labels"})
                 acts = require_array(reply, "activations", np.float32, (None, *self.act_shape), finite=True)
-                labels = require_array(reply, "labels", np.int64, (len(acts),))
-                if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
-                    raise PayloadError(f"field 'labels' outside [0, {self.num_classes})")
+                labels = require_labels(reply, "labels", len(acts), self.num_classes)
             except PayloadError as err:
                 log.warning("round %d: evaluation reply of device %s dropped: %s", server_round, key, err)
                 continue

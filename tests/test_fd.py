@@ -29,6 +29,6 @@ def test_merge_weights_each_class_by_its_counts():
 
 def test_class_targets_mask_unseen_classes():
     targets = class_targets(np.array([[1.0, 2.0], [3.0, 4.0]], np.float32), np.array([5, 0]))
-    out = targets(torch.zeros(3, 7), torch.tensor([0, 1, 0]))
+    out = targets(np.arange(3), torch.zeros(3, 7), torch.tensor([0, 1, 0]))
     np.testing.assert_allclose(out[0].numpy(), [1.0, 2.0])
     assert torch.isnan(out[1]).all() and not torch.isnan(out[2]).any()
