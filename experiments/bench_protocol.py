@@ -56,6 +56,8 @@ def main() -> None:
             if not metrics.is_file():
                 raise SystemExit(f"the Flower run {name} wrote no {metrics}: see its log")
             flower = list(csv.DictReader(open(metrics)))
+            for row, timing in zip(flower, csv.DictReader(open(out / name / "timings.csv"))):
+                row.update(timing)
             if len(flower) != args.rounds + 1:
                 raise SystemExit(f"the Flower run {name} finished {len(flower) - 1} of {args.rounds} rounds")
             t_in, t_fl = median_round(inproc), median_round(flower)

@@ -21,7 +21,7 @@ import numpy as np
 from fedsplitkd import data as data_lib
 from torch import nn
 
-from fedsplitkd.models import SplitModel, build_student, build_teacher
+from fedsplitkd.models import SplitModel, student_for, teacher_for
 from fedsplitkd.payload import TEACHER, WEIGHTS, Payload, PayloadError, pack, unpack
 from fedsplitkd.runtime import DeviceRuntime, load_numpy_state
 
@@ -29,6 +29,22 @@ from fedsplitkd.runtime import DeviceRuntime, load_numpy_state
 def teacher_mode(cfg) -> str:
     """How the teacher's input reaches the server: 'embedding', 'cached' or 'none' (no KD)."""
     return "none" if cfg["kd-alpha"] == 0.0 else cfg["teacher-input"]
+
+
+class DeviceDropout(RuntimeError):
+    """An injected failure (``dropout-rate``): the device goes away at ``dropout-stage``."""
+
+
+def check_dropout(cfg, server_round: int, device_key: int, stage: str) -> None:
+    """Fail, at ``stage`` of ``server_round``, the devices ``dropout-rate`` picks.
+
+    The pick is a pure function of (seed, round, device), so the in-process and the Flower
+    run lose the same devices, and a stage sees the same losses whatever the other settings.
+    """
+    rate = cfg.get("dropout-rate", 0.0)
+    if rate and cfg.get("dropout-stage") == stage and \
+            np.random.default_rng([cfg["seed"], server_round, device_key, 13]).random() < rate:
+        raise DeviceDropout(f"device {device_key} dropped out at stage '{stage}' of round {server_round}")
 
 
 def batch_plan(num_samples: int, batch_size: int, epochs: int, seed: int, server_round: int,
@@ -69,10 +85,10 @@ def _setup(cfg_items: tuple, partition_id: int, num_partitions: int) -> DeviceSe
     cfg = dict(cfg_items)
     dataset = data_lib.load_dataset(cfg)
     local = data_lib.device_data(cfg, partition_id, num_partitions)
-    student = build_student(cfg["student-model"], dataset.input_shape, dataset.num_classes, dataset.tokens)
+    student = student_for(cfg, dataset)
     embedding = None
     if teacher_mode(cfg) != "none":
-        teacher = build_teacher(cfg["student-model"], dataset.input_shape, dataset.num_classes, dataset.tokens)
+        teacher = teacher_for(cfg, dataset)
         embedding = teacher.device_part(teacher.cut_points[0])
     return DeviceSetup(cfg, partition_id, local, student, embedding)
 
@@ -85,7 +101,9 @@ def handle_train(request: Payload, state: Payload, setup: DeviceSetup) -> tuple[
     """Serve one training request; return the reply and the device's new state."""
     cfg, local = setup.cfg, setup.data
     server_round = int(request.get("round", -1))
-    if any(k.startswith(WEIGHTS) for k in request):
+    stage = "forward" if any(k.startswith(WEIGHTS) for k in request) else "backward"
+    check_dropout(cfg, server_round, setup.device_key, stage)
+    if stage == "forward":
         state = {k: v for k, v in state.items() if k.startswith(TEACHER) or k == "teacher-sent"}
         state.update({k: v for k, v in request.items() if k.startswith((WEIGHTS, TEACHER))})
         cut = str(request.get("cut", cfg["cut"]))
@@ -147,6 +165,7 @@ def handle_train(request: Payload, state: Payload, setup: DeviceSetup) -> tuple[
 
 def handle_evaluate(request: Payload, setup: DeviceSetup) -> Payload:
     """Split inference on the local validation split with the given device part."""
+    check_dropout(setup.cfg, int(request.get("round", -1)), setup.device_key, "evaluate")
     runtime, local = setup.runtime(request.get("cut")), setup.data
     load_numpy_state(runtime.part, unpack(WEIGHTS, request))
     return {"round": int(request.get("round", -1)),

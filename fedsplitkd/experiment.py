@@ -7,9 +7,11 @@ The ServerApp and the in-process reference share ``build``, ``sample_devices`` a
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,8 +20,8 @@ from fedsplitkd import config as config_lib
 from fedsplitkd.costs import CostModel
 from fedsplitkd.data import Dataset, load_dataset, public_split
 from fedsplitkd.device import device_setup, teacher_mode
-from fedsplitkd.models import SplitModel, build_student
-from fedsplitkd.runtime import evaluate
+from fedsplitkd.models import SplitModel, student_for
+from fedsplitkd.runtime import evaluate, torch_device
 from fedsplitkd.schedule import Scheduler
 from fedsplitkd.server import InProcessTransport, RoundStats, SplitKDServer
 from fedsplitkd.teacher import get_teacher
@@ -44,12 +46,17 @@ class Experiment:
 def build(cfg) -> Experiment:
     """Load the data, get the teacher, initialise the student and the edge server."""
     dataset = load_dataset(cfg)
+    if dataset.sequence and cfg["method"] in ("fd", "fedgkt"):
+        raise ValueError(f"run-config 'method' = {cfg['method']!r} shares per-class logits and has no "
+                         f"form for dataset '{dataset.name}' (a next token per position)")
     public, _ = public_split(len(dataset.y_train), cfg["public-fraction"], cfg["seed"])
     teacher = None
     if teacher_mode(cfg) != "none":
         teacher = get_teacher(cfg, dataset, dataset.x_train[public], dataset.y_train[public])
     torch.manual_seed(cfg["seed"])
-    student = build_student(cfg["student-model"], dataset.input_shape, dataset.num_classes, dataset.tokens)
+    # The server holds the whole student (its upper part trains there) on the run's torch
+    # device; devices and payloads stay on the CPU.
+    student = student_for(cfg, dataset).to(torch_device(cfg["torch-device"]))
     cut = "default" if cfg["cut"] == "adaptive" else cfg["cut"]
     student.cut_index(cut)  # fail early, naming the cut points, on a bad 'cut'
     server = SplitKDServer(student, teacher, cfg, dataset.num_classes, CostModel.from_config(cfg), cut)
@@ -77,29 +84,41 @@ def metrics_row(server_round: int, method: str, accuracy: float, loss: float,
         "bytes_up_activations": stats.bytes_up_activations, "train_loss": stats.train_loss,
         "devices": stats.devices, "completed": stats.completed,
         "dropped_failed": stats.dropped["failed"], "dropped_invalid": stats.dropped["invalid"],
+        "dropped_forward": stats.dropped["forward"], "dropped_backward": stats.dropped["backward"],
+        "dropped_evaluate": 0,  # set when devices evaluate
         "exchanges": stats.exchanges, "wall_s": round(wall_s, 4),
         "transport_s": round(stats.transport_s, 4), "server_s": round(stats.server_s, 4),
         "val_accuracy": float("nan"), "val_loss": float("nan"),  # set when devices evaluate
         **{k: stats.costs.get(k, 0) for k in COST_COLUMNS},
+        # cross-entropy in bits per label: bits per character for the character models
+        "test_bpc": loss / math.log(2), "val_bpc": float("nan"),
     }
 
 
 def run_inprocess(overrides: dict | None, num_devices: int,
-                  on_round: Callable[[dict], None] | None = None) -> tuple[Experiment, list[dict]]:
-    """The whole protocol in one process: same math as the Flower run, no messages."""
+                  on_round: Callable[[dict], None] | None = None,
+                  checkpoint_dir: Path | None = None) -> tuple[Experiment, list[dict]]:
+    """The whole protocol in one process: same math as the Flower run, no messages.
+
+    With ``checkpoint-every``, checkpoints go to ``checkpoint_dir``; ``resume`` continues
+    from one, and the rows returned are then the checkpoint's followed by the new ones.
+    """
+    from fedsplitkd import checkpoint
+
     cfg = config_lib.resolve(overrides)
     exp = build(cfg)
     transport = InProcessTransport({i: device_setup(cfg, i, num_devices) for i in range(num_devices)})
     exp.scheduler.fleet_size = num_devices
-    rng = np.random.default_rng([cfg["seed"], 0])  # the train-sampling stream of SplitKD
-    rows = [metrics_row(0, cfg["method"], *exp.evaluate(), None, 0.0)]
-    for server_round in range(1, cfg["num-rounds"] + 1):
+    rngs = {"train": np.random.default_rng([cfg["seed"], 0])}  # the train-sampling stream of SplitKD
+    rows = checkpoint.resume(exp, rngs) or [metrics_row(0, cfg["method"], *exp.evaluate(), None, 0.0)]
+    for server_round in range(rows[-1]["round"] + 1, cfg["num-rounds"] + 1):
         start = time.perf_counter()
-        keys = sample_devices(list(range(num_devices)), cfg["fraction-train"], rng)
+        keys = sample_devices(list(range(num_devices)), cfg["fraction-train"], rngs["train"])
         stats = exp.scheduler.run_round(transport, keys, server_round)
         rows.append(metrics_row(server_round, cfg["method"], *exp.evaluate(), stats,
                                 time.perf_counter() - start))
         exp.device_rows += [{"round": server_round, **r} for r in stats.device_costs]
+        checkpoint.maybe_save(exp, server_round, rngs, rows, checkpoint_dir)
         if on_round:
             on_round(rows[-1])
     return exp, rows

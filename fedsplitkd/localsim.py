@@ -10,6 +10,7 @@ named connection in a private FLWR_HOME at it, and stop its whole process group.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -27,6 +28,38 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc). Flower's superexec starts its own session,
+    so killing the SuperLink's process group does not reach the ServerApp."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # the process ended while we looked
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` and all its descendants, summed (Linux /proc)."""
+    total = 0
+    for p in [pid, *descendants(pid)]:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
 
 
 def _toml_value(value) -> str:
@@ -74,6 +107,13 @@ class LocalSimulation:
         raise RuntimeError(f"flower-superlink did not answer on port {self.port} in "
                            f"{self.startup_timeout:.0f} s")
 
+    def _command(self, app: str | Path, run_config: dict | None, num_supernodes: int,
+                 cpus_per_client: int) -> list[str]:
+        overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in (run_config or {}).items())
+        command = ["flwr", "run", str(app), CONNECTION, "--stream", "--federation-config",
+                   f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"]
+        return command + (["--run-config", overrides] if overrides else [])
+
     def run(self, app: str | Path, run_config: dict | None = None, num_supernodes: int = 2,
             cpus_per_client: int = 2, timeout: float = 1800.0) -> subprocess.CompletedProcess:
         """``flwr run APP --stream`` with the given run config; returns when the run ends.
@@ -81,12 +121,23 @@ class LocalSimulation:
         The exit status says little (``flwr run --stream`` exits 0 on failure): judge a
         run by the results it wrote.
         """
-        overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in (run_config or {}).items())
-        command = ["flwr", "run", str(app), CONNECTION, "--stream", "--federation-config",
-                   f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"]
-        if overrides:
-            command += ["--run-config", overrides]
-        return subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(self._command(app, run_config, num_supernodes, cpus_per_client),
+                              env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def start(self, app: str | Path, run_config: dict | None = None, num_supernodes: int = 2,
+              cpus_per_client: int = 2) -> subprocess.Popen:
+        """Start a run and return at once (the CLI process streams its log to DEVNULL)."""
+        return subprocess.Popen(self._command(app, run_config, num_supernodes, cpus_per_client),
+                                env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def kill(self) -> None:
+        """SIGKILL the SuperLink and everything it started (the ServerApp, the simulation)."""
+        if self.process is not None and self.process.poll() is None:
+            for pid in descendants(self.process.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
 
     def __exit__(self, *exc) -> None:
         if self.process is not None and self.process.poll() is None:

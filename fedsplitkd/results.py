@@ -17,9 +17,13 @@ import torch
 from omegaconf import OmegaConf
 
 from fedsplitkd.data import load_dataset
-from fedsplitkd.models import SplitModel, build_student
+from fedsplitkd.models import SplitModel, student_for
 
 LEADING_COLUMNS = ["round", "method", "test_accuracy", "test_loss", "bytes_up", "bytes_down"]
+# Wall-clock seconds vary from run to run; they go to timings.csv so that metrics.csv is a
+# pure function of the config and the seed.
+TIMING_COLUMNS = ["wall_s", "transport_s", "server_s"]
+ROUND_FILES = ("devices.csv", "dropped.csv")  # per-round detail rows, led by a round column
 
 
 def run_dir(cfg) -> Path:
@@ -39,20 +43,38 @@ class ResultsWriter:
 
     def append(self, row: dict) -> None:
         if self.columns is None:
-            self.columns = LEADING_COLUMNS + [c for c in row if c not in LEADING_COLUMNS]
-            with open(self.dir / "metrics.csv", "w", newline="") as f:
-                csv.writer(f).writerow(self.columns)
+            self.columns = LEADING_COLUMNS + [c for c in row if c not in LEADING_COLUMNS + TIMING_COLUMNS]
+            for name, columns in (("metrics.csv", self.columns), ("timings.csv", ["round", *TIMING_COLUMNS])):
+                with open(self.dir / name, "w", newline="") as f:
+                    csv.writer(f).writerow(columns)
         with open(self.dir / "metrics.csv", "a", newline="") as f:
             csv.writer(f).writerow([row.get(c, "") for c in self.columns])
+        with open(self.dir / "timings.csv", "a", newline="") as f:
+            csv.writer(f).writerow([row["round"], *(row.get(c, "") for c in TIMING_COLUMNS)])
         self.rows.append(row)
+
+    def restart_from(self, rows: list[dict]) -> None:
+        """Continue a run from a checkpoint: the files keep only the rounds in ``rows``."""
+        last = rows[-1]["round"] if rows else -1
+        self.columns, self.rows = None, []
+        for row in rows:
+            self.append(row)
+        for name in ROUND_FILES:
+            path = self.dir / name
+            if path.exists():
+                with open(path, newline="") as f:
+                    kept = [r for r in csv.reader(f)]
+                kept = kept[:1] + [r for r in kept[1:] if int(r[0]) <= last]
+                with open(path, "w", newline="") as f:
+                    csv.writer(f).writerows(kept if len(kept) > 1 else [])
 
     def write_json(self, name: str, data) -> None:
         (self.dir / name).write_text(json.dumps(data, indent=1))
 
-    def append_devices(self, server_round: int, rows: list[dict]) -> None:
-        """Per-device cost rows of a round, to devices.csv."""
-        path = self.dir / "devices.csv"
-        new = not path.exists()
+    def append_round_rows(self, name: str, server_round: int, rows: list[dict]) -> None:
+        """Per-device rows of a round (costs to devices.csv, dropouts to dropped.csv)."""
+        path = self.dir / name
+        new = not path.exists() or path.stat().st_size == 0
         with open(path, "a", newline="") as f:
             for row in rows:
                 writer = csv.DictWriter(f, fieldnames=["round", *row])
@@ -108,6 +130,6 @@ def load_student(directory: str | Path) -> SplitModel:
     directory = Path(directory)
     cfg = OmegaConf.load(directory / "config.yaml")
     dataset = load_dataset(cfg)
-    student = build_student(cfg["student-model"], dataset.input_shape, dataset.num_classes, dataset.tokens)
+    student = student_for(cfg, dataset)
     student.load_state_dict(torch.load(directory / "student.pt", weights_only=True))
     return student.eval()

@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from fedsplitkd.costs import CostModel, DeviceTraffic, SplitFlops
-from fedsplitkd.device import DeviceSetup, handle_evaluate, handle_train, teacher_mode
+from fedsplitkd.device import DeviceSetup, handle_train, teacher_mode
 from fedsplitkd.models import SplitModel
 from fedsplitkd.payload import (TEACHER, WEIGHTS, Payload, PayloadError, pack, payload_bytes,
                                 require_array, require_int, require_keys, require_labels, require_weights)
@@ -73,7 +73,8 @@ class RoundStats:
     exchanges: int = 0
     transport_s: float = 0.0   # wall time waiting for the devices' replies
     server_s: float = 0.0      # wall time of the server's own compute
-    dropped: Counter = field(default_factory=Counter)
+    dropped: Counter = field(default_factory=Counter)  # by kind (failed, invalid) and stage
+    drops: list = field(default_factory=list)  # (device key, stage, kind, reason) per dropped device
     traffic: dict = field(default_factory=dict)  # device key -> DeviceTraffic
     completed_keys: list = field(default_factory=list)
     costs: dict = field(default_factory=dict)        # the cost model's totals (metrics.csv)
@@ -100,6 +101,7 @@ class SplitKDServer:
         self.flops = SplitFlops.of(student, self.cut, teacher if self.mode != "none" else None)
         stats = student.block_stats()
         self.act_shape = stats[student.cut_index(self.cut) - 1].out_shape
+        self.label_shape = stats[-1].out_shape[:-1]  # () for a class, (T,) for a next token per position
         if self.mode != "none":
             embedding = teacher.device_part(teacher.cut_points[0])
             self.teacher_weights = state_to_numpy(embedding)
@@ -136,7 +138,7 @@ class SplitKDServer:
             raise PayloadError(f"field 'activations' exceeds {MAX_ACTIVATION:g} in magnitude")
         if not 0 < n <= self.max_chunk:
             raise PayloadError(f"field 'activations' has {n} rows, expected 1..{self.max_chunk}")
-        require_labels(reply, "labels", n, self.num_classes)
+        require_labels(reply, "labels", n, self.num_classes, self.label_shape)
         sizes = require_array(reply, "batch-sizes", np.int64, (None,))
         if not 0 < len(sizes) <= self.cfg["exchange-batches"] or sizes.min() < 1 or sizes.sum() != n:
             raise PayloadError(f"field 'batch-sizes' {sizes.tolist()[:8]} does not split {n} rows")
@@ -263,9 +265,14 @@ class SplitKDServer:
             stats.bytes_down += sum(payload_bytes(r) for r in requests.values())
             transport.send(requests)
 
-        def drop(key: Hashable, kind: str, reason: str) -> None:
-            log.warning("round %d: dropped device %s (%s): %s", server_round, key, kind, reason)
+        def drop(key: Hashable, kind: str, reason: str, request: Payload) -> None:
+            # The stage is what the device was asked to do: start the round with a forward
+            # pass, or apply gradients (after it had uploaded activations).
+            stage = "forward" if any(k.startswith(WEIGHTS) for k in request) else "backward"
+            log.warning("round %d: dropped device %s at %s (%s): %s", server_round, key, stage, kind, reason)
             stats.dropped[kind] += 1
+            stats.dropped[stage] += 1
+            stats.drops.append((key, stage, kind, reason))
             self.has_teacher.discard(key)
 
         send(self.first_requests(keys, server_round))
@@ -280,11 +287,11 @@ class SplitKDServer:
                     arrived.update(transport.receive())
                 stats.transport_s += time.perf_counter() - waited
                 computed = time.perf_counter()
-                chunks, teacher = {}, {}
+                chunks, teacher, asked = {}, {}, {}
                 for key in group:
                     reply, request = arrived.pop(key), sent.pop(key)
                     if isinstance(reply, str):
-                        drop(key, "failed", reply)
+                        drop(key, "failed", reply, request)
                         continue
                     stats.bytes_up += payload_bytes(reply)
                     stats.traffic[key].bytes_up += payload_bytes(reply)
@@ -295,17 +302,17 @@ class SplitKDServer:
                         self.check_chunk(reply, server_round)
                         teacher[key] = self.teacher_logits(key, reply)
                     except PayloadError as err:
-                        drop(key, "invalid", str(err))
+                        drop(key, "invalid", str(err), request)
                         continue
                     if any(k.startswith(TEACHER) for k in request):
                         self.has_teacher.add(key)
                     stats.bytes_up_activations += reply["activations"].nbytes
-                    chunks[key] = reply
+                    chunks[key], asked[key] = reply, request
                 if chunks:
                     grads, loss_sum, diverged = self.train_chunks(chunks, teacher)
                     stats.loss_sum += loss_sum
                     for key in diverged:
-                        drop(key, "invalid", "non-finite loss on the server")
+                        drop(key, "invalid", "non-finite loss on the server", asked[key])
                     follow = {key: {"round": server_round, "grads": grads[key],
                                     "final": reply["remaining"] == 0}
                               for key, reply in chunks.items() if key not in diverged}
@@ -347,24 +354,27 @@ class SplitKDServer:
         if finals:
             load_numpy_state(self.device_part, average([w for w, _ in finals], [n for _, n in finals]))
 
-    def evaluate_replies(self, replies: dict[Hashable, "Payload | str"], server_round: int) -> tuple[float, float, int]:
-        """Accuracy and loss of the whole student on the devices' validation activations."""
-        correct, loss, n = 0, 0.0, 0
+    def evaluate_replies(self, replies: dict[Hashable, Payload | str], server_round: int
+                         ) -> tuple[float, float, int, int]:
+        """Accuracy, loss and sample count of the whole student on the devices' validation
+        activations, and how many devices dropped out of the evaluation."""
+        correct, loss, n, dropped = 0, 0.0, 0, 0
         for key, reply in replies.items():
             try:
                 if isinstance(reply, str):
                     raise PayloadError(reply)
                 require_keys(reply, {"round", "activations", "labels"})
                 acts = require_array(reply, "activations", np.float32, (None, *self.act_shape), finite=True)
-                labels = require_labels(reply, "labels", len(acts), self.num_classes)
+                labels = require_labels(reply, "labels", len(acts), self.num_classes, self.label_shape)
             except PayloadError as err:
                 log.warning("round %d: evaluation reply of device %s dropped: %s", server_round, key, err)
+                dropped += 1
                 continue
             acc, mean_loss = evaluate(self.edge.part, acts, labels)
-            correct += round(acc * len(labels))
-            loss += mean_loss * len(labels)
-            n += len(labels)
-        return (correct / n, loss / n, n) if n else (float("nan"), float("nan"), 0)
+            correct += round(acc * labels.size)  # per label: per token for sequence labels
+            loss += mean_loss * labels.size
+            n += labels.size
+        return (correct / n, loss / n, n, dropped) if n else (float("nan"), float("nan"), 0, dropped)
 
 
 def average(weights: list[dict[str, np.ndarray]], counts: list[int]) -> dict[str, np.ndarray]:
@@ -393,5 +403,3 @@ class InProcessTransport:
         replies, self.replies = self.replies, {}
         return replies
 
-    def evaluate(self, request: Payload) -> dict[Hashable, Payload | str]:
-        return {key: handle_evaluate(request, setup) for key, setup in self.setups.items()}

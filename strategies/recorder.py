@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from logging import INFO
 
@@ -23,9 +24,14 @@ class Recorder:
         row = metrics_row(server_round, self.cfg["method"], accuracy, loss, stats,
                           time.perf_counter() - self.clock if server_round else 0.0)
         row.update(extra or {})
+        if "val_loss" in (extra or {}):
+            row["val_bpc"] = row["val_loss"] / math.log(2)
         self.writer.append(row)
         if stats is not None:
-            self.writer.append_devices(server_round, stats.device_costs)
+            self.writer.append_round_rows("devices.csv", server_round, stats.device_costs)
+            self.writer.append_round_rows("dropped.csv", server_round, [
+                {"device": key, "stage": stage, "kind": kind, "reason": reason}
+                for key, stage, kind, reason in stats.drops])
             log(INFO, "[round %d/%d] %s test acc %.4f loss %.4f | up %.2f MB down %.2f MB | %d/%d devices | "
                 "sim %.1f s, %.2f J | %.2f s", server_round, self.cfg["num-rounds"], self.cfg["method"],
                 accuracy, loss, stats.bytes_up / 1e6, stats.bytes_down / 1e6, stats.completed, stats.devices,

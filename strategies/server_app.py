@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from logging import INFO
+from pathlib import Path
 
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
+from fedsplitkd import checkpoint
 from fedsplitkd.baselines import central, fedavg, fedgkt, local
 from fedsplitkd.config import resolve
 from fedsplitkd.experiment import Experiment, build
 from fedsplitkd.results import ResultsWriter, run_dir
+from fedsplitkd.sources import CharTokenizer
 from fedsplitkd.strategies.recorder import Recorder
 from fedsplitkd.strategies.splitkd import SplitKD
 
@@ -19,19 +22,32 @@ app = ServerApp()
 
 
 def run_split(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
-    """splitkd and splitfed: the split protocol under Flower's own Strategy.start loop."""
+    """splitkd and splitfed: the split protocol under Flower's own Strategy.start loop,
+    from round 1 or from the checkpoint ``resume`` names."""
     cfg = exp.cfg
     strategy = SplitKD(exp.scheduler, cfg["fraction-train"], cfg["fraction-evaluate"], cfg["min-nodes"],
                        cfg["round-timeout"], seed=cfg["seed"])
+    rngs = {"train": strategy.train_rng, "evaluate": strategy.evaluate_rng}
+    done = checkpoint.resume(exp, rngs)
+    if done:
+        recorder.writer.restart_from(done)
+        strategy.round_offset = done[-1]["round"]
+        log(INFO, "fedsplitkd: resumed from the checkpoint of round %d in %s", strategy.round_offset, cfg["resume"])
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0 and done:
+            return None  # the checkpoint's round 0 is in metrics.csv already
+        server_round += strategy.round_offset
         stats = strategy.last_stats if server_round else None
         extra = dict(strategy.last_evaluation.items()) if server_round and strategy.last_evaluation else {}
-        return recorder.round(server_round, *exp.evaluate(), stats,
-                              {k: v for k, v in extra.items() if k.startswith("val_")})
+        record = recorder.round(server_round, *exp.evaluate(), stats,
+                                {k: v for k, v in extra.items() if k.startswith("val_") or k == "dropped_evaluate"})
+        checkpoint.maybe_save(exp, server_round, rngs, recorder.writer.rows, recorder.writer.dir)
+        return record
 
     strategy.start(grid, ArrayRecord(torch_state_dict=exp.student.state_dict()),
-                   num_rounds=cfg["num-rounds"], timeout=cfg["round-timeout"], evaluate_fn=evaluate_fn)
+                   num_rounds=cfg["num-rounds"] - strategy.round_offset, timeout=cfg["round-timeout"],
+                   evaluate_fn=evaluate_fn)
 
 
 METHODS = {"splitkd": run_split, "splitfed": run_split, "fedavg": fedavg.run, "fedprox": fedavg.run,
@@ -42,11 +58,13 @@ METHODS = {"splitkd": run_split, "splitfed": run_split, "fedavg": fedavg.run, "f
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = resolve(context.run_config)  # a bad value stops the run here, naming the key
-    directory = run_dir(cfg)
+    directory = Path(cfg["resume"]).expanduser() if cfg["resume"] else run_dir(cfg)
     writer = ResultsWriter(cfg, directory)
     exp = build(cfg)
     METHODS[cfg["method"]](grid, exp, Recorder(exp, writer))
     writer.write_json("clusters.json", exp.scheduler.history)
-    summary = writer.finish(exp.student, exp.server.cut)
+    if exp.dataset.vocab is not None:  # token ids -> characters, for whoever uses the student
+        writer.write_json("tokenizer.json", CharTokenizer(exp.dataset.vocab).to_json())
+    summary = writer.finish(exp.student.cpu(), exp.server.cut)  # saved models load on any machine
     log(INFO, "fedsplitkd: %s final test accuracy %.4f; results in %s", cfg["method"],
         summary["test_accuracy"], directory)

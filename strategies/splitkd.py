@@ -121,6 +121,8 @@ class SplitKD(Strategy):
         self.query_timeout = 60.0
         self.last_stats: RoundStats | None = None
         self.last_evaluation: MetricRecord | None = None
+        # Rounds done before this run (a resumed run): Flower counts its loop from 1 again.
+        self.round_offset = 0
 
     def summary(self) -> None:
         log(INFO, "\t├──> Sampling: fraction train %.2f | evaluate %.2f | min nodes %d",
@@ -147,6 +149,7 @@ class SplitKD(Strategy):
         parts up), which Flower's one-shot configure/aggregate loop cannot express: they
         run here, over ``grid``, and ``aggregate_train`` hands back the result.
         """
+        server_round += self.round_offset
         self._load(arrays)
         devices = self._sample(grid, self.fraction_train, self.train_rng)
         self.scheduler.fleet_size = len(self.nodes)
@@ -168,17 +171,17 @@ class SplitKD(Strategy):
                            grid: Grid) -> Iterable[Message]:
         """Split evaluation on a sample of nodes' validation splits (skipped at fraction 0)."""
         self.last_evaluation = None
+        server_round += self.round_offset
         if self.fraction_evaluate > 0.0:
             self._load(arrays)
             request = {"round": server_round, **pack(WEIGHTS, state_to_numpy(self.server.device_part))}
             devices = self._sample(grid, self.fraction_evaluate, self.evaluate_rng)
             transport = GridTransport(grid, self.round_timeout, self.poll_interval, MessageType.EVALUATE,
                                       nodes=self.nodes)
-            accuracy, loss, n = self.server.evaluate_replies(exchange(transport, {d: request for d in devices}),
-                                                             server_round)
-            if n:
-                self.last_evaluation = MetricRecord({"val_accuracy": accuracy, "val_loss": loss,
-                                                     "num-examples": n})
+            accuracy, loss, n, dropped = self.server.evaluate_replies(
+                exchange(transport, {d: request for d in devices}), server_round)
+            self.last_evaluation = MetricRecord({"val_accuracy": accuracy, "val_loss": loss,
+                                                 "num-examples": n, "dropped_evaluate": dropped})
         return []
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

@@ -226,7 +226,7 @@ def test_evaluate_handler_returns_validation_activations(exp, cfg):
     assert payload["round"] == 3
     assert payload["activations"].shape == (n_val, *act_shape(exp))
     np.testing.assert_array_equal(payload["labels"], setup.data.y_val)
-    acc, loss, n = exp.server.evaluate_replies({DEVICE_NODE: payload}, 3)
+    acc, loss, n, _ = exp.server.evaluate_replies({DEVICE_NODE: payload}, 3)
     assert n == n_val and 0.0 <= acc <= 1.0 and np.isfinite(loss)
 
 
