@@ -9,7 +9,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 from fedsplitkd.baselines.accounting import round_stats, whole_flops
 from fedsplitkd.baselines.feddf import FedDF
 from fedsplitkd.data import public_split
-from fedsplitkd.models import build_student
+from fedsplitkd.models import student_for
 from fedsplitkd.experiment import Experiment
 from fedsplitkd.runtime import load_numpy_state
 from fedsplitkd.strategies.grid import FastGrid, discover
@@ -27,8 +27,7 @@ def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
         strategy = FedProx(proximal_mu=cfg["proximal-mu"], **common)
     elif cfg["method"] == "feddf":
         public, _ = public_split(len(exp.dataset.y_train), cfg["public-fraction"], cfg["seed"])
-        make = lambda: build_student(cfg["student-model"], exp.dataset.input_shape,  # noqa: E731
-                                     exp.dataset.num_classes, exp.dataset.tokens)
+        make = lambda: student_for(cfg, exp.dataset)  # noqa: E731
         strategy = FedDF(make, exp.dataset.x_train[public], cfg["distill-steps"], cfg["kd-temperature"],
                          seed=cfg["seed"], **common)
     else:

@@ -25,13 +25,14 @@ def ensemble_distill(fused: SplitModel, members: list[SplitModel], x_public: np.
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(fused.parameters(), lr=lr)
     x_all = torch.from_numpy(x_public)
-    dummy = torch.zeros(batch_size, dtype=torch.int64)  # alpha = 1: the labels play no part
     for _ in range(steps):
         idx = torch.randint(len(x_all), (min(batch_size, len(x_all)),), generator=generator)
         x = x_all[idx]
         with torch.no_grad():
             teacher = torch.stack([m(x) for m in members]).mean(0)
-        loss = kd_loss(fused(x), teacher, dummy[: len(x)], alpha=1.0, temperature=temperature)
+        logits = fused(x)
+        dummy = torch.zeros(logits.shape[:-1], dtype=torch.int64)  # alpha = 1: the labels play no part
+        loss = kd_loss(logits, teacher, dummy, alpha=1.0, temperature=temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -23,7 +23,7 @@ from fedsplitkd.device import device_setup, handle_evaluate, handle_train
 from fedsplitkd.gkt import device_head, extract, train_device
 from fedsplitkd.local import class_logits, class_targets, train_whole
 from fedsplitkd.payload import PayloadError
-from fedsplitkd.models import build_student
+from fedsplitkd.models import student_for
 from fedsplitkd.runtime import evaluate as evaluate_model, load_numpy_state
 
 STATE_PREFIX = "fedsplitkd."  # context.state holds our ArrayRecord and ConfigRecord under it
@@ -96,7 +96,7 @@ def _train_own(msg: Message, context: Context, federated_distillation: bool) -> 
         load_numpy_state(setup.student, {k: v.numpy() for k, v in context.state[OWN_MODEL].items()})
     else:  # the server's initial student: same seed, same weights
         torch.manual_seed(cfg["seed"])
-        initial = build_student(cfg["student-model"], test.input_shape, test.num_classes, test.tokens)
+        initial = student_for(cfg, test)
         setup.student.load_state_dict(initial.state_dict())
     teacher = None
     if federated_distillation and "arrays" in msg.content and "global-logits" in msg.content["arrays"]:
@@ -132,8 +132,7 @@ def _gkt_models(setup, context: Context) -> nn.ModuleDict:
     if setup.gkt is None:
         torch.manual_seed(setup.cfg["seed"])
         test = load_dataset(setup.cfg)
-        extractor = build_student(setup.cfg["student-model"], test.input_shape, test.num_classes,
-                                  test.tokens).device_part(setup.cfg["cut"])
+        extractor = student_for(setup.cfg, test).device_part(setup.cfg["cut"])
         with torch.no_grad():
             shape = tuple(extractor(setup.student.example_input()).shape[1:])
         setup.gkt = nn.ModuleDict({"extractor": extractor, "head": device_head(shape, test.num_classes)})

@@ -50,11 +50,22 @@ def _str(default: str, accepts: str = "a string") -> Key:
     return Key(default, accepts, lambda v: isinstance(v, str))
 
 
+def _gpt_size_ok(value: Any) -> bool:
+    from fedsplitkd.gpt import GPTSize
+
+    try:
+        GPTSize.parse(value)
+    except ValueError:
+        return False
+    return True
+
+
 SCHEMA: dict[str, Key] = {
     "method": _choice("splitkd", "splitfed", "fedavg", "fedprox", "feddf", "fd", "fedgkt", "local", "central-kd"),
     "proximal-mu": _float(0.01, 0.0, 1e6),
     "distill-steps": _int(100, 0),
-    "dataset": _choice("digits", "har", "shakespeare", "cifar10", "fashion_mnist", "femnist", "npz", "csv"),
+    "dataset": _choice("digits", "har", "shakespeare", "shakespeare-lm", "cifar10", "fashion_mnist", "femnist",
+                       "npz", "csv"),
     "data-path": _str("", "a file path ('' = the dataset's default source)"),
     "label-column": _str("label", "the label column's name (csv)"),
     "seq-len": _int(40, 2),
@@ -81,7 +92,14 @@ SCHEMA: dict[str, Key] = {
     "teacher-path": _str("", "a checkpoint path ('' = train on the public split)"),
     "teacher-cache-dir": _str("", "a directory ('' = ~/.cache/fedsplitkd/teachers)"),
     "teacher-epochs": _int(60, 1),
-    "student-model": _choice("auto", "mlp", "cnn1d", "cnn2d"),
+    "student-model": _choice("auto", "mlp", "cnn1d", "cnn2d", "gpt"),
+    "gpt-student": Key("2x128x4", "layers x width x heads, e.g. '2x128x4' (heads divide width)",
+                       _gpt_size_ok),
+    "gpt-teacher": Key("6x256x8", "layers x width x heads, e.g. '6x256x8' (heads divide width)",
+                       _gpt_size_ok),
+    "torch-device": _choice("cpu", "cuda", "auto"),
+    "hf-student": _str("", "a local Hugging Face checkpoint directory ('' = the built-in GPT)"),
+    "hf-teacher": _str("", "a local Hugging Face checkpoint directory, used as trained ('' = the built-in GPT)"),
     "cut": _str("default", "a cut-point name of the student ('default' = its first block, "
                 "'adaptive' = chosen per cluster from the cost model)"),
     "clusters": Key("1", "'1' (no clustering), 'auto' (k by silhouette) or a number of clusters",

@@ -32,6 +32,12 @@ class Dataset:
     y_test: np.ndarray
     num_classes: int
     ids_train: np.ndarray | None = None  # natural id per training sample (role, subject, writer)
+    vocab: str | None = None  # the characters of a text dataset, in token-id order
+
+    @property
+    def sequence(self) -> bool:
+        """Whether each sample has a label per position (language modelling: y is (N, T))."""
+        return self.y_train.ndim == 2
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -57,9 +63,10 @@ def _checked(name: str, origin: str, raw: dict) -> Dataset:
     """Validate arrays from any source; standardise raw measurements with training statistics."""
     x_tr, y_tr, x_te, y_te = (np.asarray(raw[k]) for k in ("x_train", "y_train", "x_test", "y_test"))
     for split, x, y in (("train", x_tr, y_tr), ("test", x_te, y_te)):
-        if x.ndim < 2 or y.ndim != 1 or len(x) != len(y) or not len(x):
+        per_position = y.ndim == 2 and y.shape == x.shape and np.issubdtype(x.dtype, np.integer)
+        if x.ndim < 2 or not (y.ndim == 1 or per_position) or len(x) != len(y) or not len(x):
             raise DataError(f"{origin}: x_{split} {x.shape} and y_{split} {y.shape} must be (N, ...) "
-                            "and (N,) with N > 0")
+                            "and (N,) with N > 0 (or token ids (N, T) with a label per position)")
         if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
             raise DataError(f"{origin}: y_{split} must hold integer labels >= 0 (dtype {y.dtype}, "
                             f"min {y.min()})")
@@ -73,9 +80,9 @@ def _checked(name: str, origin: str, raw: dict) -> Dataset:
         raise DataError(f"{origin}: labels reach {max(y_tr.max(), y_te.max())} but there are "
                         f"{num_classes} classes")
     ids = raw.get("ids_train")
-    if ids is not None and np.asarray(ids).shape != y_tr.shape:
+    if ids is not None and np.asarray(ids).shape != y_tr.shape[:1]:
         raise DataError(f"{origin}: ids_train {np.asarray(ids).shape} must be one id per training sample")
-    if np.issubdtype(x_tr.dtype, np.integer) and name == "shakespeare":
+    if np.issubdtype(x_tr.dtype, np.integer) and name in ("shakespeare", "shakespeare-lm"):
         x_tr, x_te = x_tr.astype(np.int64), x_te.astype(np.int64)
     else:
         x_tr, x_te = x_tr.astype(np.float32), x_te.astype(np.float32)
@@ -86,7 +93,7 @@ def _checked(name: str, origin: str, raw: dict) -> Dataset:
             mean, std = x_tr.mean(axis=axes, keepdims=True), x_tr.std(axis=axes, keepdims=True) + 1e-6
             x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
     return Dataset(name, x_tr, y_tr.astype(np.int64), x_te, y_te.astype(np.int64), num_classes,
-                   None if ids is None else np.asarray(ids).astype(np.int64))
+                   None if ids is None else np.asarray(ids).astype(np.int64), raw.get("vocab"))
 
 
 @functools.lru_cache(maxsize=4)
@@ -97,6 +104,8 @@ def _load(name: str, path: str, seq_len: int, stride: int, label_column: str) ->
         raw = sources.har(path)
     elif name == "shakespeare":
         raw = sources.shakespeare(path, seq_len, stride)
+    elif name == "shakespeare-lm":
+        raw = sources.shakespeare(path, seq_len, stride, sequence=True)
     elif name in sources.HUB:
         raw = sources.hub(name)
     elif name == "npz":
@@ -189,7 +198,9 @@ def _device_index(cfg_items: tuple, num_partitions: int) -> tuple[np.ndarray, ..
     ds = load_dataset(cfg)
     _, pool = public_split(len(ds.y_train), cfg["public-fraction"], cfg["seed"])
     ids = ds.ids_train[pool] if ds.ids_train is not None else None
-    parts = partition(ds.y_train[pool], num_partitions, cfg["partition"], cfg["dirichlet-alpha"],
+    # Label-skewed partitions need one label per sample: a sequence's last next token.
+    labels = ds.y_train[pool] if ds.y_train.ndim == 1 else ds.y_train[pool, -1]
+    parts = partition(labels, num_partitions, cfg["partition"], cfg["dirichlet-alpha"],
                       cfg["seed"], cfg["classes-per-device"], ids)
     return tuple(pool[p] for p in parts)
 

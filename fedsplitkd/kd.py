@@ -16,11 +16,19 @@ def kd_loss(
 ) -> torch.Tensor:
     """``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(labels, student)``.
 
-    The T^2 factor keeps the soft term's gradient scale independent of T. With
-    ``reduction='none'`` one loss per sample is returned. ``alpha = 0`` needs no teacher.
+    The T^2 factor keeps the soft term's gradient scale independent of T. Logits are
+    (..., V) with labels (...): a sequence model's (B, T, V) logits give a loss per token.
+    With ``reduction='none'`` one loss per label is returned (shape of ``labels``), with
+    'mean' their mean. ``alpha = 0`` needs no teacher.
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"kd_loss: reduction must be 'mean' or 'none', got {reduction!r}")
+    if student_logits.shape[:-1] != labels.shape:
+        raise ValueError(f"kd_loss: logits {tuple(student_logits.shape)} do not fit labels {tuple(labels.shape)}")
+    shape, vocab = labels.shape, student_logits.shape[-1]
+    student_logits, labels = student_logits.reshape(-1, vocab), labels.reshape(-1)
+    if teacher_logits is not None:
+        teacher_logits = teacher_logits.reshape(-1, vocab)
     ce = F.cross_entropy(student_logits, labels, reduction="none")
     if alpha == 0.0:
         per_sample = ce
@@ -31,4 +39,4 @@ def kd_loss(
         log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
         kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=-1)
         per_sample = alpha * temperature**2 * kl + (1.0 - alpha) * ce
-    return per_sample if reduction == "none" else per_sample.mean()
+    return per_sample.reshape(shape) if reduction == "none" else per_sample.mean()

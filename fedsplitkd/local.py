@@ -11,7 +11,7 @@ from torch import nn
 from fedsplitkd.data import DeviceData
 from fedsplitkd.device import batch_plan
 from fedsplitkd.kd import kd_loss
-from fedsplitkd.runtime import make_optimizer
+from fedsplitkd.runtime import device_of, make_optimizer, per_sample
 
 # KD targets for a batch, from its sample indices, inputs and labels.
 Teacher = Callable[[np.ndarray, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -29,22 +29,21 @@ def train_whole(model: nn.Module, data: DeviceData, cfg, server_round: int, devi
     plan = batch_plan(len(data.y_train), cfg["batch-size"], cfg["local-epochs"], cfg["seed"],
                       server_round, device_key)
     samples, loss_sum = 0, 0.0
+    device = device_of(model)
     model.train()
     for batch in plan:
-        x, y = torch.from_numpy(data.x_train[batch]), torch.from_numpy(data.y_train[batch])
+        x, y = (torch.from_numpy(a[batch]).to(device) for a in (data.x_train, data.y_train))
         logits = model(x)
+        losses = kd_loss(logits, None, y, 0.0, 1.0, reduction="none")  # cross-entropy per label
         if teacher is not None:
             with torch.no_grad():
                 target = teacher(batch, x, y)
-            known = ~torch.isnan(target).any(-1)
-            per_sample = nn.functional.cross_entropy(logits, y, reduction="none")
+            known = ~torch.isnan(target).any(-1)  # per label (per token for sequences)
             if known.any():
-                per_sample = per_sample.clone()
-                per_sample[known] = kd_loss(logits[known], target[known], y[known], cfg["kd-alpha"],
-                                            cfg["kd-temperature"], reduction="none")
-            loss = per_sample.mean()
-        else:
-            loss = nn.functional.cross_entropy(logits, y)
+                losses = losses.clone()
+                losses[known] = kd_loss(logits[known], target[known], y[known], cfg["kd-alpha"],
+                                        cfg["kd-temperature"], reduction="none")
+        loss = per_sample(losses).mean()
         objective = loss
         if proximal_mu:
             objective = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))

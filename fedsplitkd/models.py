@@ -66,7 +66,8 @@ class SplitModel(nn.Sequential):
     def block_stats(self) -> list[BlockStats]:
         """Parameters, output size and forward FLOPs per sample of every block."""
         stats = []
-        x = self.example_input()
+        param = next(self.parameters(), None)
+        x = self.example_input().to(param.device if param is not None else "cpu")
         with torch.no_grad():
             for name, block in self._modules.items():
                 counter = FlopCounterMode(display=False)
@@ -150,8 +151,14 @@ def charcnn(seq_len: int, vocab: int, dim: int, channels: list[int]) -> SplitMod
     return SplitModel(blocks, (seq_len,), torch.int64)
 
 
-def family_for(input_shape: tuple[int, ...], tokens: bool = False) -> str:
-    """Token ids -> char CNN; flat features -> MLP, (C, L) -> 1-D CNN, (C, H, W) -> 2-D CNN."""
+GPT_STUDENT, GPT_TEACHER = "2x128x4", "6x256x8"  # layers x width x heads (run-config defaults)
+
+
+def family_for(input_shape: tuple[int, ...], tokens: bool = False, sequence: bool = False) -> str:
+    """Token ids -> char CNN (one next token) or GPT (a next token per position, ``sequence``);
+    flat features -> MLP, (C, L) -> 1-D CNN, (C, H, W) -> 2-D CNN."""
+    if sequence:
+        return "gpt"
     if tokens:
         return "charcnn"
     if len(input_shape) not in (1, 2, 3):
@@ -160,8 +167,10 @@ def family_for(input_shape: tuple[int, ...], tokens: bool = False) -> str:
 
 
 def build_student(family: str, input_shape: tuple[int, ...], num_classes: int,
-                  tokens: bool = False) -> SplitModel:
+                  tokens: bool = False, gpt_size: str = GPT_STUDENT) -> SplitModel:
     family = family_for(input_shape, tokens) if family == "auto" else family
+    if family == "gpt":
+        return _gpt(input_shape, num_classes, gpt_size, "gpt-student")
     if family == "charcnn":
         return charcnn(input_shape[0], num_classes, 32, [64, 64])
     if family == "mlp":
@@ -172,9 +181,11 @@ def build_student(family: str, input_shape: tuple[int, ...], num_classes: int,
 
 
 def build_teacher(family: str, input_shape: tuple[int, ...], num_classes: int,
-                  tokens: bool = False) -> SplitModel:
+                  tokens: bool = False, gpt_size: str = GPT_TEACHER) -> SplitModel:
     """A clearly larger model of the student's family; its first block is the embedding module."""
     family = family_for(input_shape, tokens) if family == "auto" else family
+    if family == "gpt":
+        return _gpt(input_shape, num_classes, gpt_size, "gpt-teacher")
     if family == "charcnn":
         return charcnn(input_shape[0], num_classes, 64, [128, 128, 128])
     if family == "mlp":
@@ -183,3 +194,53 @@ def build_teacher(family: str, input_shape: tuple[int, ...], num_classes: int,
         return cnn1d(input_shape, num_classes, [32, 64, 128, 256], hidden=128)
     return cnn2d(input_shape, num_classes, [32, 64, 128], hidden=256)
 
+
+def _gpt(input_shape: tuple[int, ...], vocab: int, size: str, key: str) -> SplitModel:
+    from fedsplitkd.gpt import GPTSize, gpt
+
+    if len(input_shape) != 1:
+        raise ValueError(f"student-model 'gpt' needs token windows (T,), not features {input_shape}")
+    return gpt(vocab, input_shape[0], GPTSize.parse(size, f"run-config '{key}'"))
+
+
+def family_of(cfg, dataset) -> str:
+    """The run's model family: ``student-model``, or picked from the dataset; one that cannot
+    fit the dataset's targets is refused naming the key."""
+    sequence = getattr(dataset, "sequence", False)
+    family = cfg["student-model"]
+    if family == "auto":
+        return family_for(dataset.input_shape, dataset.tokens, sequence)
+    if (family == "gpt") != sequence:
+        want = "'gpt' (or 'auto')" if sequence else "not 'gpt' (it predicts a token per position)"
+        raise ValueError(f"run-config 'student-model' = {family!r}: dataset '{dataset.name}' needs {want}")
+    return family
+
+
+def _hf(cfg, dataset, key: str) -> SplitModel | None:
+    """The local Hugging Face checkpoint run-config ``key`` names, split; None when unset."""
+    if not cfg.get(key, ""):
+        return None
+    if not getattr(dataset, "sequence", False):
+        raise ValueError(f"run-config '{key}': a causal LM needs a dataset with a next token per "
+                         f"position, not '{dataset.name}'")
+    from fedsplitkd.hf import load_split
+
+    return load_split(cfg[key], dataset.input_shape[0], dataset.num_classes, f"run-config '{key}'")
+
+
+def student_for(cfg, dataset) -> SplitModel:
+    """The run's student for ``dataset`` (sizes from the run config, or a local HF checkpoint)."""
+    hf = _hf(cfg, dataset, "hf-student")
+    if hf is not None:
+        return hf
+    return build_student(family_of(cfg, dataset), dataset.input_shape, dataset.num_classes, dataset.tokens,
+                         cfg.get("gpt-student", GPT_STUDENT))
+
+
+def teacher_for(cfg, dataset) -> SplitModel:
+    """The run's teacher for ``dataset`` (sizes from the run config, or a local HF checkpoint)."""
+    hf = _hf(cfg, dataset, "hf-teacher")
+    if hf is not None:
+        return hf
+    return build_teacher(family_of(cfg, dataset), dataset.input_shape, dataset.num_classes, dataset.tokens,
+                         cfg.get("gpt-teacher", GPT_TEACHER))

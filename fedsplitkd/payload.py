@@ -51,9 +51,10 @@ def require_array(payload: Payload, key: str, dtype: type, shape: tuple[int | No
     return value
 
 
-def require_labels(payload: Payload, key: str, count: int, num_classes: int) -> np.ndarray:
-    """``count`` int64 labels, each in [0, num_classes)."""
-    labels = require_array(payload, key, np.int64, (count,))
+def require_labels(payload: Payload, key: str, count: int, num_classes: int,
+                   shape: tuple[int, ...] = ()) -> np.ndarray:
+    """``count`` int64 labels of ``shape`` each (a sequence's: one per position), in [0, num_classes)."""
+    labels = require_array(payload, key, np.int64, (count, *shape))
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise PayloadError(f"field '{key}' outside [0, {num_classes})")
     return labels

@@ -207,41 +207,88 @@ def speeches(text: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def shakespeare(path: str, seq_len: int, stride: int, test_fraction: float = 0.1) -> dict:
+class CharTokenizer:
+    """Characters <-> int64 ids over a fixed vocabulary (sorted characters of the text)."""
+
+    def __init__(self, vocab: str):
+        if not vocab or len(set(vocab)) != len(vocab):
+            raise DataError("a character vocabulary must be non-empty, without repeats")
+        self.vocab = vocab
+        self._code = {c: i for i, c in enumerate(vocab)}
+
+    @classmethod
+    def fit(cls, text: str) -> CharTokenizer:
+        return cls("".join(sorted(set(text))))
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    def encode(self, text: str) -> np.ndarray:
+        try:
+            return np.fromiter((self._code[c] for c in text), dtype=np.int64, count=len(text))
+        except KeyError as err:
+            raise DataError(f"character {err.args[0]!r} is not in the vocabulary") from None
+
+    def decode(self, ids) -> str:
+        return "".join(self.vocab[int(i)] for i in ids)
+
+    def to_json(self) -> dict:
+        return {"kind": "char", "vocab": self.vocab}
+
+
+MIN_ROLE_LINES = 20  # roles speaking fewer lines share one natural id (the LM task)
+MINOR_ROLES = "(minor roles)"
+
+
+def merge_minor_roles(by_role: dict[str, list[str]], min_lines: int) -> dict[str, list[str]]:
+    """Roles with fewer than ``min_lines`` lines of speech, pooled into one role (in name order):
+    a device then never holds a role too small to give a training and a test window."""
+    merged: dict[str, list[str]] = {}
+    for role in sorted(by_role):
+        lines = sum(s.count("\n") + 1 for s in by_role[role])
+        merged.setdefault(role if lines >= min_lines else MINOR_ROLES, []).extend(by_role[role])
+    return merged
+
+
+def shakespeare(path: str, seq_len: int, stride: int, test_fraction: float = 0.1,
+                sequence: bool = False) -> dict:
     """Next-character prediction; each role's speeches are one natural id (LEAF-style).
 
     Windows of ``seq_len`` characters every ``stride`` characters of a role's text; the
-    label is the character after the window. The last ``test_fraction`` of every role's
-    windows is the test split.
+    label is the character after the window, or, with ``sequence`` (language modelling),
+    the window shifted by one: a next character per position, and roles with fewer than
+    MIN_ROLE_LINES lines are pooled into one id. The last ``test_fraction`` of every
+    role's windows is the test split.
     """
     file = Path(path).expanduser() if path else fetch(SHAKESPEARE)
     if not file.is_file():
         raise DataError(f"no file at '{file}': data-path must name the Tiny Shakespeare text, or "
                         "be '' to download it")
     text = file.read_text(encoding="utf-8")
-    vocab = sorted(set(text))
-    code = np.zeros(max(map(ord, vocab)) + 1, dtype=np.int64)
-    code[[ord(c) for c in vocab]] = np.arange(len(vocab))
+    tokenizer = CharTokenizer.fit(text)
     by_role: dict[str, list[str]] = {}
     for role, speech in speeches(text):
         by_role.setdefault(role, []).append(speech)
     if not by_role:
         raise DataError(f"'{file}' has no 'NAME:' speaker lines: is it Tiny Shakespeare?")
+    if sequence:
+        by_role = merge_minor_roles(by_role, MIN_ROLE_LINES)
     parts = {k: [] for k in ("x_train", "y_train", "ids_train", "x_test", "y_test")}
     for role_id, role in enumerate(sorted(by_role)):
-        ids = code[np.frombuffer("\n\n".join(by_role[role]).encode("utf-32-le"), dtype=np.uint32)]
+        ids = tokenizer.encode("\n\n".join(by_role[role]))
         starts = np.arange(0, len(ids) - seq_len, stride)
         if not len(starts):
             continue
         x = np.stack([ids[s:s + seq_len] for s in starts])
-        y = ids[starts + seq_len]
+        y = np.stack([ids[s + 1:s + seq_len + 1] for s in starts]) if sequence else ids[starts + seq_len]
         n_test = int(len(starts) * test_fraction)
         cut = len(starts) - n_test
         parts["x_train"].append(x[:cut]); parts["y_train"].append(y[:cut])
         parts["ids_train"].append(np.full(cut, role_id))
         parts["x_test"].append(x[cut:]); parts["y_test"].append(y[cut:])
     out = {k: np.concatenate(v) for k, v in parts.items()}
-    out["num_classes"] = len(vocab)
+    out["num_classes"] = len(tokenizer)
+    out["vocab"] = tokenizer.vocab
     return out
 
 

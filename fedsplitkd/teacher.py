@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedsplitkd.models import SplitModel, build_teacher, family_for
-from fedsplitkd.runtime import evaluate
+from fedsplitkd.kd import kd_loss
+from fedsplitkd.models import SplitModel, family_of, teacher_for
+from fedsplitkd.runtime import device_of, evaluate, torch_device
 
 log = logging.getLogger("fedsplitkd")
 
@@ -29,16 +30,18 @@ def default_cache_dir() -> Path:
 
 def train_teacher(teacher: SplitModel, x: np.ndarray, y: np.ndarray, epochs: int, seed: int,
                   batch_size: int = 64, lr: float = 1e-3) -> SplitModel:
-    """Plain supervised training (Adam, cross-entropy) on the public split."""
+    """Plain supervised training (Adam, cross-entropy per label) on the public split, on the
+    teacher's torch device."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(teacher.parameters(), lr=lr)
+    device = device_of(teacher)
     xs, ys = torch.from_numpy(x), torch.from_numpy(y)
     teacher.train()
     for _ in range(epochs):
         order = torch.randperm(len(xs), generator=generator)
         for i in range(0, len(xs), batch_size):
             idx = order[i:i + batch_size]
-            loss = torch.nn.functional.cross_entropy(teacher(xs[idx]), ys[idx])
+            loss = kd_loss(teacher(xs[idx].to(device)), None, ys[idx].to(device), 0.0, 1.0)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -55,17 +58,23 @@ def cache_key(family: str, input_shape: tuple, num_classes: int, x: np.ndarray, 
 
 
 def get_teacher(cfg, dataset, x_public: np.ndarray, y_public: np.ndarray) -> SplitModel:
-    """The teacher from ``teacher-path``, the disk cache, or fresh training on the public split."""
+    """The teacher from ``teacher-path``, the disk cache, or fresh training on the public split,
+    on the run's torch device."""
     torch.manual_seed(cfg["seed"])
     input_shape, num_classes = dataset.input_shape, dataset.num_classes
-    family = family_for(input_shape, dataset.tokens) if cfg["student-model"] == "auto" else cfg["student-model"]
-    teacher = build_teacher(family, input_shape, num_classes)
+    family = family_of(cfg, dataset)
+    if family == "gpt":  # the size is part of what determines the teacher
+        family = f"gpt-{cfg.get('gpt-teacher')}"
+    device = torch_device(cfg.get("torch-device", "cpu"))
+    teacher = teacher_for(cfg, dataset).to(device)
+    if cfg.get("hf-teacher", ""):  # a Hugging Face checkpoint is a trained teacher: used as is
+        return teacher
     if cfg["teacher-path"]:
         path = Path(cfg["teacher-path"]).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"teacher-path '{path}': no such file")
         try:
-            teacher.load_state_dict(torch.load(path, weights_only=True))
+            teacher.load_state_dict(torch.load(path, weights_only=True, map_location=device))
         except RuntimeError as err:
             raise ValueError(f"teacher-path '{path}' does not fit the teacher for input "
                              f"{input_shape}: {str(err).splitlines()[0]}") from err
@@ -75,7 +84,7 @@ def get_teacher(cfg, dataset, x_public: np.ndarray, y_public: np.ndarray) -> Spl
                     cfg["teacher-epochs"], cfg["seed"])
     path = cache_dir / f"teacher-{key}.pt"
     if path.is_file():
-        teacher.load_state_dict(torch.load(path, weights_only=True))
+        teacher.load_state_dict(torch.load(path, weights_only=True, map_location=device))
         log.info("teacher loaded from cache %s", path)
         return teacher
     train_teacher(teacher, x_public, y_public, cfg["teacher-epochs"], cfg["seed"])
