@@ -1,0 +1,127 @@
+"""A real deployment on 127.0.0.1 (SuperLink + 3 SuperNodes, insecure and TLS), and the README's
+example app (experiments/deploy/my_app.py) over an in-process Grid."""
+
+from __future__ import annotations
+
+import importlib.util
+import urllib.request
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+import torch
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedsplitkd.config import resolve
+from fedsplitkd.data import load_dataset
+from fedsplitkd.deployment import LocalDeployment, alive
+from fedsplitkd.experiment import run_inprocess
+from fedsplitkd.models import student_for
+from fedsplitkd.runtime import evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICES = 3
+# Few messages: each one starts a flwr-clientapp process that imports torch. With every
+# batch in one exchange, a round is two messages per device (forward, final backward).
+CONFIG = {"dataset": "digits", "num-rounds": 2, "teacher-epochs": 5, "exchange-batches": 1000,
+          "batch-size": 32, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def reference() -> list[dict]:
+    """The same config in one process: what every Flower run of it must reproduce."""
+    return run_inprocess(dict(CONFIG), DEVICES)[1]
+
+
+def deploy(tls: bool, config: dict, tmp_path: Path, reference: list[dict]) -> None:
+    with LocalDeployment(DEVICES, tls=tls) as dep:
+        started = dep.pids()
+        if tls:  # the SuperLink speaks TLS only
+            with pytest.raises(OSError):
+                urllib.request.urlopen(f"http://{dep.address}/health", timeout=5)
+        result = dep.run(ROOT, {**config, "output-dir": str(tmp_path), "run-name": "run"})
+        started |= dep.pids() | dep.seen
+    assert len(started) >= 1 + 2 * DEVICES  # SuperLink, SuperNodes and their SuperExecs
+    assert not [pid for pid in started if alive(pid)], "processes outlived the deployment"
+    assert result.ok, f"{result.problems}\n{result.stdout[-3000:]}\n{result.stderr[-2000:]}"
+    assert result.status == "finished:completed"
+    rows = result.rows
+    assert [int(r["round"]) for r in rows] == list(range(config["num-rounds"] + 1))
+    assert all(int(r["completed"]) == DEVICES for r in rows[1:])
+    # Each SuperNode served the partition its node config named: the in-process math, exactly.
+    for got, want in zip(rows, reference):
+        assert float(got["test_accuracy"]) == pytest.approx(want["test_accuracy"], abs=1e-9)
+        assert int(got["bytes_up"]) == want["bytes_up"]
+    assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_insecure_deployment_completes_and_stops_everything(tmp_path, reference):
+    deploy(False, CONFIG, tmp_path, reference)
+
+
+def test_tls_deployment_completes_and_stops_everything(tmp_path, reference):
+    deploy(True, {**CONFIG, "num-rounds": 1}, tmp_path, reference)  # one round: TLS is the point
+
+
+# ---- the README's example app -------------------------------------------------------------------
+
+class LoopbackGrid(Grid):
+    """Serves every message at once with a ClientApp in this process, one Context per node."""
+
+    def __init__(self, app: ClientApp, run_config: dict, num_nodes: int):
+        self.app, self._run = app, None
+        self.contexts = {100 + i: Context(run_id=7, node_id=100 + i, state=RecordDict(), run_config=run_config,
+                                          node_config={"partition-id": i, "num-partitions": num_nodes})
+                         for i in range(num_nodes)}
+        self.replies: dict[str, Message] = {}
+
+    def set_run(self, run) -> None:
+        self._run = run
+
+    @property
+    def run(self):
+        return self._run
+
+    def create_message(self, *args, **kwargs) -> Message:
+        raise NotImplementedError
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages) -> list[str]:
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid4())
+            try:
+                reply = self.app(message, self.contexts[message.metadata.dst_node_id])
+            except Exception as err:  # noqa: BLE001  (a SuperNode reports any ClientApp error)
+                reply = Message(Error(0, repr(err)), reply_to=message)
+            self.replies[message.metadata.message_id] = reply
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids) -> list[Message]:
+        return [self.replies.pop(m) for m in list(message_ids) if m in self.replies]
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+
+def test_readme_example_app_trains_the_same_student(tmp_path, reference, monkeypatch):
+    for name, value in (("_run_id", 7), ("_node_id", 1), ("_task_id", 1)):  # Messages outside a run
+        monkeypatch.setattr(TaskIdentity, name, value)
+    spec = importlib.util.spec_from_file_location("my_app", ROOT / "experiments" / "deploy" / "my_app.py")
+    my_app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(my_app)
+    run_config = {**CONFIG, "output-dir": str(tmp_path), "min-nodes": DEVICES}
+    my_app.main(LoopbackGrid(my_app.client_app, run_config, DEVICES),
+                Context(run_id=7, node_id=1, node_config={}, state=RecordDict(), run_config=run_config))
+    cfg = resolve(run_config)
+    dataset = load_dataset(cfg)
+    student = student_for(cfg, dataset)
+    student.load_state_dict(torch.load(tmp_path / "my_student.pt", weights_only=True))
+    accuracy, _ = evaluate(student, dataset.x_test, dataset.y_test)
+    assert accuracy == pytest.approx(reference[-1]["test_accuracy"], abs=1e-9)
