@@ -80,6 +80,7 @@ def require_weights(payload: Payload, prefix: str, reference: dict[str, np.ndarr
     got = set(unpack(prefix, payload))
     if got != set(reference):
         missing, extra = sorted(set(reference) - got), sorted(got - set(reference))
-        raise PayloadError(f"weights mismatch: missing {missing[:3]}, unexpected {extra[:3]}")
+        raise PayloadError(f"fields '{prefix}*' do not match the model: missing {missing[:3]}, "
+                           f"unexpected {extra[:3]}")
     return {k: require_array(payload, prefix + k, ref.dtype.type, ref.shape, finite=True)
             for k, ref in reference.items()}

@@ -20,6 +20,7 @@ from fedsplitkd.runtime import state_to_numpy
 from fedsplitkd.server import InProcessTransport
 
 from conftest import tiny
+from malformed import MUTATIONS
 
 RUN_ID, SERVER_NODE, DEVICE_NODE = 7, 1, 1234
 FORWARD, BACKWARD, EVALUATE = "train.split_forward", "train.split_backward", "evaluate"
@@ -239,66 +240,6 @@ def test_handler_without_partition_config_raises(exp):
 
 
 # ---- server-side rejection of malformed forward replies ---------------------------------------
-
-def _tile(payload: dict) -> dict:
-    """A self-consistent chunk with twice the rows (and batches) of ``payload``."""
-    out = dict(payload)
-    for k in ("activations", "labels", "teacher-input"):
-        out[k] = np.concatenate([payload[k], payload[k]])
-    out["batch-sizes"] = np.concatenate([payload["batch-sizes"], payload["batch-sizes"]])
-    return out
-
-
-def _set(key, value):
-    return lambda p: {**p, key: value(p) if callable(value) else value}
-
-
-def _drop(key):
-    return lambda p: {k: v for k, v in p.items() if k != key}
-
-
-def _with_nan(key):
-    def mutate(p):
-        a = p[key].copy()
-        a.flat[3] = np.nan
-        return {**p, key: a}
-    return mutate
-
-
-MUTATIONS = {
-    "activations-wrong-shape": ("activations", _set("activations", lambda p: p["activations"][:, :-1])),
-    "activations-extra-axis": ("activations", _set("activations", lambda p: p["activations"][:, None])),
-    "activations-float64": ("activations", _set("activations", lambda p: p["activations"].astype(np.float64))),
-    "activations-nan": ("activations", _with_nan("activations")),
-    "activations-inf": ("activations", _set("activations", lambda p: np.where(
-        np.arange(p["activations"].size).reshape(p["activations"].shape) == 0, np.float32(np.inf),
-        p["activations"]).astype(np.float32))),
-    "activations-list": ("activations", _set("activations", lambda p: p["activations"].tolist())),
-    "activations-missing": ("activations", _drop("activations")),
-    "labels-too-large": ("labels", _set("labels", lambda p: np.where(np.arange(len(p["labels"])) == 5, 10,
-                                                                      p["labels"]).astype(np.int64))),
-    "labels-negative": ("labels", _set("labels", lambda p: np.where(np.arange(len(p["labels"])) == 0, -1,
-                                                                     p["labels"]).astype(np.int64))),
-    "labels-missing": ("labels", _drop("labels")),
-    "labels-int32": ("labels", _set("labels", lambda p: p["labels"].astype(np.int32))),
-    "labels-short": ("labels", _set("labels", lambda p: p["labels"][:-1])),
-    "extra-field": ("surprise", _set("surprise", np.zeros(3, dtype=np.float32))),
-    "round-wrong": ("round", _set("round", 2)),
-    "round-string": ("round", _set("round", "1")),
-    "round-missing": ("round", _drop("round")),
-    "batch-sizes-sum": ("batch-sizes", _set("batch-sizes", lambda p: p["batch-sizes"] + np.eye(
-        len(p["batch-sizes"]), dtype=np.int64)[0])),
-    "batch-sizes-empty": ("batch-sizes", _set("batch-sizes", np.zeros(0, dtype=np.int64))),
-    "batch-sizes-has-zero": ("batch-sizes", _set("batch-sizes", lambda p: np.concatenate(
-        [p["batch-sizes"][:-1], [0], p["batch-sizes"][-1:]]).astype(np.int64))),
-    "too-many-rows": ("activations", _tile),
-    "remaining-negative": ("remaining", _set("remaining", -1)),
-    "teacher-input-missing": ("teacher-input", _drop("teacher-input")),
-    "teacher-input-wrong-shape": ("teacher-input", _set("teacher-input", lambda p: p["teacher-input"][:, :1])),
-    "teacher-input-wrong-rows": ("teacher-input", _set("teacher-input", lambda p: p["teacher-input"][:-1])),
-    "teacher-input-nan": ("teacher-input", _with_nan("teacher-input")),
-}
-
 
 def test_mutations_change_the_payload(first_chunk):
     assert len(MUTATIONS) >= 10

@@ -1,0 +1,146 @@
+"""Payload fuzzing: malformed replies inside whole rounds never touch the global model.
+
+Each malformed reply must be rejected with a logged reason naming the field, and the
+student after the round must be byte-identical to the run in which that device simply
+failed at the same point (the honest devices' work is all that counts). Duplicated,
+forged and stale replies arrive through the Flower transport on top of the honest ones
+and must change nothing at all.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import pytest
+from flwr.app import Message
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedsplitkd import config as config_lib
+from fedsplitkd import experiment
+from fedsplitkd.clients.client_app import split_backward, split_forward
+from fedsplitkd.device import device_setup
+from fedsplitkd.server import InProcessTransport
+from fedsplitkd.strategies.splitkd import BACKWARD, GridTransport
+
+from conftest import tiny
+from malformed import FINAL_MUTATIONS, MUTATIONS
+from test_client_handlers import new_context
+
+DEVICES, TARGET = 3, 1
+OVERRIDES = tiny(exchange_batches=2, batch_size=16)  # several chunks per device, then the final reply
+
+
+@pytest.fixture(scope="module")
+def exp():
+    return experiment.build(config_lib.resolve(OVERRIDES))
+
+
+@pytest.fixture(scope="module")
+def setups(exp):
+    return {k: device_setup(exp.cfg, k, DEVICES) for k in range(DEVICES)}
+
+
+class Tampering(InProcessTransport):
+    """Replaces the target device's ``at``-th reply (0 = first chunk, -1 = the final reply)."""
+
+    def __init__(self, setups, at: int, replace):
+        super().__init__(setups)
+        self.at, self.replace, self.seen, self.final = at, replace, 0, False
+
+    def send(self, requests):
+        if TARGET in requests:
+            self.final = bool(requests[TARGET].get("final"))
+        super().send(requests)
+
+    def receive(self):
+        replies = super().receive()
+        if TARGET in replies and not isinstance(replies[TARGET], str):
+            if self.final if self.at == -1 else self.seen == self.at:
+                replies[TARGET] = self.replace(dict(replies[TARGET]))
+            self.seen += 1
+        return replies
+
+
+def round_with(exp, setups, at: int, replace) -> tuple[bytes, object]:
+    server = copy.deepcopy(exp.server)
+    stats = server.run_round(Tampering(setups, at, replace), list(range(DEVICES)), 1)
+    model = b"".join(v.numpy().tobytes() for v in server.student.state_dict().values())
+    return model, stats
+
+
+CASES = [(name, 0, field, mutate) for name, (field, mutate) in MUTATIONS.items()]
+CASES += [(name + "-later-chunk", 1, field, mutate)
+          for name, (field, mutate) in MUTATIONS.items() if name in ("activations-nan", "labels-too-large",
+                                                                     "round-wrong", "activations-oversize")]
+CASES += [(name, -1, field, mutate) for name, (field, mutate) in FINAL_MUTATIONS.items()]
+
+
+def test_there_are_at_least_25_cases():
+    assert len(CASES) >= 25
+
+
+@pytest.mark.parametrize("name,at,field,mutate", CASES, ids=[c[0] for c in CASES])
+def test_malformed_reply_is_rejected_and_the_model_is_as_if_the_device_failed(exp, setups, caplog, name, at,
+                                                                              field, mutate):
+    failed_model, failed = round_with(exp, setups, at, lambda reply: "device failed")
+    assert failed.dropped["failed"] == 1
+    with caplog.at_level(logging.WARNING, logger="fedsplitkd"):
+        model, stats = round_with(exp, setups, at, mutate)
+    assert (stats.dropped["invalid"], stats.completed) == (1, DEVICES - 1)
+    assert stats.drops[0][0] == TARGET
+    logged = [r.getMessage() for r in caplog.records if f"dropped device {TARGET}" in r.getMessage()
+              and "(invalid)" in r.getMessage()]
+    assert logged and field in logged[0], logged
+    assert model == failed_model
+
+
+# ---- duplicated, forged and stale replies through the Flower transport -----------------------
+
+class EchoingGrid:
+    """A Grid whose nodes run the real ClientApp handlers; every reply arrives twice, and
+    with it a forged copy from another node and a reply to a message nobody sent."""
+
+    def __init__(self, run_config: dict):
+        self.contexts = {node: new_context() for node in (101, 102, 103)}
+        for i, context in enumerate(self.contexts.values()):
+            context.node_config["partition-id"], context.node_config["num-partitions"] = i, DEVICES
+            context.run_config.update(run_config)
+        self.outbox: list[Message] = []
+        self.count = 0
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            self.count += 1
+            msg.metadata._message_id = mid = f"m{self.count}"
+            handler = split_backward if msg.metadata.message_type == BACKWARD else split_forward
+            reply = handler(msg, self.contexts[msg.metadata.dst_node_id])
+            forged = Message(reply.content, reply_to=msg)
+            forged.metadata._src_node_id = 999
+            stale = Message(reply.content, reply_to=msg)
+            stale.metadata._reply_to_message_id = "m-unknown"
+            self.outbox += [reply, copy.deepcopy(reply), forged, stale]
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids):
+        out, self.outbox = self.outbox, []
+        return out
+
+
+def test_duplicated_forged_and_stale_replies_change_nothing(exp, setups, monkeypatch):
+    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    clean, clean_stats = round_with(exp, setups, 0, lambda reply: reply)
+    server = copy.deepcopy(exp.server)
+    grid = EchoingGrid({**config_lib.DEFAULTS, **OVERRIDES})
+    transport = GridTransport(grid, timeout=30, nodes={0: 101, 1: 102, 2: 103})
+    stats = server.run_round(transport, list(range(DEVICES)), 1)
+    model = b"".join(v.numpy().tobytes() for v in server.student.state_dict().values())
+    assert (stats.completed, sum(stats.dropped.values())) == (DEVICES, 0)
+    assert stats.bytes_up == clean_stats.bytes_up
+    assert model == clean
+    assert not np.isnan(stats.train_loss)
