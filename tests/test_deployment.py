@@ -17,7 +17,12 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedsplitkd.config import resolve
 from fedsplitkd.data import load_dataset
-from fedsplitkd.deployment import LocalDeployment, alive
+from fedsplitkd.deployment import (
+    DeploymentResult,
+    LocalDeployment,
+    alive,
+    parse_run_config,
+)
 from fedsplitkd.experiment import run_inprocess
 from fedsplitkd.models import student_for
 from fedsplitkd.runtime import evaluate
@@ -64,6 +69,24 @@ def test_insecure_deployment_completes_and_stops_everything(tmp_path, reference)
 
 def test_tls_deployment_completes_and_stops_everything(tmp_path, reference):
     deploy(True, {**CONFIG, "num-rounds": 1}, tmp_path, reference)  # one round: TLS is the point
+
+
+def test_a_completed_status_is_not_enough(tmp_path):
+    """Flower reports 'completed' when every ClientApp raised: no results, no success."""
+    result = DeploymentResult(0, "", "", 1, "finished:completed", tmp_path / "run")
+    LocalDeployment._judge(result, 2)
+    assert not result.ok and "metrics.csv" in result.problems[0]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.csv").write_text("round,test_accuracy,devices,completed\n0,0.1,0,0\n1,nan,3,3\n")
+    result = DeploymentResult(0, "", "", 1, "finished:completed", tmp_path / "run")
+    LocalDeployment._judge(result, 2)
+    assert any("rounds [0, 1]" in p for p in result.problems)
+    assert any("finite" in p for p in result.problems)
+
+
+def test_run_config_from_the_command_line():
+    assert parse_run_config("num-rounds=2 dataset='digits' fading=true kd-alpha=0.5 data-path=\"a b\"") == {
+        "num-rounds": 2, "dataset": "digits", "fading": True, "kd-alpha": 0.5, "data-path": "a b"}
 
 
 # ---- the README's example app -------------------------------------------------------------------
