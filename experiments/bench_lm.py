@@ -1,0 +1,150 @@
+"""Language-model split-KD against splitfed and fedavg on Shakespeare's speaking roles.
+
+Same data, devices (natural partition by role), student, rounds and seed for every method;
+all in one process (the math of the Flower run, without its messages). Prints, per
+method, held-out bits per character after the last round, bytes uploaded per training
+token, training tokens/s and model FLOPs utilisation (the model FLOPs the method needs
+per second over --peak-tflops; 'n/a' without it).
+
+    python experiments/bench_lm.py --data-path ../shared/datasets/tiny_shakespeare.txt
+    python experiments/bench_lm.py --data-path ... --device cuda --preset gpu --peak-tflops 989
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from fedsplitkd import config as config_lib
+from fedsplitkd.data import device_data
+from fedsplitkd.device import device_setup
+from fedsplitkd.experiment import build, sample_devices
+from fedsplitkd.gpt import train_flops_per_token
+from fedsplitkd.local import train_whole
+from fedsplitkd.runtime import load_numpy_state, state_to_numpy
+from fedsplitkd.server import InProcessTransport, average
+
+PRESETS = {  # sizes that fit ~5 minutes on 2 CPU cores, and a larger case for a GPU
+    "cpu": {"seq-len": 32, "text-stride": 512, "gpt-student": "2x64x4", "gpt-teacher": "4x128x4",
+            "batch-size": 16, "teacher-epochs": 6, "public-fraction": 0.2},
+    "gpu": {"seq-len": 256, "text-stride": 64, "gpt-student": "6x512x8", "gpt-teacher": "12x1024x16",
+            "batch-size": 64, "teacher-epochs": 4, "public-fraction": 0.2, "exchange-batches": 8,
+            "server-batching": "joint"},
+}
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_split(cfg: dict, devices: int) -> tuple[list[float], int, int, float]:
+    """splitkd / splitfed rounds: held-out losses per round, bytes up, tokens, training seconds."""
+    exp = build(config_lib.resolve(cfg))
+    transport = InProcessTransport({i: device_setup(exp.cfg, i, devices) for i in range(devices)})
+    exp.scheduler.fleet_size = devices
+    rng = np.random.default_rng([exp.cfg["seed"], 0])  # the train-sampling stream of SplitKD
+    losses, up, tokens, seconds = [exp.evaluate()[1]], 0, 0, 0.0
+    for server_round in range(1, cfg["num-rounds"] + 1):
+        sync(cfg["torch-device"])
+        start = time.perf_counter()
+        stats = exp.scheduler.run_round(transport, sample_devices(list(range(devices)), 1.0, rng), server_round)
+        sync(cfg["torch-device"])
+        seconds += time.perf_counter() - start
+        up, tokens = up + stats.bytes_up, tokens + stats.samples * cfg["seq-len"]
+        losses.append(exp.evaluate()[1])
+    return losses, up, tokens, seconds
+
+
+def run_fedavg(cfg: dict, devices: int) -> tuple[list[float], int, int, float]:
+    """FedAvg rounds on the whole student (every device trains a copy on the server's torch
+    device here; a real device would on its own): the arithmetic of Flower's FedAvg."""
+    exp = build(config_lib.resolve({**cfg, "kd-alpha": 0.0}))
+    data = [device_data(exp.cfg, i, devices) for i in range(devices)]
+    weights_bytes = sum(v.nbytes for v in state_to_numpy(exp.student).values())
+    losses, up, tokens, seconds = [exp.evaluate()[1]], 0, 0, 0.0
+    for server_round in range(1, cfg["num-rounds"] + 1):
+        sync(cfg["torch-device"])
+        start = time.perf_counter()
+        parts = []
+        for i, local in enumerate(data):
+            model = copy.deepcopy(exp.student)
+            samples, _ = train_whole(model, local, exp.cfg, server_round, i)
+            parts.append((state_to_numpy(model), samples))
+            tokens += samples * cfg["seq-len"]
+        load_numpy_state(exp.student, average([w for w, _ in parts], [n for _, n in parts]))
+        sync(cfg["torch-device"])
+        seconds += time.perf_counter() - start
+        up += weights_bytes * devices
+        losses.append(exp.evaluate()[1])
+    return losses, up, tokens, seconds
+
+
+def model_flops_per_token(cfg: dict, method: str) -> float:
+    """Training FLOPs of the student per token, plus the teacher's forward (a third of its
+    training FLOPs) where KD needs it."""
+    from fedsplitkd.data import load_dataset
+    from fedsplitkd.models import student_for, teacher_for
+
+    resolved = config_lib.resolve(cfg)
+    dataset = load_dataset(resolved)
+    flops = train_flops_per_token(student_for(resolved, dataset), cfg["seq-len"])
+    if method == "splitkd":
+        flops += train_flops_per_token(teacher_for(resolved, dataset), cfg["seq-len"]) / 3
+    return flops
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-path", required=True, help="the Tiny Shakespeare text file")
+    parser.add_argument("--devices", type=int, default=50, help="devices (speaking roles merged into them)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="the server's torch device")
+    parser.add_argument("--learning-rate", type=float, default=0.1)
+    parser.add_argument("--methods", nargs="+", default=["splitkd", "splitfed", "fedavg"])
+    parser.add_argument("--peak-tflops", type=float, default=0.0,
+                        help="the accelerator's peak dense TFLOP/s for the dtype in use (e.g. 989 for an H200's "
+                             "BF16, 495 for TF32); 0 = MFU n/a")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("set", nargs="*", help="extra run-config key=value overrides")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    base = {"dataset": "shakespeare-lm", "data-path": args.data_path, "partition": "natural",
+            "num-rounds": args.rounds, "learning-rate": args.learning_rate, "torch-device": device,
+            "teacher-cache-dir": tempfile.mkdtemp(prefix="fedsplitkd-lm-teacher-"), **PRESETS[args.preset]}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        base[key] = type(config_lib.DEFAULTS[key])(value) if key in config_lib.DEFAULTS else value
+    config_lib.resolve(base)  # a bad key or value stops here, naming it
+    print(f"Shakespeare LM, {args.devices} role devices, {args.rounds} rounds, device {device}, "
+          f"student {base['gpt-student']}, teacher {base['gpt-teacher']}, context {base['seq-len']}")
+    header = (f"{'method':>9} {'bpc r0':>7} {'bpc':>7} {'bytes up/token':>14} {'tokens/s':>9} "
+              f"{'TFLOP/s':>8} {'MFU':>6} {'train s':>8} {'total s':>8}")
+    results = []
+    for method in args.methods:
+        cfg = {**base, "method": method}
+        started = time.perf_counter()
+        runner = run_fedavg if method == "fedavg" else run_split
+        losses, up, tokens, seconds = runner(cfg, args.devices)
+        total = time.perf_counter() - started
+        rate = tokens / seconds
+        achieved = rate * model_flops_per_token(cfg, method) / 1e12
+        mfu = f"{100 * achieved / args.peak_tflops:.1f}%" if args.peak_tflops else "n/a"
+        results.append(f"{method:>9} {losses[0] / math.log(2):>7.3f} {losses[-1] / math.log(2):>7.3f} "
+                       f"{up / tokens:>14.1f} {rate:>9.0f} {achieved:>8.4f} {mfu:>6} {seconds:>8.1f} {total:>8.1f}")
+        print(f"{method}: held-out bpc by round {[round(x / math.log(2), 3) for x in losses]}", flush=True)
+    print(header)
+    print("\n".join(results))
+
+
+if __name__ == "__main__":
+    main()
