@@ -13,13 +13,13 @@ from fedsplitkd.device import teacher_mode
 from fedsplitkd.experiment import Experiment
 from fedsplitkd.local import pooled, train_whole
 from fedsplitkd.server import RoundStats
-from fedsplitkd.strategies.grid import discover
+from fedsplitkd.strategies.grid import NodeMap, discover
 from fedsplitkd.strategies.recorder import Recorder
 
 
 def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
     cfg = exp.cfg
-    devices = discover(grid, {}, cfg["min-nodes"])
+    devices = discover(grid, NodeMap(), cfg["min-nodes"], wait_s=cfg["round-timeout"])
     count = max(devices) + 1 if devices else 1
     data = pooled([device_data(cfg, d, count) for d in range(count)])
     teacher = exp.teacher if teacher_mode(cfg) != "none" else None

@@ -12,17 +12,17 @@ from fedsplitkd.data import public_split
 from fedsplitkd.models import student_for
 from fedsplitkd.experiment import Experiment
 from fedsplitkd.runtime import load_numpy_state
-from fedsplitkd.strategies.grid import FastGrid, discover
+from fedsplitkd.strategies.grid import FastGrid, NodeMap, discover
 from fedsplitkd.strategies.recorder import Recorder
 
 
 def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
     cfg = exp.cfg
-    nodes: dict[int, int] = {}
-    discover(grid, nodes, cfg["min-nodes"])
+    nodes = NodeMap()
+    discover(grid, nodes, cfg["min-nodes"], wait_s=cfg["round-timeout"])
     fast = FastGrid(grid, nodes)  # polls fast and records each device's traffic
     common = dict(fraction_train=cfg["fraction-train"], fraction_evaluate=0.0, min_train_nodes=1,
-                  min_evaluate_nodes=0, min_available_nodes=cfg["min-nodes"])
+                  min_evaluate_nodes=0, min_available_nodes=max(1, cfg["min-nodes"]))
     if cfg["method"] == "fedprox":
         strategy = FedProx(proximal_mu=cfg["proximal-mu"], **common)
     elif cfg["method"] == "feddf":

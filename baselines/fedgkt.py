@@ -23,7 +23,7 @@ from fedsplitkd.costs import SplitFlops
 from fedsplitkd.experiment import Experiment, sample_devices
 from fedsplitkd.gkt import server_optimizer, train_server
 from fedsplitkd.payload import PayloadError, require_array, require_labels
-from fedsplitkd.strategies.grid import FastGrid, discover
+from fedsplitkd.strategies.grid import FastGrid, NodeMap, discover
 from fedsplitkd.strategies.recorder import Recorder
 
 
@@ -40,7 +40,7 @@ def upload_of(reply: Message, feature_shape: tuple, num_classes: int) -> tuple[n
 
 def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
     cfg = exp.cfg
-    nodes: dict[int, int] = {}
+    nodes = NodeMap()
     rng = np.random.default_rng([cfg["seed"], 0])
     upper = exp.server.edge.part  # the student's blocks after the cut: the server's model
     optimizer = server_optimizer(upper, cfg)
@@ -49,7 +49,7 @@ def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
     server_logits: dict[int, np.ndarray] = {}
     recorder.round(0, *exp.evaluate(), None)  # every device's extractor starts as this student's
     for server_round in range(1, cfg["num-rounds"] + 1):
-        devices = sample_devices(discover(grid, nodes, cfg["min-nodes"]), cfg["fraction-train"], rng)
+        devices = sample_devices(discover(grid, nodes, cfg["min-nodes"], wait_s=cfg["round-timeout"]), cfg["fraction-train"], rng)
         fast = FastGrid(grid, nodes)
         messages = []
         for d in devices:

@@ -20,7 +20,7 @@ from fedsplitkd.baselines.accounting import round_stats, whole_flops
 from fedsplitkd.experiment import Experiment, sample_devices
 from fedsplitkd.local import merge_class_logits
 from fedsplitkd.payload import PayloadError, require_array
-from fedsplitkd.strategies.grid import FastGrid, discover
+from fedsplitkd.strategies.grid import FastGrid, NodeMap, discover
 from fedsplitkd.strategies.recorder import Recorder
 
 
@@ -39,13 +39,13 @@ def class_logits_of(reply: Message, num_classes: int) -> tuple[np.ndarray, np.nd
 def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
     cfg = exp.cfg
     distill = cfg["method"] == "fd"
-    nodes: dict[int, int] = {}
+    nodes = NodeMap()
     rng = np.random.default_rng([cfg["seed"], 0])
     flops = whole_flops(exp.student)
     shared: tuple[np.ndarray, np.ndarray] | None = None  # global class logits and counts (fd)
     recorder.round(0, *exp.evaluate(), None)  # every device starts from this student
     for server_round in range(1, cfg["num-rounds"] + 1):
-        devices = sample_devices(discover(grid, nodes, cfg["min-nodes"]), cfg["fraction-train"], rng)
+        devices = sample_devices(discover(grid, nodes, cfg["min-nodes"], wait_s=cfg["round-timeout"]), cfg["fraction-train"], rng)
         fast = FastGrid(grid, nodes)
         content = {"config": ConfigRecord({"server-round": server_round})}
         if shared is not None:

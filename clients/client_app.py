@@ -56,7 +56,7 @@ def _train(msg: Message, context: Context) -> Message:
     stored = RecordDict({name: context.state[STATE_PREFIX + name] for name in (ARRAYS, SCALARS)
                          if STATE_PREFIX + name in context.state})
     reply, state = handle_train(from_records(msg.content), from_records(stored), setup)
-    for name, record in to_records(state).items():
+    for name, record in to_records(state, packed=False).items():
         context.state[STATE_PREFIX + name] = record
     return Message(to_records(reply), reply_to=msg)
 

@@ -1,24 +1,68 @@
-"""How protocol payloads ride in Flower records: arrays in an ArrayRecord, scalars in a ConfigRecord."""
+"""How protocol payloads ride in Flower records.
+
+On the wire every array of a payload is packed into one byte string (record ``packed``:
+the bytes and a JSON layout of names, dtypes and shapes) next to the scalars (record
+``config``). The SuperLink stores and forwards each Array of a message as a separate
+object, one HTTP request each, so a message with six arrays cost six times the requests
+of a message with one: packing keeps a split exchange at a fixed, small request count.
+``packed=False`` keeps one Array per array (an ArrayRecord ``arrays``), which is what
+the device state in ``context.state`` uses.
+"""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedsplitkd.payload import Payload, PayloadError
 
-ARRAYS, SCALARS = "arrays", "config"
+ARRAYS, SCALARS, PACKED = "arrays", "config", "packed"
+# Only plain numeric and boolean arrays travel: never object arrays, whatever a reply claims.
+WIRE_DTYPES = {np.dtype(t).str for t in (np.float16, np.float32, np.float64, np.int8, np.int16, np.int32,
+                                         np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.bool_)}
 
 
-def to_records(payload: Payload) -> RecordDict:
-    arrays = {k: Array(np.ascontiguousarray(v)) for k, v in payload.items() if isinstance(v, np.ndarray)}
-    scalars = {k: v for k, v in payload.items() if not isinstance(v, np.ndarray)}
-    return RecordDict({ARRAYS: ArrayRecord(array_dict=arrays), SCALARS: ConfigRecord(scalars)})
+def to_records(payload: Payload, packed: bool = True) -> RecordDict:
+    arrays = {k: np.ascontiguousarray(v) for k, v in payload.items() if isinstance(v, np.ndarray)}
+    scalars = ConfigRecord({k: v for k, v in payload.items() if not isinstance(v, np.ndarray)})
+    if not packed:
+        return RecordDict({ARRAYS: ArrayRecord(array_dict={k: Array(v) for k, v in arrays.items()}),
+                           SCALARS: scalars})
+    layout = [[k, v.dtype.str, list(v.shape)] for k, v in arrays.items()]
+    blob = b"".join(v.tobytes() for v in arrays.values())
+    return RecordDict({PACKED: ConfigRecord({"layout": json.dumps(layout), "data": blob}), SCALARS: scalars})
+
+
+def _unpack(record: ConfigRecord) -> Payload:
+    try:
+        layout, data = json.loads(record["layout"]), record["data"]
+        if not isinstance(data, bytes) or not isinstance(layout, list):
+            raise TypeError("layout must be a JSON list and data bytes")
+        buffer, offset, arrays = bytearray(data), 0, {}  # a writable copy: handlers update state in place
+        for name, dtype, shape in layout:
+            if np.dtype(dtype).str not in WIRE_DTYPES:
+                raise TypeError(f"array {name!r} has dtype {dtype!r}")
+            dtype, shape = np.dtype(dtype), tuple(int(s) for s in shape)
+            if any(s < 0 for s in shape):
+                raise ValueError(f"array {name!r} has shape {shape}")
+            size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if offset + size > len(buffer):
+                raise ValueError(f"array {name!r} runs past the {len(buffer)} bytes sent")
+            arrays[str(name)] = np.frombuffer(buffer, dtype, int(np.prod(shape, dtype=np.int64)),
+                                              offset).reshape(shape)
+            offset += size
+        if offset != len(buffer):
+            raise ValueError(f"{len(buffer) - offset} bytes left over after the arrays")
+        return arrays
+    except (KeyError, TypeError, ValueError) as err:
+        raise PayloadError(f"record '{PACKED}' is malformed: {err}") from err
 
 
 def from_records(records: RecordDict) -> Payload:
     """The payload in ``records``; PayloadError on unknown record names or types."""
-    unknown = sorted(set(records) - {ARRAYS, SCALARS})
+    unknown = sorted(set(records) - {ARRAYS, SCALARS, PACKED})
     if unknown:
         raise PayloadError(f"unexpected records {unknown}")
     payload: Payload = {}
@@ -29,6 +73,10 @@ def from_records(records: RecordDict) -> Payload:
             payload.update({k: v.numpy() for k, v in records[ARRAYS].items()})
         except Exception as err:  # a corrupt array must not escape as a crash
             raise PayloadError(f"record '{ARRAYS}' holds an unreadable array: {err}") from err
+    if PACKED in records:
+        if not isinstance(records[PACKED], ConfigRecord):
+            raise PayloadError(f"record '{PACKED}' is not a ConfigRecord")
+        payload.update(_unpack(records[PACKED]))
     if SCALARS in records:
         if not isinstance(records[SCALARS], ConfigRecord):
             raise PayloadError(f"record '{SCALARS}' is not a ConfigRecord")

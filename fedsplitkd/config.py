@@ -79,7 +79,8 @@ SCHEMA: dict[str, Key] = {
     "num-rounds": _int(25, 1),
     "fraction-train": _float(1.0, 0.0, 1.0, low_open=True),
     "fraction-evaluate": _float(0.0, 0.0, 1.0),
-    "min-nodes": _int(1, 1),
+    "min-nodes": Key(0, "an integer >= 0 (0 = wait for every device the nodes declare: num-partitions)",
+                     lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
     "batch-size": _int(32, 1),
     "local-epochs": _int(1, 1),
     "exchange-batches": _int(8, 1),
@@ -119,6 +120,10 @@ SCHEMA: dict[str, Key] = {
     "straggler-policy": _choice("wait", "drop"),
     "device-threads": _int(1, 0),
     "round-timeout": _float(600.0, 0.0, 86400.0, low_open=True),
+    "dropout-rate": _float(0.0, 0.0, 1.0),
+    "dropout-stage": _choice("forward", "backward", "evaluate"),
+    "checkpoint-every": _int(0, 0),
+    "resume": _str("", "a run directory to continue from its last checkpoint ('' = a fresh run)"),
     "output-dir": _str("outputs"),
     "run-name": _str("", "a directory name ('' = a timestamp)"),
 }
@@ -138,6 +143,9 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> DictConfig:
         values[name] = value
     if values["method"] == "splitfed":  # split learning without KD, per-device server copies
         values.update({"kd-alpha": 0.0, "server-batching": "per-device"})
+    if (values["checkpoint-every"] or values["resume"]) and values["method"] not in ("splitkd", "splitfed"):
+        raise ConfigError(f"run-config 'checkpoint-every'/'resume': checkpoints cover the split methods "
+                          f"(splitkd, splitfed), not method {values['method']!r}")
     for name, key in SCHEMA.items():
         value = values[name]
         # Flower hands TOML floats such as 1.0 through; an int where a float is

@@ -174,6 +174,7 @@ def merge(a: RoundStats, b: RoundStats) -> RoundStats:
     """Two sequential parts of a round as one: counts add, the clock reads the later."""
     merged = RoundStats(**{f: getattr(a, f) + getattr(b, f) for f in SUMMED})
     merged.dropped = a.dropped + b.dropped
+    merged.drops = a.drops + b.drops
     merged.traffic = {**a.traffic, **b.traffic}
     merged.completed_keys = a.completed_keys + b.completed_keys
     merged.device_costs = a.device_costs + b.device_costs

@@ -242,9 +242,10 @@ class SplitKDServer:
 
         Replies are handled in the order of ``keys`` within each exchange, and exchange j
         before exchange j+1, so the server's steps run in the same order whatever the
-        timing. With per-device server steps, a device's next request leaves as soon as
-        its chunk is done, so the server computes while the other devices' replies are on
-        their way; ``joint`` steps wait for the whole exchange.
+        timing. With per-device server steps, the next requests of the devices done so far
+        leave together whenever the server would wait for a reply, so it computes while
+        the other replies are on their way and pushes few times; ``joint`` steps wait
+        for the whole exchange.
         """
         stats = RoundStats(devices=len(keys))
         if self.costs is not None:
@@ -257,6 +258,8 @@ class SplitKDServer:
         seen: Counter = Counter()  # samples trained on per device: its weight in the average
 
         def send(requests: dict[Hashable, Payload]) -> None:
+            if not requests:
+                return
             sent.update(requests)
             for key, request in requests.items():
                 traffic = stats.traffic.setdefault(key, DeviceTraffic())
@@ -277,12 +280,18 @@ class SplitKDServer:
 
         send(self.first_requests(keys, server_round))
         order = list(keys)
+        ready: dict[Hashable, Payload] = {}  # next requests computed but not sent yet
         while order:
             stats.exchanges += 1
             groups = [order] if self.cfg["server-batching"] == "joint" else [[k] for k in order]
             order = []
             for group in groups:
                 waited = time.perf_counter()
+                if any(k not in arrived for k in group):
+                    # Send what is ready in one push before waiting: a push costs the
+                    # transport far more than the requests in it.
+                    send(ready)
+                    ready = {}
                 while any(k not in arrived for k in group):
                     arrived.update(transport.receive())
                 stats.transport_s += time.perf_counter() - waited
@@ -322,9 +331,11 @@ class SplitKDServer:
                         if "teacher-input" in chunks[key]:
                             stats.traffic[key].teacher_samples += len(chunks[key]["teacher-input"])
                     stats.samples += sum(len(chunks[key]["labels"]) for key in follow)
-                    send(follow)
+                    ready.update(follow)
                     order += list(follow)
                 stats.server_s += time.perf_counter() - computed
+            send(ready)
+            ready = {}
         if self.costs is not None:
             for key in self.costs.stragglers(stats.traffic, self.flops) & set(finals):
                 del finals[key]

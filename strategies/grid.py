@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from logging import WARNING
+from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -27,23 +27,45 @@ def tensor_bytes(content: RecordDict) -> int:
                for a in record.values())
 
 
-def discover(grid: Grid, nodes: dict[int, int], min_nodes: int, timeout: float = 60.0) -> list[int]:
+class NodeMap(dict):
+    """Device (partition) id -> node id, and how many devices the nodes say there are."""
+
+    declared: int = 0  # the largest num-partitions a node reported
+    waited: bool = False
+
+
+def discover(grid: Grid, nodes: NodeMap, min_nodes: int, timeout: float = 60.0, wait_s: float = 600.0) -> list[int]:
     """Device ids of the connected nodes, asking each new node once which device it is.
 
-    ``nodes`` (device id -> node id) is updated in place. Waits for ``min_nodes``.
+    ``nodes`` is updated in place. Waits for ``min_nodes`` connected nodes; with
+    ``min_nodes = 0``, the first call waits (up to ``wait_s``) until every device the
+    nodes declare (their num-partitions) is known: Flower may start the ServerApp before
+    a large federation has registered, and sampling from part of it would change the run.
     """
-    _, connected = sample_nodes(grid, min_nodes, 0)
-    unknown = [int(n) for n in connected if int(n) not in nodes.values()]
-    if unknown:
-        queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
-        for reply in FastGrid(grid).send_and_receive(queries, timeout=timeout):
-            node = reply.metadata.src_node_id
-            config = None if reply.has_error() else reply.content.get("config")
-            device = config.get("partition-id") if config is not None else None
-            if not isinstance(device, int) or device < 0 or device in nodes:
-                log(WARNING, "node %s did not say which device it is, or a taken one", node)
-                continue
-            nodes[device] = node
+    deadline = time.monotonic() + wait_s
+    while True:
+        _, connected = sample_nodes(grid, max(1, min_nodes), 0)
+        unknown = [int(n) for n in connected if int(n) not in nodes.values()]
+        if unknown:
+            queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
+            for reply in FastGrid(grid).send_and_receive(queries, timeout=timeout):
+                node = reply.metadata.src_node_id
+                config = None if reply.has_error() else reply.content.get("config")
+                device = config.get("partition-id") if config is not None else None
+                if not isinstance(device, int) or device < 0 or device in nodes:
+                    log(WARNING, "node %s did not say which device it is, or a taken one", node)
+                    continue
+                nodes[device] = node
+                nodes.declared = max(nodes.declared, int(config.get("num-partitions", 0)))
+        if min_nodes or nodes.waited or len(nodes) >= nodes.declared:
+            break
+        if time.monotonic() >= deadline:
+            log(WARNING, "%d of %d declared devices registered after %.0f s: going on without the rest",
+                len(nodes), nodes.declared, wait_s)
+            break
+        log(INFO, "waiting for nodes: %d of %d declared devices registered", len(nodes), nodes.declared)
+        time.sleep(1.0)
+    nodes.waited = True
     online = set(map(int, connected))
     return sorted(d for d, n in nodes.items() if n in online)
 

@@ -17,7 +17,7 @@ from fedsplitkd.experiment import sample_devices
 from fedsplitkd.payload import WEIGHTS, Payload, PayloadError, pack
 from fedsplitkd.runtime import load_numpy_state, state_to_numpy
 from fedsplitkd.schedule import Scheduler
-from fedsplitkd.strategies.grid import discover
+from fedsplitkd.strategies.grid import NodeMap, discover
 from fedsplitkd.server import RoundStats, SplitKDServer, exchange
 
 FORWARD = f"{MessageType.TRAIN}.split_forward"
@@ -95,7 +95,8 @@ class SplitKD(Strategy):
     fraction_train, fraction_evaluate : float
         Fractions of connected nodes sampled for training / split evaluation.
     min_nodes : int
-        Nodes that must be connected before the first round starts.
+        Nodes that must be connected before a round starts; 0 waits (up to
+        ``round_timeout``, once) for every device the nodes declare (num-partitions).
     round_timeout : float
         Seconds to wait for any one reply before the device counts as failed.
     poll_interval : float
@@ -105,7 +106,7 @@ class SplitKD(Strategy):
     """
 
     def __init__(self, server: SplitKDServer | Scheduler, fraction_train: float = 1.0,
-                 fraction_evaluate: float = 0.0, min_nodes: int = 1, round_timeout: float = 600.0,
+                 fraction_evaluate: float = 0.0, min_nodes: int = 0, round_timeout: float = 600.0,
                  poll_interval: float = 0.005, seed: int = 0) -> None:
         # The scheduler runs clusters in sequence at their cuts; a bare server is one cluster.
         self.scheduler = server if isinstance(server, Scheduler) else Scheduler(server, server.cfg, 0)
@@ -117,7 +118,7 @@ class SplitKD(Strategy):
         self.poll_interval = poll_interval
         # Separate streams: evaluation sampling must not shift which devices train.
         self.train_rng, self.evaluate_rng = (np.random.default_rng([seed, i]) for i in (0, 1))
-        self.nodes: dict[int, int] = {}  # device (partition) id -> node id
+        self.nodes = NodeMap()  # device (partition) id -> node id
         self.query_timeout = 60.0
         self.last_stats: RoundStats | None = None
         self.last_evaluation: MetricRecord | None = None
@@ -132,7 +133,7 @@ class SplitKD(Strategy):
 
     def _sample(self, grid: Grid, fraction: float, rng: np.random.Generator) -> list[int]:
         """Sample device (partition) ids, so runs repeat whatever ids the nodes get."""
-        devices = discover(grid, self.nodes, self.min_nodes, self.query_timeout)
+        devices = discover(grid, self.nodes, self.min_nodes, self.query_timeout, self.round_timeout)
         return sample_devices(devices, fraction, rng) if devices else []
 
     def _load(self, arrays: ArrayRecord) -> None:

@@ -144,3 +144,45 @@ def test_duplicated_forged_and_stale_replies_change_nothing(exp, setups, monkeyp
     assert stats.bytes_up == clean_stats.bytes_up
     assert model == clean
     assert not np.isnan(stats.train_loss)
+
+
+# ---- the packed wire record itself -----------------------------------------------------------
+
+def _packed(layout, data: bytes):
+    import json
+
+    from flwr.app import ConfigRecord, RecordDict
+    return RecordDict({"packed": ConfigRecord({"layout": json.dumps(layout), "data": data})})
+
+
+PACKED_CASES = {
+    "truncated": (_packed([["a", "<f4", [4]]], b"\0" * 12), "runs past"),
+    "left-over": (_packed([["a", "<f4", [2]]], b"\0" * 12), "left over"),
+    "object-dtype": (_packed([["a", "|O", [1]]], b"\0" * 8), "dtype"),
+    "negative-shape": (_packed([["a", "<f4", [-1]]], b""), "shape"),
+    "layout-not-json": (None, "malformed"),
+}
+
+
+@pytest.mark.parametrize("name", list(PACKED_CASES))
+def test_malformed_packed_records_raise_payload_errors(name):
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fedsplitkd.clients.records import from_records
+    from fedsplitkd.payload import PayloadError
+    records, reason = PACKED_CASES[name]
+    if records is None:
+        records = RecordDict({"packed": ConfigRecord({"layout": "{not json", "data": b""})})
+    with pytest.raises(PayloadError, match=reason):
+        from_records(records)
+
+
+def test_packed_records_round_trip_every_wire_dtype():
+    from fedsplitkd.clients.records import from_records, to_records
+    payload = {"f": np.arange(6, dtype=np.float32).reshape(2, 3), "i": np.array([1, -2], np.int64),
+               "b": np.array([True, False]), "empty": np.zeros((0, 4), np.float32), "round": 3, "cut": "fc1"}
+    back = from_records(to_records(payload))
+    assert back.keys() == payload.keys() and back["round"] == 3 and back["cut"] == "fc1"
+    for k in ("f", "i", "b", "empty"):
+        assert back[k].dtype == payload[k].dtype and np.array_equal(back[k], payload[k])
+    back["b"][0] = False  # handlers update arrays in place: they must be writable

@@ -32,6 +32,8 @@ def runs(tmp_path_factory):
         good = sim.run(ROOT, {**common, "run-name": "good", "fraction-evaluate": 1.0},
                        num_supernodes=DEVICES)
         bad = sim.run(ROOT, {**common, "run-name": "bad", "kd-alpha": 1.5}, num_supernodes=DEVICES)
+        sim.run(ROOT, {**common, "run-name": "faulty", "dropout-rate": 0.5, "dropout-stage": "backward"},
+                num_supernodes=DEVICES)
         own = sim.run(ROOT, {**common, "run-name": "npz", "dataset": "npz", "num-rounds": 1,
                              "learning-rate": 0.05, "batch-size": 16,
                              "data-path": str(write_sensor_npz(out / "mine.npz"))}, num_supernodes=DEVICES)
@@ -139,3 +141,19 @@ def test_invalid_config_stops_the_run_naming_the_key(runs):
     out, _, bad, _ = runs
     assert not (out / "bad" / "metrics.csv").exists()
     assert "run-config 'kd-alpha' = 1.5: must be a number in [0.0, 1.0]" in bad.stdout + bad.stderr
+
+
+def test_devices_dropping_out_mid_round_are_counted_and_named(runs):
+    """ClientApps that raise after uploading their activations: the round goes on without them."""
+    out = runs[0]
+    rows = read_metrics(out / "faulty")
+    assert [int(r["round"]) for r in rows] == list(range(ROUNDS + 1))
+    dropped = list(csv.DictReader(open(out / "faulty" / "dropped.csv")))
+    for r in rows[1:]:
+        lost = {d for d in range(DEVICES) if np.random.default_rng([0, int(r["round"]), d, 13]).random() < 0.5}
+        assert int(r["dropped_backward"]) == int(r["dropped_failed"]) == len(lost)
+        assert int(r["completed"]) == DEVICES - len(lost)
+        named = {int(d["device"]) for d in dropped if d["round"] == r["round"]}
+        assert named == lost and all(d["stage"] == "backward" for d in dropped)
+    assert sum(int(r["dropped_backward"]) for r in rows) > 0
+    assert float(rows[-1]["test_accuracy"]) > float(rows[0]["test_accuracy"])
