@@ -20,7 +20,7 @@ from fedsplitkd.strategies.recorder import Recorder
 def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
     cfg = exp.cfg
     devices = discover(grid, NodeMap(), cfg["min-nodes"], wait_s=cfg["round-timeout"])
-    count = max(devices) + 1 if devices else 1
+    count = cfg["virtual-devices"] or (max(devices) + 1 if devices else 1)
     data = pooled([device_data(cfg, d, count) for d in range(count)])
     teacher = exp.teacher if teacher_mode(cfg) != "none" else None
     student_flops = sum(s.forward_flops for s in exp.student.block_stats())

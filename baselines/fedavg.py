@@ -19,9 +19,14 @@ from fedsplitkd.strategies.recorder import Recorder
 def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
     cfg = exp.cfg
     nodes = NodeMap()
-    discover(grid, nodes, cfg["min-nodes"], wait_s=cfg["round-timeout"])
-    fast = FastGrid(grid, nodes)  # polls fast and records each device's traffic
-    common = dict(fraction_train=cfg["fraction-train"], fraction_evaluate=0.0, min_train_nodes=1,
+    online = discover(grid, nodes, cfg["min-nodes"], wait_s=cfg["round-timeout"])
+    # Polls fast and records each device's traffic; with virtual devices it also names the
+    # device each node serves, and Flower samples as many nodes as devices are due.
+    fast = FastGrid(grid, nodes, cfg["virtual-devices"], cfg["seed"])
+    fraction = cfg["fraction-train"]
+    if cfg["virtual-devices"]:
+        fraction = min(1.0, max(1, round(fraction * cfg["virtual-devices"])) / max(1, len(online)))
+    common = dict(fraction_train=fraction, fraction_evaluate=0.0, min_train_nodes=1,
                   min_evaluate_nodes=0, min_available_nodes=max(1, cfg["min-nodes"]))
     if cfg["method"] == "fedprox":
         strategy = FedProx(proximal_mu=cfg["proximal-mu"], **common)

@@ -38,12 +38,19 @@ def _resolve(items: tuple) -> dict:
     return dict(resolve(dict(items)))
 
 
-def _setup(context: Context):
+def _setup(context: Context, msg: Message):
     cfg = _resolve(tuple(sorted(context.run_config.items())))  # once per run, not per message
     if cfg["device-threads"] and torch.get_num_threads() != cfg["device-threads"]:
         # Simulated devices are small: several torch threads per ClientApp process only
         # contend with the other processes for the cores.
         torch.set_num_threads(cfg["device-threads"])
+    if cfg["virtual-devices"]:  # this node serves whichever device the server names
+        config = msg.content["config"] if "config" in msg.content else {}
+        device = config.get("device")
+        if not isinstance(device, int) or not 0 <= device < cfg["virtual-devices"]:
+            raise PayloadError(f"field 'device' = {device!r}: with virtual-devices = {cfg['virtual-devices']} "
+                               "every request must name a device in range")
+        return device_setup(cfg, device, cfg["virtual-devices"])
     node = context.node_config
     if "partition-id" not in node or "num-partitions" not in node:
         raise ValueError("node config needs 'partition-id' and 'num-partitions' "
@@ -52,7 +59,7 @@ def _setup(context: Context):
 
 
 def _train(msg: Message, context: Context) -> Message:
-    setup = _setup(context)
+    setup = _setup(context, msg)
     stored = RecordDict({name: context.state[STATE_PREFIX + name] for name in (ARRAYS, SCALARS)
                          if STATE_PREFIX + name in context.state})
     reply, state = handle_train(from_records(msg.content), from_records(stored), setup)
@@ -76,7 +83,7 @@ def split_backward(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Whole-student local training from the global model (FedAvg, FedProx: ``proximal-mu``)."""
-    setup = _setup(context)
+    setup = _setup(context, msg)
     load_numpy_state(setup.student, {k: v.numpy() for k, v in msg.content["arrays"].items()})
     config = msg.content["config"]
     samples, loss = train_whole(setup.student, setup.data, setup.cfg, int(config.get("server-round", 0)),
@@ -90,7 +97,7 @@ def train(msg: Message, context: Context) -> Message:
 def _train_own(msg: Message, context: Context, federated_distillation: bool) -> Message:
     """Train this device's own student (kept in context.state), test it; with federated
     distillation, towards the global class logits in the message, sharing its own."""
-    setup = _setup(context)
+    setup = _setup(context, msg)
     cfg, test = setup.cfg, load_dataset(setup.cfg)
     if OWN_MODEL in context.state:
         load_numpy_state(setup.student, {k: v.numpy() for k, v in context.state[OWN_MODEL].items()})
@@ -147,7 +154,7 @@ def _gkt_models(setup, context: Context) -> nn.ModuleDict:
 @app.train("fedgkt")
 def train_gkt(msg: Message, context: Context) -> Message:
     """FedGKT: train own extractor + head (KD towards the server's logits), upload features."""
-    setup = _setup(context)
+    setup = _setup(context, msg)
     models = _gkt_models(setup, context)
     arrays = msg.content["arrays"] if "arrays" in msg.content else {}
     server_logits = arrays["server-logits"].numpy() if "server-logits" in arrays else None
@@ -169,7 +176,7 @@ def train_gkt(msg: Message, context: Context) -> Message:
 @app.evaluate("fedgkt")
 def evaluate_gkt(msg: Message, context: Context) -> Message:
     """FedGKT: this device's extractor under the server's part, on the test split."""
-    setup = _setup(context)
+    setup = _setup(context, msg)
     models = _gkt_models(setup, context)
     upper = setup.student.server_part(setup.cfg["cut"])
     load_numpy_state(upper, {k: v.numpy() for k, v in msg.content["arrays"].items()})
@@ -190,4 +197,4 @@ def describe(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Split inference: activations and labels of the local validation split."""
-    return Message(to_records(handle_evaluate(from_records(msg.content), _setup(context))), reply_to=msg)
+    return Message(to_records(handle_evaluate(from_records(msg.content), _setup(context, msg))), reply_to=msg)

@@ -79,6 +79,7 @@ SCHEMA: dict[str, Key] = {
     "num-rounds": _int(25, 1),
     "fraction-train": _float(1.0, 0.0, 1.0, low_open=True),
     "fraction-evaluate": _float(0.0, 0.0, 1.0),
+    "virtual-devices": _int(0, 0),
     "min-nodes": Key(0, "an integer >= 0 (0 = wait for every device the nodes declare: num-partitions)",
                      lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
     "batch-size": _int(32, 1),
@@ -143,6 +144,14 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> DictConfig:
         values[name] = value
     if values["method"] == "splitfed":  # split learning without KD, per-device server copies
         values.update({"kd-alpha": 0.0, "server-batching": "per-device"})
+    if values["virtual-devices"] and values["method"] in ("local", "fd", "fedgkt"):
+        raise ConfigError(f"run-config 'virtual-devices': method {values['method']!r} keeps a model per "
+                          "device on its node; run it with one node per device (virtual-devices = 0)")
+    if values["virtual-devices"] and values["teacher-input"] == "cached":
+        raise ConfigError("run-config 'virtual-devices': teacher-input 'cached' needs each device's "
+                          "upload record on its own node; use 'embedding'")
+    if values["method"] == "fedgkt" and values["torch-device"] != "cpu":
+        raise ConfigError("run-config 'torch-device': the fedgkt baseline trains on the CPU only")
     if (values["checkpoint-every"] or values["resume"]) and values["method"] not in ("splitkd", "splitfed"):
         raise ConfigError(f"run-config 'checkpoint-every'/'resume': checkpoints cover the split methods "
                           f"(splitkd, splitfed), not method {values['method']!r}")

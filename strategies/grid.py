@@ -12,12 +12,14 @@ import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
+import numpy as np
 from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
 from fedsplitkd.costs import DeviceTraffic
+from fedsplitkd.experiment import sample_devices
 
 POLL_S = 0.005
 
@@ -73,10 +75,23 @@ def discover(grid: Grid, nodes: NodeMap, min_nodes: int, timeout: float = 60.0, 
 class FastGrid(Grid):
     """Delegates to ``grid``; ``send_and_receive`` polls fast and fills ``traffic``."""
 
-    def __init__(self, grid: Grid, nodes: dict[int, int] | None = None):
+    def __init__(self, grid: Grid, nodes: dict[int, int] | None = None, virtual_devices: int = 0,
+                 seed: int = 0):
         self.grid = grid
         self.devices = {n: d for d, n in (nodes or {}).items()}  # node id -> device id
         self.traffic: dict[int, DeviceTraffic] = {}
+        # Virtual devices: each batch of training messages is given devices sampled from
+        # the fleet (the nodes serve them), the same stream SplitKD samples from.
+        self.virtual_devices, self.rng = virtual_devices, np.random.default_rng([seed, 0])
+
+    def _name_devices(self, messages: list[Message]) -> None:
+        train = [m for m in messages if m.metadata.message_type.startswith(MessageType.TRAIN)]
+        if not self.virtual_devices or not train:
+            return
+        devices = sample_devices(list(range(self.virtual_devices)), len(train) / self.virtual_devices, self.rng)
+        for message, device in zip(train, devices):
+            message.content["config"]["device"] = int(device)
+            self.devices[message.metadata.dst_node_id] = int(device)
 
     def set_run(self, run) -> None:
         self.grid.set_run(run)
@@ -92,6 +107,8 @@ class FastGrid(Grid):
         return self.grid.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        self._name_devices(messages)
         return self.grid.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -102,6 +119,7 @@ class FastGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
+        self._name_devices(messages)
         for m in messages:
             self._traffic(m.metadata.dst_node_id).bytes_down += tensor_bytes(m.content)
             self._traffic(m.metadata.dst_node_id).exchanges += 1

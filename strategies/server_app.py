@@ -26,7 +26,7 @@ def run_split(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
     from round 1 or from the checkpoint ``resume`` names."""
     cfg = exp.cfg
     strategy = SplitKD(exp.scheduler, cfg["fraction-train"], cfg["fraction-evaluate"], cfg["min-nodes"],
-                       cfg["round-timeout"], seed=cfg["seed"])
+                       cfg["round-timeout"], seed=cfg["seed"], virtual_devices=cfg["virtual-devices"])
     rngs = {"train": strategy.train_rng, "evaluate": strategy.evaluate_rng}
     done = checkpoint.resume(exp, rngs)
     if done:

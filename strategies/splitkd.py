@@ -34,14 +34,17 @@ class GridTransport:
     """
 
     def __init__(self, grid: Grid, timeout: float, poll_interval: float = 0.005,
-                 message_type: str | None = None, nodes: dict[Hashable, int] | None = None):
+                 message_type: str | None = None, nodes: dict[Hashable, int] | None = None,
+                 name_devices: bool = False):
         self.grid, self.timeout, self.poll_interval = grid, timeout, poll_interval
         self.message_type, self.nodes = message_type, nodes
+        self.name_devices = name_devices  # virtual devices: each request says which device to be
         self.pending: dict[str, tuple[Hashable, int, float]] = {}  # message id -> (key, node, deadline)
 
     def send(self, requests: dict[Hashable, Payload]) -> None:
         keys = list(requests)
-        messages = [Message(to_records(r), dst_node_id=int(self.nodes[k] if self.nodes else k),
+        messages = [Message(to_records({**r, "device": int(k)} if self.name_devices else r),
+                            dst_node_id=int(self.nodes[k] if self.nodes else k),
                             message_type=self.message_type or (BACKWARD if "grads" in r else FORWARD))
                     for k, r in requests.items()]
         deadline = time.monotonic() + self.timeout
@@ -103,11 +106,15 @@ class SplitKD(Strategy):
         Seconds between polls for replies (see ``GridTransport``).
     seed : int
         Seed of the node sampling.
+    virtual_devices : int
+        0: one node per device (its partition id). N > 0: a fleet of N virtual devices;
+        each round the sampled devices are assigned to the connected nodes, which serve
+        them (each request names its device), so N may far exceed the nodes.
     """
 
     def __init__(self, server: SplitKDServer | Scheduler, fraction_train: float = 1.0,
                  fraction_evaluate: float = 0.0, min_nodes: int = 0, round_timeout: float = 600.0,
-                 poll_interval: float = 0.005, seed: int = 0) -> None:
+                 poll_interval: float = 0.005, seed: int = 0, virtual_devices: int = 0) -> None:
         # The scheduler runs clusters in sequence at their cuts; a bare server is one cluster.
         self.scheduler = server if isinstance(server, Scheduler) else Scheduler(server, server.cfg, 0)
         self.server = self.scheduler.server
@@ -119,11 +126,15 @@ class SplitKD(Strategy):
         # Separate streams: evaluation sampling must not shift which devices train.
         self.train_rng, self.evaluate_rng = (np.random.default_rng([seed, i]) for i in (0, 1))
         self.nodes = NodeMap()  # device (partition) id -> node id
-        self.query_timeout = 60.0
+        # The first query starts a ClientApp that imports torch and loads its data: a slow
+        # device gets the same patience as any reply.
+        self.query_timeout = round_timeout
         self.last_stats: RoundStats | None = None
         self.last_evaluation: MetricRecord | None = None
         # Rounds done before this run (a resumed run): Flower counts its loop from 1 again.
         self.round_offset = 0
+        self.virtual_devices = virtual_devices
+        self.holding_teacher: set[int] = set()  # nodes that hold the teacher's embedding (virtual)
 
     def summary(self) -> None:
         log(INFO, "\t├──> Sampling: fraction train %.2f | evaluate %.2f | min nodes %d",
@@ -131,10 +142,30 @@ class SplitKD(Strategy):
         log(INFO, "\t└──> Cut '%s', teacher input '%s', exchange-batches %d",
             self.server.cut, self.server.mode, self.server.cfg["exchange-batches"])
 
-    def _sample(self, grid: Grid, fraction: float, rng: np.random.Generator) -> list[int]:
-        """Sample device (partition) ids, so runs repeat whatever ids the nodes get."""
-        devices = discover(grid, self.nodes, self.min_nodes, self.query_timeout, self.round_timeout)
-        return sample_devices(devices, fraction, rng) if devices else []
+    def _sample(self, grid: Grid, fraction: float, rng: np.random.Generator) -> tuple[list[int], dict[int, int]]:
+        """Sample device ids (so runs repeat whatever ids the nodes get) and the node serving each."""
+        online = discover(grid, self.nodes, self.min_nodes, self.query_timeout, self.round_timeout)
+        if not self.virtual_devices:
+            return (sample_devices(online, fraction, rng) if online else []), self.nodes
+        devices = sample_devices(list(range(self.virtual_devices)), fraction, rng)
+        if len(devices) > len(online):
+            raise ValueError(f"run-config 'fraction-train': {len(devices)} virtual devices sampled per round "
+                             f"but only {len(online)} nodes connected to serve them")
+        return devices, {d: self.nodes[w] for d, w in zip(devices, online)}
+
+    def _run_round(self, transport: GridTransport, devices: list[int], served_by: dict[int, int],
+                   server_round: int) -> RoundStats:
+        if not self.virtual_devices:
+            return self.scheduler.run_round(transport, devices, server_round)
+        # The teacher's embedding is the same for every device: what matters is whether
+        # the serving node holds it, whichever device it served before.
+        held = self.server.has_teacher  # shared by the servers of every cut: update in place
+        held.clear()
+        held.update(d for d, n in served_by.items() if n in self.holding_teacher)
+        stats = self.scheduler.run_round(transport, devices, server_round)
+        self.holding_teacher -= set(served_by.values())
+        self.holding_teacher |= {served_by[d] for d in held if d in served_by}
+        return stats
 
     def _load(self, arrays: ArrayRecord) -> None:
         load_numpy_state(self.server.student, {k: v.numpy() for k, v in arrays.items()})
@@ -152,10 +183,11 @@ class SplitKD(Strategy):
         """
         server_round += self.round_offset
         self._load(arrays)
-        devices = self._sample(grid, self.fraction_train, self.train_rng)
-        self.scheduler.fleet_size = len(self.nodes)
-        transport = GridTransport(grid, self.round_timeout, self.poll_interval, nodes=self.nodes)
-        self.last_stats = self.scheduler.run_round(transport, devices, server_round)
+        devices, served_by = self._sample(grid, self.fraction_train, self.train_rng)
+        self.scheduler.fleet_size = self.virtual_devices or len(self.nodes)
+        transport = GridTransport(grid, self.round_timeout, self.poll_interval, nodes=served_by,
+                                  name_devices=bool(self.virtual_devices))
+        self.last_stats = self._run_round(transport, devices, served_by, server_round)
         return []
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -176,9 +208,9 @@ class SplitKD(Strategy):
         if self.fraction_evaluate > 0.0:
             self._load(arrays)
             request = {"round": server_round, **pack(WEIGHTS, state_to_numpy(self.server.device_part))}
-            devices = self._sample(grid, self.fraction_evaluate, self.evaluate_rng)
+            devices, served_by = self._sample(grid, self.fraction_evaluate, self.evaluate_rng)
             transport = GridTransport(grid, self.round_timeout, self.poll_interval, MessageType.EVALUATE,
-                                      nodes=self.nodes)
+                                      nodes=served_by, name_devices=bool(self.virtual_devices))
             accuracy, loss, n, dropped = self.server.evaluate_replies(
                 exchange(transport, {d: request for d in devices}), server_round)
             self.last_evaluation = MetricRecord({"val_accuracy": accuracy, "val_loss": loss,

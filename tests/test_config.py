@@ -138,3 +138,16 @@ def test_first_bad_key_in_schema_order_is_reported_and_defaults_untouched():
         resolve({"exchange-batches": 0, "num-rounds": 0})
     assert "'num-rounds'" in str(err.value) and "exchange-batches" not in str(err.value)
     assert DEFAULTS["exchange-batches"] == 8 and DEFAULTS["num-rounds"] == 25
+
+
+@pytest.mark.parametrize("overrides,key", [
+    ({"method": "fedavg", "checkpoint-every": 2}, "checkpoint-every"),
+    ({"method": "local", "resume": "outputs/x"}, "resume"),
+    ({"method": "fedgkt", "torch-device": "cuda"}, "torch-device"),
+    ({"dropout-rate": 1.5}, "dropout-rate"),
+    ({"dropout-stage": "midway"}, "dropout-stage"),
+    ({"min-nodes": -1}, "min-nodes"),
+])
+def test_combinations_the_methods_cannot_run_are_refused_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=f"'{key}"):
+        resolve(overrides)
