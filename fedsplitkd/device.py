@@ -60,7 +60,7 @@ def batch_plan(num_samples: int, batch_size: int, epochs: int, seed: int, server
 
 @dataclass
 class DeviceSetup:
-    """What a device builds once per process: its data, student and teacher embedding."""
+    """A device in this process: its data, and the models and runtimes it shares with the others."""
 
     cfg: dict
     device_key: int
@@ -80,17 +80,27 @@ class DeviceSetup:
         return self.runtimes[cut]
 
 
-@functools.lru_cache(maxsize=64)
-def _setup(cfg_items: tuple, partition_id: int, num_partitions: int) -> DeviceSetup:
+@functools.lru_cache(maxsize=4)
+def _models(cfg_items: tuple) -> tuple[SplitModel, nn.Module | None, dict]:
+    """The student, the teacher's embedding module and the runtimes, once per process: every
+    device has the same architecture, and every request loads its weights (and optimizer
+    state) before use, so the devices a process serves share them. Building the teacher per
+    device cost most of a simulated split message."""
     cfg = dict(cfg_items)
     dataset = data_lib.load_dataset(cfg)
-    local = data_lib.device_data(cfg, partition_id, num_partitions)
-    student = student_for(cfg, dataset)
     embedding = None
     if teacher_mode(cfg) != "none":
         teacher = teacher_for(cfg, dataset)
         embedding = teacher.device_part(teacher.cut_points[0])
-    return DeviceSetup(cfg, partition_id, local, student, embedding)
+    return student_for(cfg, dataset), embedding, {}
+
+
+@functools.lru_cache(maxsize=256)
+def _setup(cfg_items: tuple, partition_id: int, num_partitions: int) -> DeviceSetup:
+    cfg = dict(cfg_items)
+    student, embedding, runtimes = _models(cfg_items)
+    return DeviceSetup(cfg, partition_id, data_lib.device_data(cfg, partition_id, num_partitions), student,
+                       embedding, runtimes)
 
 
 def device_setup(cfg, partition_id: int, num_partitions: int) -> DeviceSetup:
