@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+import logging
+
 from fedsplitkd.experiment import run_inprocess
 
 
@@ -23,19 +25,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--rate", type=float, default=0.3)
     args = parser.parse_args()
+    logging.getLogger("fedsplitkd").setLevel(logging.ERROR)  # one warning per dropped device otherwise
     base = {"dataset": "har", "data-path": args.data_path, "num-rounds": args.rounds}
     print(f"HAR, {args.devices} devices, {args.rounds} rounds, dropout rate {args.rate}")
-    print(f"{'stage':<10} {'final acc':>9} {'vs none (pt)':>12} {'dropped':>8} {'completed':>9}")
+    print(f"{'stage':<10} {'final acc':>9} {'vs none (pt)':>12} {'last-5 mean':>11} {'vs none (pt)':>12} "
+          f"{'dropped':>8} {'completed':>9}")
     reference = None
     for stage in ("none", "forward", "backward"):
         cfg = dict(base) if stage == "none" else {**base, "dropout-rate": args.rate, "dropout-stage": stage}
         _, rows = run_inprocess(cfg, args.devices)
         accuracy = rows[-1]["test_accuracy"]
-        reference = accuracy if reference is None else reference
+        last5 = sum(r["test_accuracy"] for r in rows[-5:]) / 5
+        reference = (accuracy, last5) if reference is None else reference
         dropped = sum(r["dropped_failed"] for r in rows)
         completed = sum(r["completed"] for r in rows)
-        print(f"{stage:<10} {accuracy:>9.4f} {100 * (accuracy - reference):>+12.2f} {dropped:>8} {completed:>9}",
-              flush=True)
+        print(f"{stage:<10} {accuracy:>9.4f} {100 * (accuracy - reference[0]):>+12.2f} {last5:>11.4f} "
+              f"{100 * (last5 - reference[1]):>+12.2f} {dropped:>8} {completed:>9}", flush=True)
     print("evaluate: dropping out of split evaluation changes no training (val_* only); see "
           "tests/test_dropout.py")
 
