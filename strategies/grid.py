@@ -54,11 +54,17 @@ def discover(grid: Grid, nodes: NodeMap, min_nodes: int, timeout: float = 60.0, 
                 node = reply.metadata.src_node_id
                 config = None if reply.has_error() else reply.content.get("config")
                 device = config.get("partition-id") if config is not None else None
-                if not isinstance(device, int) or device < 0 or device in nodes:
-                    log(WARNING, "node %s did not say which device it is, or a taken one", node)
+                declared = config.get("num-partitions") if config is not None else None
+                if not isinstance(device, int) or not isinstance(declared, int) or not 0 <= device < declared \
+                        or device in nodes:
+                    log(WARNING, "node %s left out: partition-id %r of num-partitions %r is not a free "
+                        "device", node, device, declared)
                     continue
+                if nodes.declared and declared != nodes.declared:
+                    log(WARNING, "node %s declares num-partitions %d, others %d: their data may overlap",
+                        node, declared, nodes.declared)
                 nodes[device] = node
-                nodes.declared = max(nodes.declared, int(config.get("num-partitions", 0)))
+                nodes.declared = max(nodes.declared, declared)
         if min_nodes or nodes.waited or len(nodes) >= nodes.declared:
             break
         if time.monotonic() >= deadline:
