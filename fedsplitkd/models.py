@@ -228,19 +228,22 @@ def _hf(cfg, dataset, key: str) -> SplitModel | None:
     return load_split(cfg[key], dataset.input_shape[0], dataset.num_classes, f"run-config '{key}'")
 
 
-def student_for(cfg, dataset) -> SplitModel:
-    """The run's student for ``dataset`` (sizes from the run config, or a local HF checkpoint)."""
-    hf = _hf(cfg, dataset, "hf-student")
+def _model_for(cfg, dataset, role: str) -> SplitModel:
+    """The run's ``role`` ('student' or 'teacher') for ``dataset``: a local HF checkpoint
+    (``hf-<role>``), else the built-in model of the family (GPT sizes from ``gpt-<role>``)."""
+    hf = _hf(cfg, dataset, f"hf-{role}")
     if hf is not None:
         return hf
-    return build_student(family_of(cfg, dataset), dataset.input_shape, dataset.num_classes, dataset.tokens,
-                         cfg.get("gpt-student", GPT_STUDENT))
+    build, size = (build_student, GPT_STUDENT) if role == "student" else (build_teacher, GPT_TEACHER)
+    return build(family_of(cfg, dataset), dataset.input_shape, dataset.num_classes, dataset.tokens,
+                 cfg.get(f"gpt-{role}", size))
+
+
+def student_for(cfg, dataset) -> SplitModel:
+    """The run's student for ``dataset`` (sizes from the run config, or a local HF checkpoint)."""
+    return _model_for(cfg, dataset, "student")
 
 
 def teacher_for(cfg, dataset) -> SplitModel:
     """The run's teacher for ``dataset`` (sizes from the run config, or a local HF checkpoint)."""
-    hf = _hf(cfg, dataset, "hf-teacher")
-    if hf is not None:
-        return hf
-    return build_teacher(family_of(cfg, dataset), dataset.input_shape, dataset.num_classes, dataset.tokens,
-                         cfg.get("gpt-teacher", GPT_TEACHER))
+    return _model_for(cfg, dataset, "teacher")
