@@ -144,6 +144,15 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> DictConfig:
         values[name] = value
     if values["method"] == "splitfed":  # split learning without KD, per-device server copies
         values.update({"kd-alpha": 0.0, "server-batching": "per-device"})
+    for name, key in SCHEMA.items():
+        value = values[name]
+        # Flower hands TOML floats such as 1.0 through; an int where a float is
+        # expected is fine, a whole float where an int is expected is taken as int.
+        if type(key.default) is int and isinstance(value, float) and value.is_integer():
+            value = values[name] = int(value)
+        if not key.check(value):
+            raise ConfigError(f"run-config '{name}' = {value!r}: must be {key.accepts}")
+    # Combinations last: each value is valid by now, so an error names the real conflict.
     if values["virtual-devices"] and values["method"] in ("local", "fd", "fedgkt"):
         raise ConfigError(f"run-config 'virtual-devices': method {values['method']!r} keeps a model per "
                           "device on its node; run it with one node per device (virtual-devices = 0)")
@@ -155,12 +164,4 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> DictConfig:
     if (values["checkpoint-every"] or values["resume"]) and values["method"] not in ("splitkd", "splitfed"):
         raise ConfigError(f"run-config 'checkpoint-every'/'resume': checkpoints cover the split methods "
                           f"(splitkd, splitfed), not method {values['method']!r}")
-    for name, key in SCHEMA.items():
-        value = values[name]
-        # Flower hands TOML floats such as 1.0 through; an int where a float is
-        # expected is fine, a whole float where an int is expected is taken as int.
-        if type(key.default) is int and isinstance(value, float) and value.is_integer():
-            value = values[name] = int(value)
-        if not key.check(value):
-            raise ConfigError(f"run-config '{name}' = {value!r}: must be {key.accepts}")
     return OmegaConf.create(values)
