@@ -47,12 +47,11 @@ def _unpack(record: ConfigRecord) -> Payload:
             dtype, shape = np.dtype(dtype), tuple(int(s) for s in shape)
             if any(s < 0 for s in shape):
                 raise ValueError(f"array {name!r} has shape {shape}")
-            size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            if offset + size > len(buffer):
+            count = int(np.prod(shape, dtype=np.int64))
+            if offset + count * dtype.itemsize > len(buffer):
                 raise ValueError(f"array {name!r} runs past the {len(buffer)} bytes sent")
-            arrays[str(name)] = np.frombuffer(buffer, dtype, int(np.prod(shape, dtype=np.int64)),
-                                              offset).reshape(shape)
-            offset += size
+            arrays[str(name)] = np.frombuffer(buffer, dtype, count, offset).reshape(shape)
+            offset += count * dtype.itemsize
         if offset != len(buffer):
             raise ValueError(f"{len(buffer) - offset} bytes left over after the arrays")
         return arrays

@@ -126,9 +126,6 @@ class SplitKD(Strategy):
         # Separate streams: evaluation sampling must not shift which devices train.
         self.train_rng, self.evaluate_rng = (np.random.default_rng([seed, i]) for i in (0, 1))
         self.nodes = NodeMap()  # device (partition) id -> node id
-        # The first query starts a ClientApp that imports torch and loads its data: a slow
-        # device gets the same patience as any reply.
-        self.query_timeout = round_timeout
         self.last_stats: RoundStats | None = None
         self.last_evaluation: MetricRecord | None = None
         # Rounds done before this run (a resumed run): Flower counts its loop from 1 again.
@@ -144,7 +141,9 @@ class SplitKD(Strategy):
 
     def _sample(self, grid: Grid, fraction: float, rng: np.random.Generator) -> tuple[list[int], dict[int, int]]:
         """Sample device ids (so runs repeat whatever ids the nodes get) and the node serving each."""
-        online = discover(grid, self.nodes, self.min_nodes, self.query_timeout, self.round_timeout)
+        # The first query starts a ClientApp that imports torch and loads its data: a slow
+        # device gets the same patience as any reply.
+        online = discover(grid, self.nodes, self.min_nodes, self.round_timeout, self.round_timeout)
         if not self.virtual_devices:
             return (sample_devices(online, fraction, rng) if online else []), self.nodes
         devices = sample_devices(list(range(self.virtual_devices)), fraction, rng)
