@@ -1,8 +1,34 @@
-"""Malformed forward replies: each mutation of a valid chunk, and the field it breaks."""
+"""Malformed replies: each mutation of a valid chunk or final reply, the field it breaks,
+and a transport that puts one into a whole round."""
 
 from __future__ import annotations
 
 import numpy as np
+
+from fedsplitkd.server import InProcessTransport
+
+
+class Tampering(InProcessTransport):
+    """Replaces device ``target``'s ``at``-th reply (0 = first chunk, -1 = the final reply)
+    by ``replace(reply)``: a mutated payload, or an error string for a device that failed."""
+
+    def __init__(self, setups, target, at: int, replace):
+        super().__init__(setups)
+        self.target, self.at, self.replace = target, at, replace
+        self.seen, self.final = 0, False
+
+    def send(self, requests):
+        if self.target in requests:
+            self.final = bool(requests[self.target].get("final"))
+        super().send(requests)
+
+    def receive(self):
+        replies = super().receive()
+        if self.target in replies and not isinstance(replies[self.target], str):
+            if self.final if self.at == -1 else self.seen == self.at:
+                replies[self.target] = self.replace(dict(replies[self.target]))
+            self.seen += 1
+        return replies
 
 
 def _tile(payload: dict) -> dict:

@@ -21,11 +21,10 @@ from fedsplitkd import config as config_lib
 from fedsplitkd import experiment
 from fedsplitkd.clients.client_app import split_backward, split_forward
 from fedsplitkd.device import device_setup
-from fedsplitkd.server import InProcessTransport
 from fedsplitkd.strategies.splitkd import BACKWARD, GridTransport
 
 from conftest import tiny
-from malformed import FINAL_MUTATIONS, MUTATIONS
+from malformed import FINAL_MUTATIONS, MUTATIONS, Tampering
 from test_client_handlers import new_context
 
 DEVICES, TARGET = 3, 1
@@ -42,30 +41,9 @@ def setups(exp):
     return {k: device_setup(exp.cfg, k, DEVICES) for k in range(DEVICES)}
 
 
-class Tampering(InProcessTransport):
-    """Replaces the target device's ``at``-th reply (0 = first chunk, -1 = the final reply)."""
-
-    def __init__(self, setups, at: int, replace):
-        super().__init__(setups)
-        self.at, self.replace, self.seen, self.final = at, replace, 0, False
-
-    def send(self, requests):
-        if TARGET in requests:
-            self.final = bool(requests[TARGET].get("final"))
-        super().send(requests)
-
-    def receive(self):
-        replies = super().receive()
-        if TARGET in replies and not isinstance(replies[TARGET], str):
-            if self.final if self.at == -1 else self.seen == self.at:
-                replies[TARGET] = self.replace(dict(replies[TARGET]))
-            self.seen += 1
-        return replies
-
-
 def round_with(exp, setups, at: int, replace) -> tuple[bytes, object]:
     server = copy.deepcopy(exp.server)
-    stats = server.run_round(Tampering(setups, at, replace), list(range(DEVICES)), 1)
+    stats = server.run_round(Tampering(setups, TARGET, at, replace), list(range(DEVICES)), 1)
     model = b"".join(v.numpy().tobytes() for v in server.student.state_dict().values())
     return model, stats
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import tiny
+from malformed import Tampering
 from fedsplitkd.config import resolve
 from fedsplitkd.device import device_setup, handle_train
 from fedsplitkd.experiment import build
@@ -45,14 +46,8 @@ def test_huge_activations_are_rejected_and_leave_no_trace():
     """Finite but huge activations are refused; the model equals training device 0 alone."""
     cfg, exp, setups = setup({"exchange_batches": 4})
 
-    class Overflowing(InProcessTransport):
-        def receive(self):
-            replies = super().receive()
-            if isinstance(replies.get(1), dict) and "activations" in replies[1]:
-                replies[1]["activations"] = np.full_like(replies[1]["activations"], 3e38)
-            return replies
-
-    stats = exp.server.run_round(Overflowing(setups), [0, 1], 1)
+    overflowing = Tampering(setups, 1, 0, lambda r: {**r, "activations": np.full_like(r["activations"], 3e38)})
+    stats = exp.server.run_round(overflowing, [0, 1], 1)
     assert (stats.completed, stats.dropped["invalid"]) == (1, 1)
     _, alone, setups_alone = setup({"exchange_batches": 4})
     alone.server.run_round(InProcessTransport(setups_alone), [0], 1)
@@ -64,12 +59,6 @@ def test_a_device_claiming_more_examples_is_not_averaged():
     """Device parts are weighted by the samples the server saw, and the claim must match."""
     cfg, exp, setups = setup({"exchange_batches": 4})
 
-    class Boasting(InProcessTransport):
-        def receive(self):
-            replies = super().receive()
-            if isinstance(replies.get(1), dict) and "num-examples" in replies[1]:
-                replies[1]["num-examples"] = 10**9
-            return replies
-
-    stats = exp.server.run_round(Boasting(setups), [0, 1], 1)
+    boasting = Tampering(setups, 1, -1, lambda r: {**r, "num-examples": 10**9})  # in its final reply
+    stats = exp.server.run_round(boasting, [0, 1], 1)
     assert (stats.completed, stats.dropped["invalid"]) == (1, 1)
