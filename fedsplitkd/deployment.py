@@ -34,7 +34,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedsplitkd.localsim import _free_port, _toml_value
+from fedsplitkd.localsim import _free_port, _toml_value, descendants
 
 CONNECTION = "fedsplitkd-deploy"
 
@@ -73,31 +73,6 @@ def write_tls_certificates(directory: Path) -> tuple[Path, Path, Path]:
                                            serialization.NoEncryption()))
     paths[2].chmod(0o600)
     return paths
-
-
-def _children() -> dict[int, list[int]]:
-    """Parent PID -> child PIDs of every process now running (Linux /proc)."""
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            tree.setdefault(ppid, []).append(int(entry))
-    return tree
-
-
-def descendants(pids: list[int]) -> set[int]:
-    """``pids`` and every process below them."""
-    tree, found, todo = _children(), set(), list(pids)
-    while todo:
-        pid = todo.pop()
-        if pid not in found:
-            found.add(pid)
-            todo += tree.get(pid, [])
-    return found
 
 
 def alive(pid: int) -> bool:
@@ -231,7 +206,8 @@ class LocalDeployment:
 
     def pids(self) -> set[int]:
         """Our processes and all their descendants now (also remembered for the clean-up)."""
-        now = descendants([p.pid for p in self.processes])
+        roots = [p.pid for p in self.processes]
+        now = {*roots, *descendants(*roots)}
         self.seen |= now
         return now
 

@@ -30,8 +30,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (Linux /proc). Flower's superexec starts its own session,
+def descendants(*roots: int) -> list[int]:
+    """Every process below ``roots`` (Linux /proc). Flower's superexec starts its own session,
     so killing the SuperLink's process group does not reach the ServerApp."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
@@ -41,7 +41,7 @@ def descendants(pid: int) -> list[int]:
             except (OSError, IndexError, ValueError):
                 continue  # the process ended while we looked
             children.setdefault(ppid, []).append(int(entry.name))
-    found, stack = [], [pid]
+    found, stack = [], list(roots)
     while stack:
         for child in children.get(stack.pop(), []):
             found.append(child)
