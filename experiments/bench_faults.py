@@ -24,10 +24,13 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--rate", type=float, default=0.3)
+    parser.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine")
     args = parser.parse_args()
     logging.getLogger("fedsplitkd").setLevel(logging.ERROR)  # one warning per dropped device otherwise
-    base = {"dataset": "har", "data-path": args.data_path, "num-rounds": args.rounds}
-    print(f"HAR, {args.devices} devices, {args.rounds} rounds, dropout rate {args.rate}")
+    base = {"dataset": "har", "data-path": args.data_path, "num-rounds": args.rounds,
+            "lr-schedule": args.lr_schedule}
+    print(f"HAR, {args.devices} devices, {args.rounds} rounds, lr-schedule {args.lr_schedule}, "
+          f"dropout rate {args.rate}")
     print(f"{'stage':<10} {'final acc':>9} {'vs none (pt)':>12} {'last-5 mean':>11} {'vs none (pt)':>12} "
           f"{'dropped':>8} {'completed':>9}")
     reference = None

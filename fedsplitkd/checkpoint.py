@@ -99,6 +99,10 @@ def check_config(state: dict, cfg) -> None:
         if key not in FREE_KEYS and cfg.get(key) != value:
             raise ConfigError(f"run-config '{key}' = {cfg.get(key)!r}, but the checkpoint in "
                               f"'{cfg['resume']}' was made with {value!r}")
+    if cfg["lr-schedule"] != "constant" and cfg["num-rounds"] != state["config"]["num-rounds"]:
+        raise ConfigError(f"run-config 'num-rounds' = {cfg['num-rounds']}: lr-schedule "
+                          f"{cfg['lr-schedule']!r} decays over the checkpointed run's "
+                          f"{state['config']['num-rounds']} rounds; keep that number")
     if cfg["num-rounds"] <= state["round"]:
         raise ConfigError(f"run-config 'num-rounds' = {cfg['num-rounds']}: the checkpoint is at round "
                           f"{state['round']} already")

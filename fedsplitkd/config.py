@@ -87,6 +87,7 @@ SCHEMA: dict[str, Key] = {
     "exchange-batches": _int(8, 1),
     "server-batching": _choice("per-device", "joint"),
     "learning-rate": _float(0.01, 0.0, 10.0, low_open=True),
+    "lr-schedule": _choice("constant", "cosine"),
     "momentum": _float(0.9, 0.0, 0.999),
     "kd-alpha": _float(0.5, 0.0, 1.0),
     "kd-temperature": _float(3.0, 0.0, 100.0, low_open=True),

@@ -23,7 +23,7 @@ from torch import nn
 
 from fedsplitkd.models import SplitModel, student_for, teacher_for
 from fedsplitkd.payload import TEACHER, WEIGHTS, Payload, PayloadError, pack, unpack
-from fedsplitkd.runtime import DeviceRuntime, load_numpy_state
+from fedsplitkd.runtime import DeviceRuntime, load_numpy_state, round_lr, set_lr
 
 
 def teacher_mode(cfg) -> str:
@@ -125,6 +125,7 @@ def handle_train(request: Payload, state: Payload, setup: DeviceSetup) -> tuple[
                            f"device is in round {state.get('round')}")
     runtime = setup.runtime(state["cut"])
     runtime.load(unpack(WEIGHTS, state), state["optimizer"])
+    set_lr(runtime.optimizer, round_lr(cfg, server_round))
     plan = batch_plan(len(local.y_train), cfg["batch-size"], cfg["local-epochs"], cfg["seed"],
                       server_round, setup.device_key)
     mode = teacher_mode(cfg)

@@ -16,7 +16,7 @@ from torch import nn
 from fedsplitkd.data import DeviceData
 from fedsplitkd.kd import kd_loss
 from fedsplitkd.local import train_whole
-from fedsplitkd.runtime import make_optimizer
+from fedsplitkd.runtime import make_optimizer, round_lr, set_lr
 
 
 def device_head(feature_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -43,6 +43,7 @@ def train_server(server_part: nn.Module, optimizer: torch.optim.Optimizer, featu
                  device_logits: np.ndarray, labels: np.ndarray, cfg, server_round: int) -> float:
     """``local-epochs`` over all devices' features: KD towards the devices' logits + CE."""
     rng = np.random.default_rng([cfg["seed"], server_round, 97])
+    set_lr(optimizer, round_lr(cfg, server_round))
     loss_sum = 0.0
     server_part.train()
     for _ in range(cfg["local-epochs"]):

@@ -8,6 +8,7 @@ teacher, computes the KD loss, steps its optimizer and returns the cut-layer gra
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import torch
@@ -54,6 +55,20 @@ def per_sample(losses: torch.Tensor) -> torch.Tensor:
 
 def make_optimizer(params, lr: float, momentum: float) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, momentum=momentum)
+
+
+def round_lr(cfg, server_round: int) -> float:
+    """The learning rate of a round: ``learning-rate``, or under ``lr-schedule = cosine``
+    decayed over the run's rounds (round 1 at the full rate) so the last rounds settle."""
+    lr = cfg["learning-rate"]
+    if cfg["lr-schedule"] == "cosine":
+        lr *= 0.5 * (1.0 + math.cos(math.pi * (max(server_round, 1) - 1) / cfg["num-rounds"]))
+    return lr
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def state_to_numpy(module: nn.Module) -> dict[str, np.ndarray]:

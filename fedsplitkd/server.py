@@ -23,7 +23,8 @@ from fedsplitkd.device import DeviceSetup, handle_train, teacher_mode
 from fedsplitkd.models import SplitModel
 from fedsplitkd.payload import (TEACHER, WEIGHTS, Payload, PayloadError, pack, payload_bytes,
                                 require_array, require_int, require_keys, require_labels, require_weights)
-from fedsplitkd.runtime import EdgeRuntime, NonFiniteLoss, evaluate, load_numpy_state, state_to_numpy
+from fedsplitkd.runtime import (EdgeRuntime, NonFiniteLoss, evaluate, load_numpy_state, round_lr, set_lr,
+                                state_to_numpy)
 
 log = logging.getLogger("fedsplitkd")
 
@@ -248,6 +249,7 @@ class SplitKDServer:
         for the whole exchange.
         """
         stats = RoundStats(devices=len(keys))
+        set_lr(self.edge.optimizer, round_lr(self.cfg, server_round))
         if self.costs is not None:
             self.costs.server_round = server_round
         if self.per_device_server:

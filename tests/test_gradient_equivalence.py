@@ -13,7 +13,7 @@ from fedsplitkd import experiment
 from fedsplitkd.device import batch_plan, device_setup
 from fedsplitkd.kd import kd_loss
 from fedsplitkd.models import build_student, build_teacher
-from fedsplitkd.runtime import DeviceRuntime, EdgeRuntime
+from fedsplitkd.runtime import DeviceRuntime, EdgeRuntime, round_lr
 from fedsplitkd.server import InProcessTransport
 
 from conftest import tiny
@@ -108,27 +108,21 @@ def test_edge_gradient_split_over_devices_equals_each_device_alone():
         np.testing.assert_allclose(g, want, atol=1e-7, rtol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def protocol_round():
+def _protocol_round(server_round: int, **overrides):
     """One round of the whole protocol for one device with exchange-batches = 1."""
-    cfg = config_lib.resolve(tiny(exchange_batches=1, num_rounds=1, teacher_epochs=2))
+    cfg = config_lib.resolve(tiny(exchange_batches=1, num_rounds=4, teacher_epochs=2, **overrides))
     exp = experiment.build(cfg)
     reference = copy.deepcopy(exp.student)
     setup = device_setup(cfg, 0, 1)
     transport = InProcessTransport({0: setup})
-    stats = exp.server.run_round(transport, [0], 1)
+    stats = exp.server.run_round(transport, [0], server_round)
     return cfg, exp, reference, setup, stats
 
 
-def test_protocol_round_equals_unsplit_training(protocol_round):
-    cfg, exp, reference, setup, stats = protocol_round
-    assert stats.completed == 1 and not stats.dropped
-    plan = batch_plan(len(setup.data.y_train), cfg["batch-size"], cfg["local-epochs"], cfg["seed"], 1, 0)
-    assert stats.exchanges == len(plan) + 1  # one chunk per minibatch, plus the final reply
-    assert stats.samples == len(setup.data.y_train)
-
-    optimizer = torch.optim.SGD(reference.parameters(), lr=cfg["learning-rate"], momentum=cfg["momentum"])
-    for batch in plan:
+def _train_unsplit(reference, exp, setup, cfg, server_round: int, lr: float) -> None:
+    optimizer = torch.optim.SGD(reference.parameters(), lr=lr, momentum=cfg["momentum"])
+    for batch in batch_plan(len(setup.data.y_train), cfg["batch-size"], cfg["local-epochs"], cfg["seed"],
+                            server_round, 0):
         x = torch.from_numpy(setup.data.x_train[batch])
         y = torch.from_numpy(setup.data.y_train[batch])
         with torch.no_grad():
@@ -137,7 +131,32 @@ def test_protocol_round_equals_unsplit_training(protocol_round):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+
+
+@pytest.fixture(scope="module")
+def protocol_round():
+    return _protocol_round(1)
+
+
+def test_protocol_round_equals_unsplit_training(protocol_round):
+    cfg, exp, reference, setup, stats = protocol_round
+    assert stats.completed == 1 and not stats.dropped
+    plan = batch_plan(len(setup.data.y_train), cfg["batch-size"], cfg["local-epochs"], cfg["seed"], 1, 0)
+    assert stats.exchanges == len(plan) + 1  # one chunk per minibatch, plus the final reply
+    assert stats.samples == len(setup.data.y_train)
+    _train_unsplit(reference, exp, setup, cfg, 1, cfg["learning-rate"])
     _assert_same_params(exp.student, reference)
+
+
+def test_cosine_schedule_trains_both_sides_at_the_rounds_rate():
+    """Round 3 of 4 under lr-schedule = cosine: device and edge both step at lr * (1 + cos(pi/2)) / 2."""
+    cfg, exp, reference, setup, _ = _protocol_round(3, lr_schedule="cosine")
+    lr = round_lr(cfg, 3)
+    assert lr == pytest.approx(cfg["learning-rate"] * 0.5)
+    _train_unsplit(reference, exp, setup, cfg, 3, lr)
+    _assert_same_params(exp.student, reference)
+    assert round_lr(cfg, 1) == cfg["learning-rate"] and 0 < round_lr(cfg, 4) < round_lr(cfg, 3)
+    assert round_lr({**cfg, "lr-schedule": "constant"}, 4) == cfg["learning-rate"]
 
 
 def test_protocol_round_moved_the_device_part(protocol_round):

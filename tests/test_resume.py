@@ -63,6 +63,11 @@ def test_resume_refuses_a_changed_config_or_a_missing_checkpoint(tmp_path):
         run_inprocess({**RUN, "learning-rate": 0.5, "resume": str(tmp_path)}, DEVICES)
     with pytest.raises(ConfigError, match="'num-rounds' = 1"):
         run_inprocess({**RUN, "num-rounds": 1, "resume": str(tmp_path)}, DEVICES)
+    cosine = {**RUN, "num-rounds": 3, "lr-schedule": "cosine"}
+    (tmp_path / "cosine").mkdir()
+    run_inprocess({**cosine, "checkpoint-every": 1}, DEVICES, checkpoint_dir=tmp_path / "cosine")
+    with pytest.raises(ConfigError, match="'num-rounds' = 4: lr-schedule 'cosine'"):
+        run_inprocess({**cosine, "num-rounds": 4, "resume": str(tmp_path / "cosine")}, DEVICES)
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint.pt"):
         run_inprocess({**RUN, "resume": str(tmp_path / "elsewhere")}, DEVICES)
     (tmp_path / "checkpoint.pt").write_bytes(b"truncated")
