@@ -3,7 +3,9 @@
 Handlers: ``query`` (which device this node is), ``train.split_forward`` (a round's first request, carrying the global device
 part), ``train.split_backward`` (cut-layer gradients, and the next chunk or the final
 device part) and ``evaluate`` (split inference on the local validation split). The
-device's state between messages lives in ``context.state``.
+device's state between messages lives in ``context.state``. With ``virtual-devices`` a
+node serves whichever devices the server names, several per message (one section each,
+``to_bundle``), and keeps the teacher's embedding once for all of them.
 """
 
 from __future__ import annotations
@@ -13,21 +15,22 @@ import functools
 import torch
 from torch import nn
 
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedsplitkd.clients.records import ARRAYS, SCALARS, from_records, to_records
+from fedsplitkd.clients.records import ARRAYS, SCALARS, from_bundle, from_records, to_bundle, to_records
 from fedsplitkd.config import resolve
 from fedsplitkd.data import load_dataset
 from fedsplitkd.device import device_setup, handle_evaluate, handle_train
 from fedsplitkd.gkt import device_head, extract, train_device
 from fedsplitkd.local import class_logits, class_targets, train_whole
-from fedsplitkd.payload import PayloadError
+from fedsplitkd.payload import TEACHER, Payload, PayloadError
 from fedsplitkd.models import student_for
 from fedsplitkd.runtime import evaluate as evaluate_model, load_numpy_state
 
 STATE_PREFIX = "fedsplitkd."  # context.state holds our ArrayRecord and ConfigRecord under it
 OWN_MODEL = "fedsplitkd.own-model"
+TEACHER_STATE = "fedsplitkd.teacher."  # virtual devices: the teacher's embedding, once per node
 GKT_MODEL = "fedsplitkd.gkt-model"
 
 app = ClientApp()
@@ -38,12 +41,17 @@ def _resolve(items: tuple) -> dict:
     return dict(resolve(dict(items)))
 
 
-def _setup(context: Context, msg: Message):
+def _config(context: Context) -> dict:
     cfg = _resolve(tuple(sorted(context.run_config.items())))  # once per run, not per message
     if cfg["device-threads"] and torch.get_num_threads() != cfg["device-threads"]:
         # Simulated devices are small: several torch threads per ClientApp process only
         # contend with the other processes for the cores.
         torch.set_num_threads(cfg["device-threads"])
+    return cfg
+
+
+def _setup(context: Context, msg: Message):
+    cfg = _config(context)
     if cfg["virtual-devices"]:  # this node serves whichever device the server names
         config = msg.content["config"] if "config" in msg.content else {}
         device = config.get("device")
@@ -58,14 +66,53 @@ def _setup(context: Context, msg: Message):
     return device_setup(cfg, int(node["partition-id"]), int(node["num-partitions"]))
 
 
-def _train(msg: Message, context: Context) -> Message:
-    setup = _setup(context, msg)
-    stored = RecordDict({name: context.state[STATE_PREFIX + name] for name in (ARRAYS, SCALARS)
-                         if STATE_PREFIX + name in context.state})
-    reply, state = handle_train(from_records(msg.content), from_records(stored), setup)
+def _load_state(context: Context, prefix: str) -> Payload:
+    return from_records(RecordDict({name: context.state[prefix + name] for name in (ARRAYS, SCALARS)
+                                    if prefix + name in context.state}))
+
+
+def _store_state(context: Context, prefix: str, state: Payload) -> None:
     for name, record in to_records(state, packed=False).items():
-        context.state[STATE_PREFIX + name] = record
+        if state:
+            context.state[prefix + name] = record
+        elif prefix + name in context.state:  # nothing left to keep (the device's round is over)
+            del context.state[prefix + name]
+
+
+def _train(msg: Message, context: Context) -> Message:
+    cfg = _config(context)
+    if cfg["virtual-devices"]:
+        return Message(to_bundle(_serve_bundle(msg, context, cfg)), reply_to=msg)
+    reply, state = handle_train(from_records(msg.content), _load_state(context, STATE_PREFIX), _setup(context, msg))
+    _store_state(context, STATE_PREFIX, state)
     return Message(to_records(reply), reply_to=msg)
+
+
+def _serve_bundle(msg: Message, context: Context, cfg: dict) -> dict[int, Payload]:
+    """Serve every virtual device a bundle names, each on its own: one device's failure
+    is its own error section. The teacher's embedding is kept once per node."""
+    replies: dict[int, Payload] = {}
+    for device, request in from_bundle(msg.content).items():
+        prefix = f"{STATE_PREFIX}device-{device}."
+        try:
+            if isinstance(request, PayloadError):
+                raise request
+            if not 0 <= device < cfg["virtual-devices"]:
+                raise PayloadError(f"device {device} is outside virtual-devices = {cfg['virtual-devices']}")
+            setup = device_setup(cfg, device, cfg["virtual-devices"])
+            if msg.metadata.message_type.startswith(MessageType.EVALUATE):
+                replies[device] = handle_evaluate(request, setup)
+                continue
+            teacher = {k: v for k, v in request.items() if k.startswith(TEACHER)}
+            if teacher:
+                _store_state(context, TEACHER_STATE, teacher)
+            state = {**_load_state(context, TEACHER_STATE), **_load_state(context, prefix)}
+            replies[device], state = handle_train(request, state, setup)
+            _store_state(context, prefix, {k: v for k, v in state.items() if not k.startswith(TEACHER)})
+        except Exception as err:  # noqa: BLE001 - reported to the server, which drops the device
+            replies[device] = {"error": f"{type(err).__name__}: {err}"}
+            _store_state(context, prefix, {})
+    return replies
 
 
 @app.train("split_forward")
@@ -197,4 +244,7 @@ def describe(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Split inference: activations and labels of the local validation split."""
+    cfg = _config(context)
+    if cfg["virtual-devices"]:
+        return Message(to_bundle(_serve_bundle(msg, context, cfg)), reply_to=msg)
     return Message(to_records(handle_evaluate(from_records(msg.content), _setup(context, msg))), reply_to=msg)

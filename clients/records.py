@@ -81,3 +81,30 @@ def from_records(records: RecordDict) -> Payload:
             raise PayloadError(f"record '{SCALARS}' is not a ConfigRecord")
         payload.update(dict(records[SCALARS]))
     return payload
+
+
+def to_bundle(payloads: dict[int, Payload]) -> RecordDict:
+    """Several virtual devices' payloads in one message (records ``<device>/packed`` and
+    ``<device>/config``): a node serving k devices costs the engine one message, not k."""
+    return RecordDict({f"{device}/{name}": record for device, payload in payloads.items()
+                       for name, record in to_records(payload).items()})
+
+
+def from_bundle(records: RecordDict) -> dict[int, Payload | PayloadError]:
+    """Each device's payload in a bundle, or the PayloadError that makes its section invalid.
+
+    A record outside any device section makes the whole bundle invalid (PayloadError).
+    """
+    sections: dict[int, RecordDict] = {}
+    for name in records:
+        device, slash, record = name.partition("/")
+        if not slash or not device.isdigit():
+            raise PayloadError(f"record {name!r} is not '<device>/<record>'")
+        sections.setdefault(int(device), RecordDict())[record] = records[name]
+    payloads: dict[int, Payload | PayloadError] = {}
+    for device, section in sections.items():
+        try:
+            payloads[device] = from_records(section)
+        except PayloadError as err:
+            payloads[device] = err
+    return payloads

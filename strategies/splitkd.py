@@ -12,7 +12,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from fedsplitkd.clients.records import from_records, to_records
+from fedsplitkd.clients.records import from_bundle, from_records, to_bundle, to_records
 from fedsplitkd.experiment import sample_devices
 from fedsplitkd.payload import WEIGHTS, Payload, PayloadError, pack
 from fedsplitkd.runtime import load_numpy_state, state_to_numpy
@@ -28,52 +28,78 @@ class GridTransport:
     """Carries protocol payloads as Flower Messages over a Grid, polling for replies.
 
     Requests and replies are keyed by device id; ``nodes`` maps each device to the node
-    that serves it (``None``: the keys are node ids). Polls every ``poll_interval``
-    seconds: the SuperLink grid's own ``send_and_receive`` sleeps 3 s between polls,
-    which would dominate every exchange.
+    that serves it (``None``: the keys are node ids). With ``bundle`` (virtual devices)
+    the requests for the devices of one node travel in one message and come back in one
+    reply, a section per device (``to_bundle``): message count follows the nodes, not
+    the devices. Polls every ``poll_interval`` seconds: the SuperLink grid's own
+    ``send_and_receive`` sleeps 3 s between polls, which would dominate every exchange.
     """
 
     def __init__(self, grid: Grid, timeout: float, poll_interval: float = 0.005,
                  message_type: str | None = None, nodes: dict[Hashable, int] | None = None,
-                 name_devices: bool = False):
+                 bundle: bool = False):
         self.grid, self.timeout, self.poll_interval = grid, timeout, poll_interval
-        self.message_type, self.nodes = message_type, nodes
-        self.name_devices = name_devices  # virtual devices: each request says which device to be
-        self.pending: dict[str, tuple[Hashable, int, float]] = {}  # message id -> (key, node, deadline)
+        self.message_type, self.nodes, self.bundle = message_type, nodes, bundle
+        self.pending: dict[str, tuple[list[Hashable], int, float]] = {}  # message id -> (keys, node, deadline)
+
+    def _type(self, requests: list[Payload]) -> str:
+        return self.message_type or (BACKWARD if all("grads" in r for r in requests) else FORWARD)
 
     def send(self, requests: dict[Hashable, Payload]) -> None:
-        keys = list(requests)
-        messages = [Message(to_records({**r, "device": int(k)} if self.name_devices else r),
-                            dst_node_id=int(self.nodes[k] if self.nodes else k),
-                            message_type=self.message_type or (BACKWARD if "grads" in r else FORWARD))
-                    for k, r in requests.items()]
+        if self.bundle:
+            by_node: dict[int, list[Hashable]] = {}
+            for key in requests:
+                by_node.setdefault(int(self.nodes[key]), []).append(key)
+            batches = [(node, keys, to_bundle({int(k): requests[k] for k in keys})) for node, keys in by_node.items()]
+        else:
+            batches = [(int(self.nodes[k] if self.nodes else k), [k], to_records(r)) for k, r in requests.items()]
+        messages = [Message(content, dst_node_id=node, message_type=self._type([requests[k] for k in keys]))
+                    for node, keys, content in batches]
+        targets = [keys for _, keys, _ in batches]
         deadline = time.monotonic() + self.timeout
-        for key, mid, message in zip(keys, self.grid.push_messages(messages), messages):
+        for keys, mid, message in zip(targets, self.grid.push_messages(messages), messages):
             # A message the SuperLink refused gets no id; it times out like a lost one.
-            self.pending[mid or f"refused-{key}"] = (key, message.metadata.dst_node_id, deadline if mid else 0.0)
+            self.pending[mid or f"refused-{keys[0]}"] = (keys, message.metadata.dst_node_id, deadline if mid else 0.0)
+
+    def _open(self, reply: Message, keys: list[Hashable]) -> dict[Hashable, Payload | str]:
+        """Each device's payload in a reply, or why it counts as failed."""
+        if reply.has_error():
+            return {key: f"ClientApp error: {reply.error.reason}" for key in keys}
+        try:
+            if not self.bundle:
+                return {keys[0]: from_records(reply.content)}
+            sections = from_bundle(reply.content)
+        except PayloadError as err:
+            return {key: f"invalid records: {err}" for key in keys}
+        opened: dict[Hashable, Payload | str] = {}
+        for key in keys:
+            section = sections.get(int(key))
+            if section is None:
+                opened[key] = "invalid records: the reply has no section for this device"
+            elif isinstance(section, PayloadError):
+                opened[key] = f"invalid records: {section}"
+            elif "error" in section:
+                opened[key] = f"ClientApp error: {section['error']}"
+            else:
+                opened[key] = section
+        return opened
 
     def receive(self) -> dict[Hashable, Payload | str]:
         replies: dict[Hashable, Payload | str] = {}
         while not replies and self.pending:
             for reply in self.grid.pull_messages([m for m in self.pending if not m.startswith("refused-")]):
                 mid = reply.metadata.reply_to_message_id
-                key, node, _ = self.pending.get(mid, (None, None, 0.0))
+                keys, node, _ = self.pending.get(mid, ([], None, 0.0))
                 if node is None or reply.metadata.src_node_id != node:
                     log(WARNING, "ignored a reply to message %s from node %s", mid, reply.metadata.src_node_id)
                     continue
                 del self.pending[mid]
-                if reply.has_error():
-                    replies[key] = f"ClientApp error: {reply.error.reason}"
-                    continue
-                try:
-                    replies[key] = from_records(reply.content)
-                except PayloadError as err:
-                    replies[key] = f"invalid records: {err}"
+                replies.update(self._open(reply, keys))
             now = time.monotonic()
-            for mid, (key, _, deadline) in list(self.pending.items()):
+            for mid, (keys, _, deadline) in list(self.pending.items()):
                 if now >= deadline:
                     del self.pending[mid]
-                    replies[key] = f"no reply within {self.timeout:.0f} s"
+                    replies.update({key: f"no reply within {self.timeout:.0f} s" for key in keys})
             if not replies:
                 time.sleep(self.poll_interval)
         return replies
@@ -108,8 +134,9 @@ class SplitKD(Strategy):
         Seed of the node sampling.
     virtual_devices : int
         0: one node per device (its partition id). N > 0: a fleet of N virtual devices;
-        each round the sampled devices are assigned to the connected nodes, which serve
-        them (each request names its device), so N may far exceed the nodes.
+        each round the sampled devices are dealt round-robin to the connected nodes, and
+        each node serves its share in one message per exchange (``GridTransport``
+        bundles), so N may far exceed the nodes and the devices per round may too.
     """
 
     def __init__(self, server: SplitKDServer | Scheduler, fraction_train: float = 1.0,
@@ -146,11 +173,11 @@ class SplitKD(Strategy):
         online = discover(grid, self.nodes, self.min_nodes, self.round_timeout, self.round_timeout)
         if not self.virtual_devices:
             return (sample_devices(online, fraction, rng) if online else []), self.nodes
+        if not online:
+            return [], {}
         devices = sample_devices(list(range(self.virtual_devices)), fraction, rng)
-        if len(devices) > len(online):
-            raise ValueError(f"run-config 'fraction-train': {len(devices)} virtual devices sampled per round "
-                             f"but only {len(online)} nodes connected to serve them")
-        return devices, {d: self.nodes[w] for d, w in zip(devices, online)}
+        # Dealt round-robin: a node serves its share of the devices in one message per exchange.
+        return devices, {d: self.nodes[online[i % len(online)]] for i, d in enumerate(devices)}
 
     def _run_round(self, transport: GridTransport, devices: list[int], served_by: dict[int, int],
                    server_round: int) -> RoundStats:
@@ -185,7 +212,7 @@ class SplitKD(Strategy):
         devices, served_by = self._sample(grid, self.fraction_train, self.train_rng)
         self.scheduler.fleet_size = self.virtual_devices or len(self.nodes)
         transport = GridTransport(grid, self.round_timeout, self.poll_interval, nodes=served_by,
-                                  name_devices=bool(self.virtual_devices))
+                                  bundle=bool(self.virtual_devices))
         self.last_stats = self._run_round(transport, devices, served_by, server_round)
         return []
 
@@ -209,7 +236,7 @@ class SplitKD(Strategy):
             request = {"round": server_round, **pack(WEIGHTS, state_to_numpy(self.server.device_part))}
             devices, served_by = self._sample(grid, self.fraction_evaluate, self.evaluate_rng)
             transport = GridTransport(grid, self.round_timeout, self.poll_interval, MessageType.EVALUATE,
-                                      nodes=served_by, name_devices=bool(self.virtual_devices))
+                                      nodes=served_by, bundle=bool(self.virtual_devices))
             accuracy, loss, n, dropped = self.server.evaluate_replies(
                 exchange(transport, {d: request for d in devices}), server_round)
             self.last_evaluation = MetricRecord({"val_accuracy": accuracy, "val_loss": loss,

@@ -314,3 +314,46 @@ def test_round_drops_a_device_with_a_corrupted_reply(exp, cfg):
     # the surviving device's part was aggregated
     after = state_to_numpy(server.device_part)
     assert any(not np.array_equal(after[k], before[k]) for k in before)
+
+
+# ---- virtual devices: several devices per message -----------------------------------------
+
+def test_a_bundle_serves_each_virtual_device_apart_and_keeps_the_teacher_once(exp):
+    from fedsplitkd.clients.client_app import TEACHER_STATE
+    from fedsplitkd.clients.records import from_bundle, to_bundle
+
+    context = Context(run_id=RUN_ID, node_id=DEVICE_NODE, node_config={}, state=RecordDict(),
+                      run_config={**run_config(), "virtual-devices": 8})
+
+    def send(handler, requests: dict, message_type: str) -> dict:
+        reply = handler(Message(to_bundle(requests), dst_node_id=DEVICE_NODE, message_type=message_type), context)
+        assert not reply.has_error()
+        return from_bundle(reply.content)
+
+    server = exp.server
+    server.has_teacher.clear()
+    requests = server.first_requests([2, 5], 1)
+    replies = send(split_forward, {**requests, 99: requests[2]}, FORWARD)
+    assert set(replies) == {2, 5, 99}
+    assert "outside virtual-devices" in replies[99]["error"]  # one bad section fails alone
+    for device in (2, 5):
+        server.check_chunk(replies[device], 1)
+    assert not np.array_equal(replies[2]["labels"], replies[5]["labels"])  # each its own data
+    # The teacher's embedding is kept once per node, not per device.
+    assert any(k.startswith(TEACHER_STATE) for k in context.state)
+    device_state = context.state["fedsplitkd.device-2.arrays"]
+    assert not any(k.startswith(TEACHER) for k in device_state)
+
+    server.has_teacher.add(6)  # the server knows this node holds it: no teacher in the request
+    later = server.first_requests([6], 1)
+    assert not unpack(TEACHER, later[6])
+    assert "teacher-input" in send(split_forward, later, FORWARD)[6]
+
+    # A device's state goes once its round is over.
+    finals = send(split_backward, {d: {"round": 1, "grads": np.zeros_like(replies[d]["activations"]),
+                                      "final": True} for d in (2, 5)}, BACKWARD)
+    for device in (2, 5):
+        server.check_final(finals[device], 1)
+        assert not any(k.startswith(f"fedsplitkd.device-{device}.") for k in context.state)
+    assert any(k.startswith("fedsplitkd.device-6.") for k in context.state)
+    server.has_teacher.clear()

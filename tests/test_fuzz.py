@@ -164,3 +164,69 @@ def test_packed_records_round_trip_every_wire_dtype():
     for k in ("f", "i", "b", "empty"):
         assert back[k].dtype == payload[k].dtype and np.array_equal(back[k], payload[k])
     back["b"][0] = False  # handlers update arrays in place: they must be writable
+
+
+# ---- virtual devices: several devices per message ----------------------------------------------
+
+class BundlingGrid:
+    """Two nodes running the real ClientApp handlers for a fleet of virtual devices; node 101
+    serves devices 0 and 2 (one message each exchange), node 102 device 1. ``tamper`` may
+    edit a reply's records before it leaves."""
+
+    def __init__(self, run_config: dict, tamper=None):
+        self.contexts = {node: new_context() for node in (101, 102)}
+        for context in self.contexts.values():
+            context.run_config.update(run_config)
+        self.tamper, self.outbox, self.count = tamper, [], 0
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            self.count += 1
+            msg.metadata._message_id = mid = f"m{self.count}"
+            handler = split_backward if msg.metadata.message_type == BACKWARD else split_forward
+            reply = handler(msg, self.contexts[msg.metadata.dst_node_id])
+            if self.tamper:
+                self.tamper(msg, reply)
+            self.outbox.append(reply)
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids):
+        out, self.outbox = self.outbox, []
+        return out
+
+
+def _bundled_round(exp, tamper=None):
+    server = copy.deepcopy(exp.server)
+    grid = BundlingGrid({**config_lib.DEFAULTS, **OVERRIDES, "virtual-devices": DEVICES}, tamper)
+    transport = GridTransport(grid, timeout=30, nodes={0: 101, 1: 102, 2: 101}, bundle=True)
+    stats = server.run_round(transport, list(range(DEVICES)), 1)
+    return b"".join(v.numpy().tobytes() for v in server.student.state_dict().values()), stats
+
+
+def test_bundled_devices_train_as_if_each_had_its_node(exp, setups, monkeypatch):
+    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    clean, clean_stats = round_with(exp, setups, 0, lambda reply: reply)
+    model, stats = _bundled_round(exp)
+    assert (stats.completed, sum(stats.dropped.values())) == (DEVICES, 0)
+    assert stats.bytes_up == clean_stats.bytes_up
+    assert model == clean
+
+
+def test_a_bad_section_drops_only_its_device(exp, setups, monkeypatch, caplog):
+    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+    def lose_device_2(msg, reply):  # node 101's first reply comes back without device 2's section
+        if msg.metadata.message_id == "m1":
+            for name in [n for n in reply.content if n.startswith("2/")]:
+                del reply.content[name]
+
+    with caplog.at_level(logging.WARNING, logger="fedsplitkd"):
+        _, stats = _bundled_round(exp, lose_device_2)
+    assert (stats.completed, stats.dropped["failed"]) == (DEVICES - 1, 1)
+    assert stats.drops[0][0] == 2 and "no section for this device" in stats.drops[0][3]

@@ -20,7 +20,10 @@ from fedsplitkd.runtime import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICES, ROUNDS = 3, 3
-VIRTUAL = {"virtual-devices": 12, "fraction-train": 0.25}
+# 3 nodes serve a fleet of 12 virtual devices: FedAvg samples 3 a round (one per node),
+# split-KD 6 (two per node, in one message per node and exchange).
+VIRTUAL = {"fedavg": {"virtual-devices": 12, "fraction-train": 0.25},
+           "splitkd": {"virtual-devices": 12, "fraction-train": 0.5, "fraction-evaluate": 0.5}}
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +38,8 @@ def runs(tmp_path_factory):
         bad = sim.run(ROOT, {**common, "run-name": "bad", "kd-alpha": 1.5}, num_supernodes=DEVICES)
         sim.run(ROOT, {**common, "run-name": "faulty", "dropout-rate": 0.5, "dropout-stage": "backward"},
                 num_supernodes=DEVICES)
-        for method in ("splitkd", "fedavg"):  # 3 nodes serve a fleet of 12 virtual devices
-            sim.run(ROOT, {**common, **VIRTUAL, "method": method, "run-name": f"virtual-{method}"},
+        for method in ("splitkd", "fedavg"):
+            sim.run(ROOT, {**common, **VIRTUAL[method], "method": method, "run-name": f"virtual-{method}"},
                     num_supernodes=DEVICES)
         own = sim.run(ROOT, {**common, "run-name": "npz", "dataset": "npz", "num-rounds": 1,
                              "learning-rate": 0.05, "batch-size": 16,
@@ -165,16 +168,20 @@ def test_devices_dropping_out_mid_round_are_counted_and_named(runs):
 
 @pytest.mark.parametrize("method", ["splitkd", "fedavg"])
 def test_nodes_serve_a_larger_fleet_of_virtual_devices(runs, method):
-    """Each round 3 of 12 devices are sampled and served by the 3 nodes; split-KD repeats the
-    in-process run of 12 devices (the teacher's embedding is counted per node, so bytes down differ)."""
+    """Each round 3 (FedAvg) or 6 (split-KD) of 12 devices are sampled and served by the 3
+    nodes; split-KD repeats the in-process run of 12 devices (the teacher's embedding is
+    counted per node, so bytes down differ)."""
     out, _, _, common = runs
     rows = read_metrics(out / f"virtual-{method}")
+    sampled = round(12 * VIRTUAL[method]["fraction-train"])
     assert [int(r["round"]) for r in rows] == list(range(ROUNDS + 1))
-    assert all(int(r["completed"]) == 3 for r in rows[1:])
+    assert all(int(r["completed"]) == sampled for r in rows[1:])
+    if method == "splitkd":  # split evaluation of 6 devices, in one message per node too
+        assert all(0.0 < float(r["val_accuracy"]) <= 1.0 for r in rows[1:])
     served = {int(d["device"]) for d in csv.DictReader(open(out / f"virtual-{method}" / "devices.csv"))}
     assert len(served) > DEVICES and max(served) < 12
     if method == "splitkd":
-        _, reference = run_inprocess({**common, **VIRTUAL, "run-name": "ref"}, 12)
+        _, reference = run_inprocess({**common, **VIRTUAL[method], "run-name": "ref"}, 12)
         for flower, local in zip(rows, reference, strict=True):
             assert float(flower["test_accuracy"]) == pytest.approx(local["test_accuracy"], abs=1e-9)
             assert int(flower["bytes_up"]) == local["bytes_up"]
