@@ -97,15 +97,15 @@ def _serve_bundle(msg: Message, context: Context, cfg: dict) -> dict[int, Payloa
         try:
             if isinstance(request, PayloadError):
                 raise request
+            teacher = {k: v for k, v in request.items() if k.startswith(TEACHER)}
+            if teacher:  # first: the node's other devices in this message rely on it
+                _store_state(context, TEACHER_STATE, teacher)
             if not 0 <= device < cfg["virtual-devices"]:
                 raise PayloadError(f"device {device} is outside virtual-devices = {cfg['virtual-devices']}")
             setup = device_setup(cfg, device, cfg["virtual-devices"])
             if msg.metadata.message_type.startswith(MessageType.EVALUATE):
                 replies[device] = handle_evaluate(request, setup)
                 continue
-            teacher = {k: v for k, v in request.items() if k.startswith(TEACHER)}
-            if teacher:
-                _store_state(context, TEACHER_STATE, teacher)
             state = {**_load_state(context, TEACHER_STATE), **_load_state(context, prefix)}
             replies[device], state = handle_train(request, state, setup)
             _store_state(context, prefix, {k: v for k, v in state.items() if not k.startswith(TEACHER)})

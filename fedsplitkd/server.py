@@ -12,7 +12,7 @@ import copy
 import logging
 import time
 from collections import Counter
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -280,7 +280,7 @@ class SplitKDServer:
             stats.drops.append((key, stage, kind, reason))
             self.has_teacher.discard(key)
 
-        send(self.first_requests(keys, server_round))
+        send(self.first_requests(keys, server_round, getattr(transport, "holder", None)))
         order = list(keys)
         ready: dict[Hashable, Payload] = {}  # next requests computed but not sent yet
         while order:
@@ -352,14 +352,22 @@ class SplitKDServer:
                              if kept else self.round_start)
         return stats
 
-    def first_requests(self, keys: list[Hashable], server_round: int) -> dict[Hashable, Payload]:
-        """The global device part (and the teacher embedding, once per device) for each key."""
+    def first_requests(self, keys: list[Hashable], server_round: int,
+                       holder: Callable[[Hashable], Hashable] | None = None) -> dict[Hashable, Payload]:
+        """The global device part (and the teacher embedding, once per device) for each key.
+
+        ``holder`` names who keeps a device's teacher embedding (a node serving several
+        devices in one message keeps one copy): only the first device of each holder
+        that lacks it carries it.
+        """
         global_weights = pack(WEIGHTS, state_to_numpy(self.device_part))
-        requests = {}
+        requests, given = {}, set()
         for key in keys:
             requests[key] = {"round": server_round, "cut": self.cut, **global_weights}
-            if self.mode != "none" and key not in self.has_teacher:
+            where = holder(key) if holder else key
+            if self.mode != "none" and key not in self.has_teacher and where not in given:
                 requests[key].update(pack(TEACHER, self.teacher_weights))
+                given.add(where)
         return requests
 
     def aggregate(self, finals: list[tuple[dict[str, np.ndarray], int]]) -> None:

@@ -42,6 +42,10 @@ class GridTransport:
         self.message_type, self.nodes, self.bundle = message_type, nodes, bundle
         self.pending: dict[str, tuple[list[Hashable], int, float]] = {}  # message id -> (keys, node, deadline)
 
+    def holder(self, key: Hashable) -> Hashable:
+        """Who keeps a device's teacher embedding: its node when nodes serve bundles."""
+        return self.nodes[key] if self.bundle else key
+
     def _type(self, requests: list[Payload]) -> str:
         return self.message_type or (BACKWARD if all("grads" in r for r in requests) else FORWARD)
 

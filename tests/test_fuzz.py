@@ -177,7 +177,7 @@ class BundlingGrid:
         self.contexts = {node: new_context() for node in (101, 102)}
         for context in self.contexts.values():
             context.run_config.update(run_config)
-        self.tamper, self.outbox, self.count = tamper, [], 0
+        self.tamper, self.outbox, self.count, self.teachers = tamper, [], 0, 0
 
     def push_messages(self, messages):
         ids = []
@@ -185,6 +185,8 @@ class BundlingGrid:
             self.count += 1
             msg.metadata._message_id = mid = f"m{self.count}"
             handler = split_backward if msg.metadata.message_type == BACKWARD else split_forward
+            self.teachers += sum(name.endswith("/packed") and "teacher/" in msg.content[name]["layout"]
+                                 for name in msg.content)
             reply = handler(msg, self.contexts[msg.metadata.dst_node_id])
             if self.tamper:
                 self.tamper(msg, reply)
@@ -202,7 +204,7 @@ def _bundled_round(exp, tamper=None):
     grid = BundlingGrid({**config_lib.DEFAULTS, **OVERRIDES, "virtual-devices": DEVICES}, tamper)
     transport = GridTransport(grid, timeout=30, nodes={0: 101, 1: 102, 2: 101}, bundle=True)
     stats = server.run_round(transport, list(range(DEVICES)), 1)
-    return b"".join(v.numpy().tobytes() for v in server.student.state_dict().values()), stats
+    return b"".join(v.numpy().tobytes() for v in server.student.state_dict().values()), stats, grid
 
 
 def test_bundled_devices_train_as_if_each_had_its_node(exp, setups, monkeypatch):
@@ -210,10 +212,12 @@ def test_bundled_devices_train_as_if_each_had_its_node(exp, setups, monkeypatch)
     monkeypatch.setattr(TaskIdentity, "_node_id", 1)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
     clean, clean_stats = round_with(exp, setups, 0, lambda reply: reply)
-    model, stats = _bundled_round(exp)
+    model, stats, grid = _bundled_round(exp)
     assert (stats.completed, sum(stats.dropped.values())) == (DEVICES, 0)
     assert stats.bytes_up == clean_stats.bytes_up
     assert model == clean
+    # The teacher's embedding goes once per node: device 2 uses the copy sent with device 0.
+    assert grid.teachers == 2 and stats.bytes_down < clean_stats.bytes_down
 
 
 def test_a_bad_section_drops_only_its_device(exp, setups, monkeypatch, caplog):
@@ -227,6 +231,6 @@ def test_a_bad_section_drops_only_its_device(exp, setups, monkeypatch, caplog):
                 del reply.content[name]
 
     with caplog.at_level(logging.WARNING, logger="fedsplitkd"):
-        _, stats = _bundled_round(exp, lose_device_2)
+        _, stats, _ = _bundled_round(exp, lose_device_2)
     assert (stats.completed, stats.dropped["failed"]) == (DEVICES - 1, 1)
     assert stats.drops[0][0] == 2 and "no section for this device" in stats.drops[0][3]
