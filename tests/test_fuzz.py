@@ -76,17 +76,20 @@ def test_malformed_reply_is_rejected_and_the_model_is_as_if_the_device_failed(ex
 
 # ---- duplicated, forged and stale replies through the Flower transport -----------------------
 
-class EchoingGrid:
-    """A Grid whose nodes run the real ClientApp handlers; every reply arrives twice, and
-    with it a forged copy from another node and a reply to a message nobody sent."""
+class HandlerGrid:
+    """A Grid whose nodes (``node -> node config``) run the real ClientApp handlers; each
+    reply goes through ``deliver``, which returns what arrives for it."""
 
-    def __init__(self, run_config: dict):
-        self.contexts = {node: new_context() for node in (101, 102, 103)}
-        for i, context in enumerate(self.contexts.values()):
-            context.node_config["partition-id"], context.node_config["num-partitions"] = i, DEVICES
+    def __init__(self, run_config: dict, node_configs: dict[int, dict]):
+        self.contexts = {node: new_context() for node in node_configs}
+        for node, context in self.contexts.items():
+            context.node_config.update(node_configs[node])
             context.run_config.update(run_config)
         self.outbox: list[Message] = []
         self.count = 0
+
+    def deliver(self, msg: Message, reply: Message) -> list[Message]:
+        return [reply]
 
     def push_messages(self, messages):
         ids = []
@@ -94,18 +97,29 @@ class EchoingGrid:
             self.count += 1
             msg.metadata._message_id = mid = f"m{self.count}"
             handler = split_backward if msg.metadata.message_type == BACKWARD else split_forward
-            reply = handler(msg, self.contexts[msg.metadata.dst_node_id])
-            forged = Message(reply.content, reply_to=msg)
-            forged.metadata._src_node_id = 999
-            stale = Message(reply.content, reply_to=msg)
-            stale.metadata._reply_to_message_id = "m-unknown"
-            self.outbox += [reply, copy.deepcopy(reply), forged, stale]
+            self.outbox += self.deliver(msg, handler(msg, self.contexts[msg.metadata.dst_node_id]))
             ids.append(mid)
         return ids
 
     def pull_messages(self, message_ids):
         out, self.outbox = self.outbox, []
         return out
+
+
+class EchoingGrid(HandlerGrid):
+    """Every reply arrives twice, and with it a forged copy from another node and a reply
+    to a message nobody sent."""
+
+    def __init__(self, run_config: dict):
+        super().__init__(run_config, {node: {"partition-id": i, "num-partitions": DEVICES}
+                                      for i, node in enumerate((101, 102, 103))})
+
+    def deliver(self, msg: Message, reply: Message) -> list[Message]:
+        forged = Message(reply.content, reply_to=msg)
+        forged.metadata._src_node_id = 999
+        stale = Message(reply.content, reply_to=msg)
+        stale.metadata._reply_to_message_id = "m-unknown"
+        return [reply, copy.deepcopy(reply), forged, stale]
 
 
 def test_duplicated_forged_and_stale_replies_change_nothing(exp, setups, monkeypatch):
@@ -168,35 +182,21 @@ def test_packed_records_round_trip_every_wire_dtype():
 
 # ---- virtual devices: several devices per message ----------------------------------------------
 
-class BundlingGrid:
-    """Two nodes running the real ClientApp handlers for a fleet of virtual devices; node 101
-    serves devices 0 and 2 (one message each exchange), node 102 device 1. ``tamper`` may
-    edit a reply's records before it leaves."""
+class BundlingGrid(HandlerGrid):
+    """Two nodes serving a fleet of virtual devices (the server deals them). Counts the
+    request sections that carry the teacher's embedding; ``tamper`` may edit a reply's
+    records before it leaves."""
 
     def __init__(self, run_config: dict, tamper=None):
-        self.contexts = {node: new_context() for node in (101, 102)}
-        for context in self.contexts.values():
-            context.run_config.update(run_config)
-        self.tamper, self.outbox, self.count, self.teachers = tamper, [], 0, 0
+        super().__init__(run_config, {101: {}, 102: {}})
+        self.tamper, self.teachers = tamper, 0
 
-    def push_messages(self, messages):
-        ids = []
-        for msg in messages:
-            self.count += 1
-            msg.metadata._message_id = mid = f"m{self.count}"
-            handler = split_backward if msg.metadata.message_type == BACKWARD else split_forward
-            self.teachers += sum(name.endswith("/packed") and "teacher/" in msg.content[name]["layout"]
-                                 for name in msg.content)
-            reply = handler(msg, self.contexts[msg.metadata.dst_node_id])
-            if self.tamper:
-                self.tamper(msg, reply)
-            self.outbox.append(reply)
-            ids.append(mid)
-        return ids
-
-    def pull_messages(self, message_ids):
-        out, self.outbox = self.outbox, []
-        return out
+    def deliver(self, msg: Message, reply: Message) -> list[Message]:
+        self.teachers += sum(name.endswith("/packed") and "teacher/" in msg.content[name]["layout"]
+                             for name in msg.content)
+        if self.tamper:
+            self.tamper(msg, reply)
+        return [reply]
 
 
 def _bundled_round(exp, tamper=None):
