@@ -134,6 +134,11 @@ def handle_train(request: Payload, state: Payload, setup: DeviceSetup) -> tuple[
 
     if "grads" in request:
         start, stop = state["cursor"] - state["in-flight"], state["cursor"]
+        # The server names the batch its gradients start at: a device whose state is not the
+        # one they were computed for (a lost update) refuses them, even when the rows match.
+        if request.get("cursor") != start:
+            raise PayloadError(f"field 'cursor' = {request.get('cursor')!r}, but the chunk in flight "
+                               f"starts at batch {start}: these gradients are not for it")
         batches = plan[start:stop]
         sizes = [len(b) for b in batches]
         grads = np.asarray(request["grads"], dtype=np.float32)

@@ -258,6 +258,7 @@ class SplitKDServer:
         sent: dict[Hashable, Payload] = {}
         arrived: dict[Hashable, Payload | str] = {}
         seen: Counter = Counter()  # samples trained on per device: its weight in the average
+        cursor: Counter = Counter()  # per device, the batch its next chunk starts at
 
         def send(requests: dict[Hashable, Payload]) -> None:
             if not requests:
@@ -324,9 +325,10 @@ class SplitKDServer:
                     stats.loss_sum += loss_sum
                     for key in diverged:
                         drop(key, "invalid", "non-finite loss on the server", asked[key])
-                    follow = {key: {"round": server_round, "grads": grads[key],
+                    follow = {key: {"round": server_round, "grads": grads[key], "cursor": cursor[key],
                                     "final": reply["remaining"] == 0}
                               for key, reply in chunks.items() if key not in diverged}
+                    cursor.update({key: len(chunks[key]["batch-sizes"]) for key in follow})
                     for key in follow:
                         seen[key] += len(chunks[key]["labels"])
                         stats.traffic[key].samples += len(chunks[key]["labels"])

@@ -33,6 +33,13 @@ class GridTransport:
     reply, a section per device (``to_bundle``): message count follows the nodes, not
     the devices. Polls every ``poll_interval`` seconds: the SuperLink grid's own
     ``send_and_receive`` sleeps 3 s between polls, which would dominate every exchange.
+
+    A node has at most one message in flight. Flower's simulation engine hands a node its
+    next message without waiting for the one before; each runs on a copy of the node's
+    ``context`` taken when it starts and writes the whole context back when it ends, so
+    two overlapping messages lose one's device state (a device would then apply gradients
+    to another chunk). Requests for a busy node wait here and leave together when it answers.
+    A node that does not answer in time gets nothing more this round: it may still be running.
     """
 
     def __init__(self, grid: Grid, timeout: float, poll_interval: float = 0.005,
@@ -41,29 +48,46 @@ class GridTransport:
         self.grid, self.timeout, self.poll_interval = grid, timeout, poll_interval
         self.message_type, self.nodes, self.bundle = message_type, nodes, bundle
         self.pending: dict[str, tuple[list[Hashable], int, float]] = {}  # message id -> (keys, node, deadline)
+        self.queued: dict[int, dict[Hashable, Payload]] = {}  # node -> requests waiting for it
+        self.busy: set[int] = set()  # nodes with a message in flight
+        self.lost: set[int] = set()  # nodes that did not answer in time
 
     def holder(self, key: Hashable) -> Hashable:
         """Who keeps a device's teacher embedding: its node when nodes serve bundles."""
         return self.nodes[key] if self.bundle else key
 
+    def _node(self, key: Hashable) -> int:
+        return int(self.nodes[key] if self.nodes else key)
+
     def _type(self, requests: list[Payload]) -> str:
         return self.message_type or (BACKWARD if all("grads" in r for r in requests) else FORWARD)
 
     def send(self, requests: dict[Hashable, Payload]) -> None:
-        if self.bundle:
-            by_node: dict[int, list[Hashable]] = {}
-            for key in requests:
-                by_node.setdefault(int(self.nodes[key]), []).append(key)
-            batches = [(node, keys, to_bundle({int(k): requests[k] for k in keys})) for node, keys in by_node.items()]
-        else:
-            batches = [(int(self.nodes[k] if self.nodes else k), [k], to_records(r)) for k, r in requests.items()]
-        messages = [Message(content, dst_node_id=node, message_type=self._type([requests[k] for k in keys]))
-                    for node, keys, content in batches]
-        targets = [keys for _, keys, _ in batches]
+        for key, request in requests.items():
+            self.queued.setdefault(self._node(key), {})[key] = request
+        self._push([node for node in self.queued if node not in self.busy])
+
+    def _push(self, nodes: list[int]) -> None:
+        """One message to each of ``nodes`` (free ones): all its queued devices when it serves
+        bundles, else its first queued request."""
+        batches = []
+        for node in nodes:
+            queued = self.queued[node]
+            keys = list(queued) if self.bundle else [next(iter(queued))]
+            requests = [queued.pop(k) for k in keys]
+            if not queued:
+                del self.queued[node]
+            content = to_bundle(dict(zip(map(int, keys), requests))) if self.bundle else to_records(requests[0])
+            batches.append((keys, Message(content, dst_node_id=node, message_type=self._type(requests))))
+        if not batches:
+            return
         deadline = time.monotonic() + self.timeout
-        for keys, mid, message in zip(targets, self.grid.push_messages(messages), messages):
+        for (keys, message), mid in zip(batches, self.grid.push_messages([m for _, m in batches])):
+            node = message.metadata.dst_node_id
             # A message the SuperLink refused gets no id; it times out like a lost one.
-            self.pending[mid or f"refused-{keys[0]}"] = (keys, message.metadata.dst_node_id, deadline if mid else 0.0)
+            self.pending[mid or f"refused-{keys[0]}"] = (keys, node, deadline if mid else 0.0)
+            if mid:
+                self.busy.add(node)
 
     def _open(self, reply: Message, keys: list[Hashable]) -> dict[Hashable, Payload | str]:
         """Each device's payload in a reply, or why it counts as failed."""
@@ -91,6 +115,7 @@ class GridTransport:
     def receive(self) -> dict[Hashable, Payload | str]:
         replies: dict[Hashable, Payload | str] = {}
         while not replies and self.pending:
+            freed = set()
             for reply in self.grid.pull_messages([m for m in self.pending if not m.startswith("refused-")]):
                 mid = reply.metadata.reply_to_message_id
                 keys, node, _ = self.pending.get(mid, ([], None, 0.0))
@@ -98,12 +123,20 @@ class GridTransport:
                     log(WARNING, "ignored a reply to message %s from node %s", mid, reply.metadata.src_node_id)
                     continue
                 del self.pending[mid]
+                freed.add(node)
                 replies.update(self._open(reply, keys))
             now = time.monotonic()
-            for mid, (keys, _, deadline) in list(self.pending.items()):
+            for mid, (keys, node, deadline) in list(self.pending.items()):
                 if now >= deadline:
                     del self.pending[mid]
                     replies.update({key: f"no reply within {self.timeout:.0f} s" for key in keys})
+                    if node in self.busy:
+                        self.lost.add(node)
+            for node in self.lost & set(self.queued):
+                replies.update({key: f"node {node} did not answer an earlier message in time"
+                                for key in self.queued.pop(node)})
+            self.busy -= freed
+            self._push([node for node in freed if node in self.queued])
             if not replies:
                 time.sleep(self.poll_interval)
         return replies

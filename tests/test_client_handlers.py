@@ -128,11 +128,13 @@ def test_forward_backward_until_final_and_state_persists(exp, cfg):
 
     setup = device_setup(cfg, NODE_CONFIG["partition-id"], NODE_CONFIG["num-partitions"])
     total, chunks = len(setup.data.y_train), 1
-    seen = len(reply["labels"])
+    seen, cursor = len(reply["labels"]), 0
     while True:
         final = reply["remaining"] == 0
         grads = np.zeros_like(reply["activations"])
-        reply = call(split_backward, {"round": 1, "grads": grads, "final": final}, context, BACKWARD)
+        cursor, start = cursor + len(reply["batch-sizes"]), cursor
+        reply = call(split_backward, {"round": 1, "grads": grads, "cursor": start, "final": final}, context,
+                     BACKWARD)
         if final:
             break
         exp.server.check_chunk(reply, 1)
@@ -150,7 +152,7 @@ def test_forward_backward_until_final_and_state_persists(exp, cfg):
         np.testing.assert_array_equal(v, global_weights[k])
     # after the final reply the round is over: another backward is refused
     with pytest.raises(PayloadError):
-        split_backward(message({"round": 1, "grads": grads, "final": True}, BACKWARD), context)
+        split_backward(message({"round": 1, "grads": grads, "cursor": 0, "final": True}, BACKWARD), context)
 
 
 def test_backward_applies_nonzero_gradients(exp, cfg):
@@ -158,7 +160,7 @@ def test_backward_applies_nonzero_gradients(exp, cfg):
     request = exp.server.first_requests([DEVICE_NODE], 1)[DEVICE_NODE]
     reply = call(split_forward, request, context, FORWARD)
     grads = np.ones_like(reply["activations"])
-    nxt = call(split_backward, {"round": 1, "grads": grads, "final": False}, context, BACKWARD)
+    nxt = call(split_backward, {"round": 1, "grads": grads, "cursor": 0, "final": False}, context, BACKWARD)
     exp.server.check_chunk(nxt, 1)
     moved = unpack(WEIGHTS, from_records(RecordDict({"arrays": context.state[STATE_PREFIX + "arrays"]})))
     initial = unpack(WEIGHTS, request)
@@ -189,9 +191,24 @@ def test_backward_with_wrong_number_of_rows_raises(exp, rows):
     before = {k: copy.deepcopy(dict(v)) for k, v in context.state.items() if k.endswith("config")}
     grads = np.zeros((rows, *reply["activations"].shape[1:]), dtype=np.float32)
     with pytest.raises(PayloadError, match="grads"):
-        split_backward(message({"round": 1, "grads": grads, "final": False}, BACKWARD), context)
+        split_backward(message({"round": 1, "grads": grads, "cursor": 0, "final": False}, BACKWARD), context)
     # the failed call left the stored state alone
     assert {k: dict(v) for k, v in context.state.items() if k.endswith("config")} == before
+
+
+def test_gradients_for_another_chunk_are_refused_even_when_the_rows_match(exp):
+    """A device whose stored state lost an update (it is one chunk behind the server) must
+    not apply the next chunk's gradients to the chunk it thinks is in flight."""
+    context = new_context()
+    request = exp.server.first_requests([DEVICE_NODE], 1)[DEVICE_NODE]
+    reply = call(split_forward, request, context, FORWARD)
+    stale = copy.deepcopy(context)  # the state before the first backward: the update that gets lost
+    grads = np.zeros_like(reply["activations"])
+    call(split_backward, {"round": 1, "grads": grads, "cursor": 0, "final": False}, context, BACKWARD)
+    # The next chunk's gradients, with as many rows as the chunk the stale state holds in flight.
+    with pytest.raises(PayloadError, match="field 'cursor' = 8, but the chunk in flight starts at batch 0"):
+        split_backward(message({"round": 1, "grads": grads, "cursor": 8,
+                                "final": False}, BACKWARD), stale)
 
 
 def test_unknown_record_name_raises_from_records():
@@ -351,7 +368,7 @@ def test_a_bundle_serves_each_virtual_device_apart_and_keeps_the_teacher_once(ex
 
     # A device's state goes once its round is over.
     finals = send(split_backward, {d: {"round": 1, "grads": np.zeros_like(replies[d]["activations"]),
-                                      "final": True} for d in (2, 5)}, BACKWARD)
+                                      "cursor": 0, "final": True} for d in (2, 5)}, BACKWARD)
     for device in (2, 5):
         server.check_final(finals[device], 1)
         assert not any(k.startswith(f"fedsplitkd.device-{device}.") for k in context.state)

@@ -234,3 +234,62 @@ def test_a_bad_section_drops_only_its_device(exp, setups, monkeypatch, caplog):
         _, stats, _ = _bundled_round(exp, lose_device_2)
     assert (stats.completed, stats.dropped["failed"]) == (DEVICES - 1, 1)
     assert stats.drops[0][0] == 2 and "no section for this device" in stats.drops[0][3]
+
+
+# ---- overlapping messages to one node (Flower's simulation engine) ----------------------------
+
+class RacingGrid(BundlingGrid):
+    """Flower's simulation engine as it serves a node (flwr/server/superlink/fleet/vce/vce_api.py):
+    the engine queues a node's next message without waiting for the one before it, a worker
+    takes the node's context as it is when the message starts, and writes the whole context
+    back when it ends, just before the reply becomes visible. Here node i's messages end
+    ``1 + slowdown * i`` pulls after their push (nodes answer at different speeds), so a
+    message pushed to a node whose earlier message has not ended starts from the context
+    before that earlier one: the later write wins."""
+
+    def __init__(self, run_config: dict, nodes: int = 2, slowdown: int = 2):
+        HandlerGrid.__init__(self, run_config, {101 + n: {} for n in range(nodes)})
+        self.tamper, self.teachers = None, 0
+        self.slowdown, self.pulls, self.running = slowdown, 0, []
+        self.overlaps = 0  # messages that started while one to the same node was running
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            self.count += 1
+            msg.metadata._message_id = mid = f"m{self.count}"
+            node = msg.metadata.dst_node_id
+            self.overlaps += any(n == node for _, n, _, _ in self.running)
+            context = copy.deepcopy(self.contexts[node])  # the context when the worker starts
+            reply = split_forward(msg, context)           # both split handlers are one function
+            self.running.append((self.pulls + 1 + self.slowdown * (node - 101), node, context, reply))
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        done = [r for r in self.running if r[0] <= self.pulls]
+        self.running = [r for r in self.running if r[0] > self.pulls]
+        for _, node, context, _ in done:  # update_context, then the reply is stored
+            self.contexts[node] = context
+        return [reply for *_, reply in done]
+
+
+def test_no_interleaving_pairs_a_device_with_another_chunks_gradients(exp, monkeypatch):
+    """Five devices on two nodes, many chunks each: the transport never lets two messages to
+    one node overlap, so every device finishes and the model equals the in-process round."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    devices = 5
+    setups = {k: device_setup(exp.cfg, k, devices) for k in range(devices)}
+    reference = copy.deepcopy(exp.server)
+    reference.run_round(experiment.InProcessTransport(setups), list(range(devices)), 1)
+    server = copy.deepcopy(exp.server)
+    grid = RacingGrid({**config_lib.DEFAULTS, **OVERRIDES, "virtual-devices": devices})
+    transport = GridTransport(grid, timeout=30, nodes={d: 101 + d % 2 for d in range(devices)}, bundle=True)
+    stats = server.run_round(transport, list(range(devices)), 1)
+    assert stats.drops == [] and stats.completed == devices
+    assert grid.overlaps == 0
+    weights = lambda s: b"".join(v.numpy().tobytes() for v in s.student.state_dict().values())  # noqa: E731
+    assert weights(server) == weights(reference)
