@@ -14,12 +14,13 @@ def whole_flops(student: SplitModel) -> SplitFlops:
 
 
 def round_stats(costs: CostModel, traffic: dict[int, DeviceTraffic], flops: SplitFlops,
-                server_round: int) -> RoundStats:
-    """A RoundStats (bytes, completed devices, cost totals) from per-device traffic."""
+                server_round: int, server_flops: float = 0.0) -> RoundStats:
+    """A RoundStats (bytes, completed devices, cost totals) from per-device traffic, plus
+    ``server_flops`` of server compute after the devices (FedDF's distillation)."""
     costs.server_round = server_round
     stats = RoundStats(devices=len(traffic), completed=sum(t.samples > 0 for t in traffic.values()),
                        samples=sum(t.samples for t in traffic.values()),
                        bytes_up=sum(t.bytes_up for t in traffic.values()),
                        bytes_down=sum(t.bytes_down for t in traffic.values()), traffic=dict(traffic))
-    stats.costs, stats.device_costs = costs.account(traffic, flops)
+    stats.costs, stats.device_costs = costs.account(traffic, flops, server_flops)
     return stats

@@ -20,13 +20,10 @@ def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
     cfg = exp.cfg
     nodes = NodeMap()
     online = discover(grid, nodes, cfg["min-nodes"], wait_s=cfg["round-timeout"])
-    # Polls fast and records each device's traffic; with virtual devices it also names the
-    # device each node serves, and Flower samples as many nodes as devices are due.
-    fast = FastGrid(grid, nodes, cfg["virtual-devices"], cfg["seed"])
-    fraction = cfg["fraction-train"]
-    if cfg["virtual-devices"]:
-        fraction = min(1.0, max(1, round(fraction * cfg["virtual-devices"])) / max(1, len(online)))
-    common = dict(fraction_train=fraction, fraction_evaluate=0.0, min_train_nodes=1,
+    # Flower's strategy addresses every node; FastGrid picks the devices that train (the
+    # split methods' seeded draw), deals virtual devices to the nodes, and records traffic.
+    fast = FastGrid(grid, nodes, cfg["virtual-devices"], cfg["seed"], fraction=cfg["fraction-train"])
+    common = dict(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=max(1, len(online)),
                   min_evaluate_nodes=0, min_available_nodes=max(1, cfg["min-nodes"]))
     if cfg["method"] == "fedprox":
         strategy = FedProx(proximal_mu=cfg["proximal-mu"], **common)
@@ -41,7 +38,8 @@ def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         load_numpy_state(exp.student, {k: v.numpy() for k, v in arrays.items()})
-        stats = round_stats(exp.server.costs, fast.traffic, flops, server_round) if server_round else None
+        server_flops = getattr(strategy, "server_flops", 0.0)  # FedDF's distillation
+        stats = round_stats(exp.server.costs, fast.traffic, flops, server_round, server_flops) if server_round else None
         fast.traffic = {}
         return recorder.round(server_round, *exp.evaluate(), stats)
 

@@ -14,6 +14,7 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
+from fedsplitkd.costs import BACKWARD_FACTOR
 from fedsplitkd.kd import kd_loss
 from fedsplitkd.models import SplitModel
 from fedsplitkd.runtime import load_numpy_state
@@ -39,6 +40,13 @@ def ensemble_distill(fused: SplitModel, members: list[SplitModel], x_public: np.
     return fused
 
 
+def distill_flops(student: SplitModel, members: int, steps: int, batch_size: int) -> float:
+    """Server FLOPs of ``ensemble_distill``: per sample, every member's forward pass and the
+    fused model's forward and backward (priced as every method's training: backward = 2x forward)."""
+    forward = sum(s.forward_flops for s in student.block_stats())
+    return steps * batch_size * forward * (members + 1 + BACKWARD_FACTOR)
+
+
 class FedDF(FedAvg):
     """Flower's FedAvg with server-side ensemble distillation after each aggregation."""
 
@@ -47,6 +55,7 @@ class FedDF(FedAvg):
         super().__init__(**fedavg_args)
         self.make_student, self.x_public = make_student, x_public
         self.steps, self.temperature, self.batch_size, self.seed = steps, temperature, batch_size, seed
+        self.server_flops = 0.0  # the last round's distillation compute, for the cost model
 
     def _model(self, arrays: ArrayRecord) -> SplitModel:
         model = self.make_student()
@@ -56,6 +65,7 @@ class FedDF(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
+        self.server_flops = 0.0
         arrays, metrics = super().aggregate_train(server_round, replies)
         valid = [r for r in replies if not r.has_error()]
         if arrays is None or not valid:
@@ -63,4 +73,5 @@ class FedDF(FedAvg):
         members = [self._model(r.content[self.arrayrecord_key]).eval() for r in valid]
         fused = ensemble_distill(self._model(arrays), members, self.x_public, self.steps, self.temperature,
                                  self.batch_size, self.seed + server_round)
+        self.server_flops = distill_flops(fused, len(members), self.steps, min(self.batch_size, len(self.x_public)))
         return ArrayRecord(torch_state_dict=fused.state_dict()), metrics

@@ -15,10 +15,10 @@ import functools
 import torch
 from torch import nn
 
-from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedsplitkd.clients.records import ARRAYS, SCALARS, from_bundle, from_records, to_bundle, to_records
+from fedsplitkd.clients.records import ARRAYS, SCALARS, bundle, from_bundle, from_records, to_bundle, to_records
 from fedsplitkd.config import resolve
 from fedsplitkd.data import load_dataset
 from fedsplitkd.device import device_setup, handle_evaluate, handle_train
@@ -52,13 +52,6 @@ def _config(context: Context) -> dict:
 
 def _setup(context: Context, msg: Message):
     cfg = _config(context)
-    if cfg["virtual-devices"]:  # this node serves whichever device the server names
-        config = msg.content["config"] if "config" in msg.content else {}
-        device = config.get("device")
-        if not isinstance(device, int) or not 0 <= device < cfg["virtual-devices"]:
-            raise PayloadError(f"field 'device' = {device!r}: with virtual-devices = {cfg['virtual-devices']} "
-                               "every request must name a device in range")
-        return device_setup(cfg, device, cfg["virtual-devices"])
     node = context.node_config
     if "partition-id" not in node or "num-partitions" not in node:
         raise ValueError("node config needs 'partition-id' and 'num-partitions' "
@@ -129,16 +122,39 @@ def split_backward(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Whole-student local training from the global model (FedAvg, FedProx: ``proximal-mu``)."""
-    setup = _setup(context, msg)
+    """Whole-student local training from the global model (FedAvg, FedProx: ``proximal-mu``).
+
+    With ``virtual-devices`` the message names the devices this node serves (config
+    ``devices``); each trains from the global model on its own, and the reply holds one
+    section per device (``bundle``): a device that fails is its own ``error`` section."""
+    cfg = _config(context)
+    if not cfg["virtual-devices"]:
+        return Message(_train_whole(msg, _setup(context, msg)), reply_to=msg)
+    devices = msg.content["config"].get("devices") if "config" in msg.content else None
+    if not isinstance(devices, list) or not all(isinstance(d, int) for d in devices):
+        raise PayloadError(f"field 'devices' = {devices!r}: with virtual-devices = {cfg['virtual-devices']} "
+                           "a training message must list the devices it trains")
+    sections = {}
+    for device in devices:
+        try:
+            if not 0 <= device < cfg["virtual-devices"]:
+                raise PayloadError(f"device {device} is outside virtual-devices = {cfg['virtual-devices']}")
+            sections[device] = _train_whole(msg, device_setup(cfg, device, cfg["virtual-devices"]))
+        except Exception as err:  # noqa: BLE001 - reported to the server, which leaves the device out
+            sections[device] = RecordDict({"error": ConfigRecord({"reason": f"{type(err).__name__}: {err}"})})
+    return Message(bundle(sections), reply_to=msg)
+
+
+def _train_whole(msg: Message, setup) -> RecordDict:
+    """One device's local training from the global model in ``msg``: its model and metrics."""
     load_numpy_state(setup.student, {k: v.numpy() for k, v in msg.content["arrays"].items()})
     config = msg.content["config"]
     samples, loss = train_whole(setup.student, setup.data, setup.cfg, int(config.get("server-round", 0)),
                                 setup.device_key, float(config.get("proximal-mu", 0.0)))
-    return Message(RecordDict({
+    return RecordDict({
         "arrays": ArrayRecord(torch_state_dict=setup.student.state_dict()),
         "metrics": MetricRecord({"num-examples": len(setup.data.y_train), "trained-samples": samples,
-                                 "train_loss": loss / max(1, samples)})}), reply_to=msg)
+                                 "train_loss": loss / max(1, samples)})})
 
 
 def _train_own(msg: Message, context: Context, federated_distillation: bool) -> Message:

@@ -83,11 +83,28 @@ def from_records(records: RecordDict) -> Payload:
     return payload
 
 
+def bundle(sections: dict[int, RecordDict]) -> RecordDict:
+    """Several virtual devices' records in one message, each record named
+    ``<device>/<record>``: a node serving k devices costs the engine one message, not k."""
+    return RecordDict({f"{device}/{name}": record for device, section in sections.items()
+                       for name, record in section.items()})
+
+
+def unbundle(records: RecordDict) -> dict[int, RecordDict]:
+    """Each device's records in a bundle; PayloadError for a record outside any device section."""
+    sections: dict[int, RecordDict] = {}
+    for name in records:
+        device, slash, record = name.partition("/")
+        if not slash or not device.isdigit():
+            raise PayloadError(f"record {name!r} is not '<device>/<record>'")
+        sections.setdefault(int(device), RecordDict())[record] = records[name]
+    return sections
+
+
 def to_bundle(payloads: dict[int, Payload]) -> RecordDict:
     """Several virtual devices' payloads in one message (records ``<device>/packed`` and
-    ``<device>/config``): a node serving k devices costs the engine one message, not k."""
-    return RecordDict({f"{device}/{name}": record for device, payload in payloads.items()
-                       for name, record in to_records(payload).items()})
+    ``<device>/config``)."""
+    return bundle({device: to_records(payload) for device, payload in payloads.items()})
 
 
 def from_bundle(records: RecordDict) -> dict[int, Payload | PayloadError]:
@@ -95,14 +112,8 @@ def from_bundle(records: RecordDict) -> dict[int, Payload | PayloadError]:
 
     A record outside any device section makes the whole bundle invalid (PayloadError).
     """
-    sections: dict[int, RecordDict] = {}
-    for name in records:
-        device, slash, record = name.partition("/")
-        if not slash or not device.isdigit():
-            raise PayloadError(f"record {name!r} is not '<device>/<record>'")
-        sections.setdefault(int(device), RecordDict())[record] = records[name]
     payloads: dict[int, Payload | PayloadError] = {}
-    for device, section in sections.items():
+    for device, section in unbundle(records).items():
         try:
             payloads[device] = from_records(section)
         except PayloadError as err:

@@ -185,16 +185,18 @@ class CostModel:
                 "round_delay_s": delay, "sim_time_s": self.sim_time_s, "cum_device_energy_j": self.energy_j,
                 "stragglers": 0}
 
-    def account(self, traffic: dict[Hashable, DeviceTraffic], flops: SplitFlops) -> tuple[dict, list[dict]]:
-        """Totals (metrics.csv columns) and per-device rows of devices served in parallel;
-        advances the clock (sequential groups are accounted one after another)."""
+    def account(self, traffic: dict[Hashable, DeviceTraffic], flops: SplitFlops,
+                server_flops: float = 0.0) -> tuple[dict, list[dict]]:
+        """Totals (metrics.csv columns) and per-device rows of devices served in parallel,
+        plus ``server_flops`` of server work after them that no device waits on (FedDF's
+        distillation); advances the clock (sequential groups are accounted one after another)."""
         costs = self.costs(traffic, flops)
-        delay = group_delay(list(costs.values()), self.server, self.deadline_s)
+        delay = group_delay(list(costs.values()), self.server, self.deadline_s) + server_flops / self.server.flops
         self.sim_time_s += delay
         energy = sum(c.energy_j for c in costs.values())
         self.energy_j += energy
         totals = {"device_flops": sum(c.device_flops for c in costs.values()),
-                  "server_flops": sum(c.server_flops for c in costs.values()),
+                  "server_flops": sum(c.server_flops for c in costs.values()) + server_flops,
                   "device_energy_j": energy, "round_delay_s": delay, "sim_time_s": self.sim_time_s,
                   "cum_device_energy_j": self.energy_j,
                   "stragglers": sum(c.time_s > self.deadline_s for c in costs.values())}

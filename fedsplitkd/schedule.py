@@ -69,11 +69,17 @@ def cluster_devices(profiles: dict[Hashable, DeviceProfile], features: list[str]
 
 
 def predicted_traffic(server: SplitKDServer, samples: int) -> DeviceTraffic:
-    """What a device with ``samples`` training samples sends and receives in a round at this cut."""
+    """What a device with ``samples`` training samples (all local epochs) sends and receives
+    in a round at this cut: per sample its activations, int64 labels (one per position for a
+    sequence) and teacher input; per minibatch its size; once the device part each way."""
     act = int(np.prod(server.act_shape)) * 4
     emb = int(np.prod(server.emb_shape)) * 4 if server.mode != "none" else 0
+    labels = int(np.prod(server.label_shape, dtype=np.int64)) * 8
+    epochs, batch_size = server.cfg["local-epochs"], server.cfg["batch-size"]
+    batches = epochs * -(-(samples // epochs) // batch_size)
     params = sum(p.numel() for p in server.device_part.parameters()) * 4
-    return DeviceTraffic(bytes_up=samples * (act + emb + 8) + params, bytes_down=samples * act + params,
+    return DeviceTraffic(bytes_up=samples * (act + emb + labels) + 8 * batches + params,
+                         bytes_down=samples * act + params,
                          samples=samples, teacher_samples=samples if server.mode != "none" else 0)
 
 

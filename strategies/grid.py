@@ -13,13 +13,16 @@ from collections.abc import Iterable
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from flwr.common.constant import ErrorCode
 from flwr.supercore import log
 
+from fedsplitkd.clients.records import unbundle
 from fedsplitkd.costs import DeviceTraffic
 from fedsplitkd.experiment import sample_devices
+from fedsplitkd.payload import PayloadError
 
 POLL_S = 0.005
 
@@ -79,25 +82,31 @@ def discover(grid: Grid, nodes: NodeMap, min_nodes: int, timeout: float = 60.0, 
 
 
 class FastGrid(Grid):
-    """Delegates to ``grid``; ``send_and_receive`` polls fast and fills ``traffic``."""
+    """Delegates to ``grid``; ``send_and_receive`` polls fast, fills ``traffic`` and, given
+    ``fraction``, picks the devices that train.
+
+    With ``fraction`` the strategy addresses its training messages (type ``train``) to every
+    node, and only the devices drawn from the stream SplitKD samples from (``seed``) train:
+    every method trains the same devices each round, and a run repeats exactly (Flower
+    samples nodes with Python's unseeded ``random``). With ``virtual_devices`` the drawn
+    devices are dealt round-robin to the nodes, as SplitKD deals them, and each node trains
+    its share in one message (config ``devices``) and replies a section per device
+    (``bundle``). Replies come back one per device in device order, so a strategy aggregates
+    exactly what it would from a node per device.
+    """
 
     def __init__(self, grid: Grid, nodes: dict[int, int] | None = None, virtual_devices: int = 0,
-                 seed: int = 0):
+                 seed: int = 0, fraction: float | None = None):
         self.grid = grid
-        self.devices = {n: d for d, n in (nodes or {}).items()}  # node id -> device id
+        self.nodes = nodes if nodes is not None else {}  # device id -> node id
         self.traffic: dict[int, DeviceTraffic] = {}
-        # Virtual devices: each batch of training messages is given devices sampled from
-        # the fleet (the nodes serve them), the same stream SplitKD samples from.
-        self.virtual_devices, self.rng = virtual_devices, np.random.default_rng([seed, 0])
+        self.virtual_devices, self.fraction = virtual_devices, fraction
+        self.rng = np.random.default_rng([seed, 0])
 
-    def _name_devices(self, messages: list[Message]) -> None:
-        train = [m for m in messages if m.metadata.message_type.startswith(MessageType.TRAIN)]
-        if not self.virtual_devices or not train:
-            return
-        devices = sample_devices(list(range(self.virtual_devices)), len(train) / self.virtual_devices, self.rng)
-        for message, device in zip(train, devices):
-            message.content["config"]["device"] = int(device)
-            self.devices[message.metadata.dst_node_id] = int(device)
+    @property
+    def devices(self) -> dict[int, int]:
+        """Node id -> the device it is (a node per device)."""
+        return {n: d for d, n in self.nodes.items()}
 
     def set_run(self, run) -> None:
         self.grid.set_run(run)
@@ -113,36 +122,92 @@ class FastGrid(Grid):
         return self.grid.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        messages = list(messages)
-        self._name_devices(messages)
         return self.grid.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.grid.pull_messages(message_ids)
 
-    def _traffic(self, node: int) -> DeviceTraffic:
-        return self.traffic.setdefault(self.devices.get(node, node), DeviceTraffic())
+    def _traffic(self, device: int) -> DeviceTraffic:
+        return self.traffic.setdefault(device, DeviceTraffic())
+
+    def _assign(self, train: list[Message]) -> list[tuple[Message, list[int]]]:
+        """The round's training messages and the devices each trains (see the class)."""
+        addressed = {m.metadata.dst_node_id: m for m in train}
+        online = sorted(d for d, n in self.nodes.items() if n in addressed)
+        if not online:
+            return []
+        if not self.virtual_devices:
+            return [(addressed[self.nodes[d]], [d]) for d in sample_devices(online, self.fraction, self.rng)]
+        shares: dict[int, list[int]] = {}
+        for i, d in enumerate(sample_devices(list(range(self.virtual_devices)), self.fraction, self.rng)):
+            shares.setdefault(self.nodes[online[i % len(online)]], []).append(int(d))
+        assigned = []
+        for node, devices in shares.items():
+            template = addressed[node].content
+            content = RecordDict({**template, "config": ConfigRecord({**template["config"], "devices": devices})})
+            assigned.append((Message(content, dst_node_id=node, message_type=MessageType.TRAIN), devices))
+        return assigned
+
+    def _per_device(self, reply: Message, sent: Message, devices: list[int]) -> list[tuple[int, Message]]:
+        """A bundled reply as one reply per device it was asked to train (others are ignored)."""
+        if reply.has_error():
+            return [(d, Message(reply.error, reply_to=sent)) for d in devices]
+        try:
+            sections = unbundle(reply.content)
+        except PayloadError as err:
+            log(WARNING, "reply of node %s dropped: %s", reply.metadata.src_node_id, err)
+            return []
+        out = []
+        for d in devices:
+            section = sections.get(d)
+            if section is None:
+                log(WARNING, "device %s left out: the reply of node %s has no section for it",
+                    d, reply.metadata.src_node_id)
+            elif "error" in section:
+                reason = section["error"].get("reason", "") if isinstance(section["error"], ConfigRecord) else ""
+                out.append((d, Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, str(reason)), reply_to=sent)))
+            else:
+                out.append((d, Message(section, reply_to=sent)))
+        return out
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
-        self._name_devices(messages)
-        for m in messages:
-            self._traffic(m.metadata.dst_node_id).bytes_down += tensor_bytes(m.content)
-            self._traffic(m.metadata.dst_node_id).exchanges += 1
-        pending = {mid for mid in self.grid.push_messages(messages) if mid}
-        replies: list[Message] = []
+        train = [m for m in messages if m.metadata.message_type == MessageType.TRAIN]
+        if self.fraction is not None and train:
+            others = [m for m in messages if m.metadata.message_type != MessageType.TRAIN]
+            assigned = self._assign(train) + [(m, None) for m in others]
+        else:
+            assigned = [(m, None) for m in messages]
+        for message, devices in assigned:
+            for d in devices or [self.devices.get(message.metadata.dst_node_id, message.metadata.dst_node_id)]:
+                self._traffic(d).bytes_down += tensor_bytes(message.content)  # each device gets the model
+                self._traffic(d).exchanges += 1
+        sent = {}
+        for (message, devices), mid in zip(assigned, self.grid.push_messages([m for m, _ in assigned])):
+            if mid:
+                sent[mid] = (message, devices)
+        replies: list[tuple[int, Message]] = []
         deadline = time.monotonic() + (timeout if timeout is not None else 3600.0)
-        while pending and time.monotonic() < deadline:
-            pulled = list(self.grid.pull_messages(pending))
+        while sent and time.monotonic() < deadline:
+            pulled = list(self.grid.pull_messages(list(sent)))
             for reply in pulled:
-                pending.discard(reply.metadata.reply_to_message_id)
-                if not reply.has_error():
-                    traffic = self._traffic(reply.metadata.src_node_id)
-                    traffic.bytes_up += tensor_bytes(reply.content)
-                    metrics = [r for r in reply.content.values() if isinstance(r, MetricRecord)]
-                    if metrics:  # samples trained on (all local epochs), for the FLOP count
-                        traffic.samples += int(metrics[0].get("trained-samples", metrics[0].get("num-examples", 0)))
-            replies += pulled
-            if pending and not pulled:
+                mid, node = reply.metadata.reply_to_message_id, reply.metadata.src_node_id
+                if mid not in sent or sent[mid][0].metadata.dst_node_id != node:
+                    log(WARNING, "ignored a reply to message %s from node %s", mid, node)
+                    continue
+                message, devices = sent.pop(mid)
+                if devices is None or not self.virtual_devices:
+                    replies.append((self.devices.get(node, node), reply))
+                else:
+                    replies += self._per_device(reply, message, devices)
+            if sent and not pulled:
                 time.sleep(POLL_S)
-        return replies
+        for device, reply in replies:
+            if not reply.has_error():
+                traffic = self._traffic(device)
+                traffic.bytes_up += tensor_bytes(reply.content)
+                metrics = [r for r in reply.content.values() if isinstance(r, MetricRecord)]
+                if metrics:  # samples trained on (all local epochs), for the FLOP count
+                    traffic.samples += int(metrics[0].get("trained-samples", metrics[0].get("num-examples", 0)))
+        # Device order: the aggregate is a float sum, and its order must not follow arrival.
+        return [reply for _, reply in sorted(replies, key=lambda pair: pair[0])]

@@ -157,3 +157,51 @@ def test_fading_is_repeatable_and_unit_mean():
     model.server_round = 5
     assert model.fading_of(3) == draws[4]
     assert np.mean(draws) == pytest.approx(1.0, rel=0.15)
+
+
+# ---- every method priced by the same rules --------------------------------------------------
+
+def _play(path):
+    from test_lm import play
+    return play(path)
+
+
+@pytest.mark.parametrize("case", ["classifier", "language-model"])
+def test_the_adaptive_cuts_predicted_traffic_is_what_a_round_sends(tmp_path, case):
+    """The prediction the cut is chosen by equals a real round's bytes: labels are 8 bytes
+    per position for a sequence (8 x T a sample), plus 8 bytes per minibatch size."""
+    from fedsplitkd import experiment
+    from fedsplitkd.device import device_setup
+    from fedsplitkd.payload import payload_bytes, pack, TEACHER
+    from fedsplitkd.schedule import predicted_traffic
+    from fedsplitkd.server import InProcessTransport
+    from test_lm import lm_run
+    overrides = tiny(local_epochs=2) if case == "classifier" else {**lm_run(_play(tmp_path / "play.txt")),
+                                                                    "local-epochs": 2}
+    exp = experiment.build(resolve(overrides))
+    stats = exp.server.run_round(InProcessTransport({0: device_setup(exp.cfg, 0, 4)}), [0], 1)
+    real = stats.traffic[0]
+    predicted = predicted_traffic(exp.server, real.samples)
+    assert predicted.bytes_up == real.bytes_up
+    # The teacher's embedding goes down once per device in the whole run: not per round.
+    assert predicted.bytes_down == real.bytes_down - payload_bytes(pack(TEACHER, exp.server.teacher_weights))
+    if case == "language-model":  # by hand: the int64 labels of T positions a sample
+        assert exp.server.label_shape == (exp.cfg["seq-len"],)
+
+
+def test_feddf_distillation_is_priced_as_server_compute():
+    """Per step and sample: each member's forward, the fused model's forward and backward."""
+    from fedsplitkd.baselines.accounting import round_stats, whole_flops
+    from fedsplitkd.baselines.feddf import distill_flops
+    from fedsplitkd.costs import CostModel
+    cfg = resolve(tiny())
+    student = build_student("auto", (1, 8, 8), 10)
+    forward = sum(s.forward_flops for s in student.block_stats())
+    assert distill_flops(student, members=4, steps=100, batch_size=64) == 100 * 64 * forward * (4 + 1 + 2)
+    traffic = {0: DeviceTraffic(bytes_up=1000, bytes_down=1000, samples=50)}
+    plain = round_stats(CostModel.from_config(cfg), dict(traffic), whole_flops(student), 1)
+    costs = CostModel.from_config(cfg)
+    priced = round_stats(costs, dict(traffic), whole_flops(student), 1, server_flops=1e9)
+    assert priced.costs["server_flops"] == plain.costs["server_flops"] + 1e9
+    assert priced.costs["round_delay_s"] == pytest.approx(plain.costs["round_delay_s"] + 1e9 / costs.server.flops)
+    assert priced.costs["device_energy_j"] == plain.costs["device_energy_j"]

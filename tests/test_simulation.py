@@ -20,10 +20,9 @@ from fedsplitkd.runtime import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICES, ROUNDS = 3, 3
-# 3 nodes serve a fleet of 12 virtual devices: FedAvg samples 3 a round (one per node),
-# split-KD 6 (two per node, in one message per node and exchange).
-VIRTUAL = {"fedavg": {"virtual-devices": 12, "fraction-train": 0.25},
-           "splitkd": {"virtual-devices": 12, "fraction-train": 0.5, "fraction-evaluate": 0.5}}
+# 3 nodes serve a fleet of 12 virtual devices: split-KD samples 6 a round (two per node, in
+# one message per node and exchange). The whole-model methods: tests/test_virtual_baselines.py.
+VIRTUAL = {"virtual-devices": 12, "fraction-train": 0.5, "fraction-evaluate": 0.5}
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +37,7 @@ def runs(tmp_path_factory):
         bad = sim.run(ROOT, {**common, "run-name": "bad", "kd-alpha": 1.5}, num_supernodes=DEVICES)
         sim.run(ROOT, {**common, "run-name": "faulty", "dropout-rate": 0.5, "dropout-stage": "backward"},
                 num_supernodes=DEVICES)
-        for method in ("splitkd", "fedavg"):
-            sim.run(ROOT, {**common, **VIRTUAL[method], "method": method, "run-name": f"virtual-{method}"},
-                    num_supernodes=DEVICES)
+        sim.run(ROOT, {**common, **VIRTUAL, "run-name": "virtual-splitkd"}, num_supernodes=DEVICES)
         own = sim.run(ROOT, {**common, "run-name": "npz", "dataset": "npz", "num-rounds": 1,
                              "learning-rate": 0.05, "batch-size": 16,
                              "data-path": str(write_sensor_npz(out / "mine.npz"))}, num_supernodes=DEVICES)
@@ -166,22 +163,19 @@ def test_devices_dropping_out_mid_round_are_counted_and_named(runs):
     assert float(rows[-1]["test_accuracy"]) > float(rows[0]["test_accuracy"])
 
 
-@pytest.mark.parametrize("method", ["splitkd", "fedavg"])
-def test_nodes_serve_a_larger_fleet_of_virtual_devices(runs, method):
-    """Each round 3 (FedAvg) or 6 (split-KD) of 12 devices are sampled and served by the 3
-    nodes; split-KD repeats the in-process run of 12 devices (the teacher's embedding is
-    counted per node, so bytes down differ)."""
+def test_nodes_serve_a_larger_fleet_of_virtual_devices(runs):
+    """Each round 6 of 12 devices are sampled and served by the 3 nodes; split-KD repeats the
+    in-process run of 12 devices (the teacher's embedding is counted per node, so bytes down
+    differ)."""
     out, _, _, common = runs
-    rows = read_metrics(out / f"virtual-{method}")
-    sampled = round(12 * VIRTUAL[method]["fraction-train"])
+    rows = read_metrics(out / "virtual-splitkd")
+    sampled = round(12 * VIRTUAL["fraction-train"])
     assert [int(r["round"]) for r in rows] == list(range(ROUNDS + 1))
     assert all(int(r["completed"]) == sampled for r in rows[1:])
-    if method == "splitkd":  # split evaluation of 6 devices, in one message per node too
-        assert all(0.0 < float(r["val_accuracy"]) <= 1.0 for r in rows[1:])
-    served = {int(d["device"]) for d in csv.DictReader(open(out / f"virtual-{method}" / "devices.csv"))}
+    assert all(0.0 < float(r["val_accuracy"]) <= 1.0 for r in rows[1:])  # split evaluation, bundled too
+    served = {int(d["device"]) for d in csv.DictReader(open(out / "virtual-splitkd" / "devices.csv"))}
     assert len(served) > DEVICES and max(served) < 12
-    if method == "splitkd":
-        _, reference = run_inprocess({**common, **VIRTUAL[method], "run-name": "ref"}, 12)
-        for flower, local in zip(rows, reference, strict=True):
-            assert float(flower["test_accuracy"]) == pytest.approx(local["test_accuracy"], abs=1e-9)
-            assert int(flower["bytes_up"]) == local["bytes_up"]
+    _, reference = run_inprocess({**common, **VIRTUAL, "run-name": "ref"}, 12)
+    for flower, local in zip(rows, reference, strict=True):
+        assert float(flower["test_accuracy"]) == pytest.approx(local["test_accuracy"], abs=1e-9)
+        assert int(flower["bytes_up"]) == local["bytes_up"]
