@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 from fedsplitkd.costs import CostModel, DeviceTraffic, SplitFlops
 from fedsplitkd.models import SplitModel
 from fedsplitkd.server import RoundStats
@@ -24,3 +26,13 @@ def round_stats(costs: CostModel, traffic: dict[int, DeviceTraffic], flops: Spli
                        bytes_down=sum(t.bytes_down for t in traffic.values()), traffic=dict(traffic))
     stats.costs, stats.device_costs = costs.account(traffic, flops, server_flops)
     return stats
+
+
+def mean_of_devices(metrics: list) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(test accuracy, loss) and (holdout accuracy, loss), each the mean over the devices'
+    own models (NaN where no device reported one)."""
+    def mean(key: str) -> float:
+        values = [m[key] for m in metrics if key in m]
+        return statistics.fmean(values) if values else float("nan")
+
+    return (mean("test_accuracy"), mean("test_loss")), (mean("holdout_accuracy"), mean("holdout_loss"))

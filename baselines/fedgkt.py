@@ -9,7 +9,6 @@ server part; evaluation traffic is not charged to training, as for every method)
 
 from __future__ import annotations
 
-import statistics
 from logging import WARNING
 
 import numpy as np
@@ -18,7 +17,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from fedsplitkd.baselines.accounting import round_stats
+from fedsplitkd.baselines.accounting import mean_of_devices, round_stats
 from fedsplitkd.costs import SplitFlops
 from fedsplitkd.experiment import Experiment, sample_devices
 from fedsplitkd.gkt import server_optimizer, train_server
@@ -80,7 +79,5 @@ def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
         replies = evaluation.send_and_receive(
             [Message(RecordDict({"arrays": weights}), dst_node_id=nodes[d],
                      message_type=f"{MessageType.EVALUATE}.fedgkt") for d in uploads], timeout=cfg["round-timeout"])
-        metrics = [r.content["metrics"] for r in replies if not r.has_error()]
-        accuracy = statistics.mean(m["test_accuracy"] for m in metrics) if metrics else float("nan")
-        loss = statistics.mean(m["test_loss"] for m in metrics) if metrics else float("nan")
-        recorder.round(server_round, accuracy, loss, stats)
+        test, holdout = mean_of_devices([r.content["metrics"] for r in replies if not r.has_error()])
+        recorder.round(server_round, *test, stats, holdout=holdout)

@@ -8,7 +8,6 @@ is the mean test accuracy of the devices' models.
 
 from __future__ import annotations
 
-import statistics
 from logging import WARNING
 
 import numpy as np
@@ -16,7 +15,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from fedsplitkd.baselines.accounting import round_stats, whole_flops
+from fedsplitkd.baselines.accounting import mean_of_devices, round_stats, whole_flops
 from fedsplitkd.experiment import Experiment, sample_devices
 from fedsplitkd.local import merge_class_logits
 from fedsplitkd.payload import PayloadError, require_array
@@ -63,7 +62,6 @@ def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
                         reply.metadata.src_node_id, err)
             if parts:
                 shared = merge_class_logits(parts)
-        metrics = [r.content["metrics"] for r in replies]
-        accuracy = statistics.mean(m["test_accuracy"] for m in metrics) if metrics else float("nan")
-        loss = statistics.mean(m["test_loss"] for m in metrics) if metrics else float("nan")
-        recorder.round(server_round, accuracy, loss, round_stats(exp.server.costs, fast.traffic, flops, server_round))
+        test, holdout = mean_of_devices([r.content["metrics"] for r in replies])
+        recorder.round(server_round, *test, round_stats(exp.server.costs, fast.traffic, flops, server_round),
+                       holdout=holdout)

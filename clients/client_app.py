@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 
 from fedsplitkd.clients.records import ARRAYS, SCALARS, bundle, from_bundle, from_records, to_bundle, to_records
 from fedsplitkd.config import resolve
-from fedsplitkd.data import load_dataset
+from fedsplitkd.data import holdout_data, load_dataset
 from fedsplitkd.device import device_setup, handle_evaluate, handle_train
 from fedsplitkd.gkt import device_head, extract, train_device
 from fedsplitkd.local import class_logits, class_targets, train_whole
@@ -178,11 +178,21 @@ def _train_own(msg: Message, context: Context, federated_distillation: bool) -> 
     accuracy, test_loss = evaluate_model(setup.student, test.x_test, test.y_test)
     content = RecordDict({"metrics": MetricRecord({
         "num-examples": len(setup.data.y_train), "trained-samples": samples, "train_loss": loss / max(1, samples),
-        "test_accuracy": accuracy, "test_loss": test_loss})})
+        "test_accuracy": accuracy, "test_loss": test_loss, **_holdout_metrics(setup.student, cfg)})})
     if federated_distillation:
         logits, counts = class_logits(setup.student, setup.data.x_train, setup.data.y_train, test.num_classes)
         content["arrays"] = ArrayRecord({"class-logits": Array(logits), "class-counts": Array(counts)})
     return Message(content, reply_to=msg)
+
+
+def _holdout_metrics(model: nn.Module, cfg) -> dict:
+    """A device's own model on the server's holdout split (model selection for the methods
+    that keep a model per device); empty without a holdout split."""
+    x, y = holdout_data(cfg)
+    if not len(y):
+        return {}
+    accuracy, loss = evaluate_model(model, x, y)
+    return {"holdout_accuracy": accuracy, "holdout_loss": loss}
 
 
 @app.train("local")
@@ -244,9 +254,11 @@ def evaluate_gkt(msg: Message, context: Context) -> Message:
     upper = setup.student.server_part(setup.cfg["cut"])
     load_numpy_state(upper, {k: v.numpy() for k, v in msg.content["arrays"].items()})
     test = load_dataset(setup.cfg)
-    accuracy, loss = evaluate_model(nn.Sequential(models["extractor"], upper), test.x_test, test.y_test)
+    model = nn.Sequential(models["extractor"], upper)
+    accuracy, loss = evaluate_model(model, test.x_test, test.y_test)
     return Message(RecordDict({"metrics": MetricRecord({"test_accuracy": accuracy, "test_loss": loss,
-                                                        "num-examples": len(test.y_test)})}), reply_to=msg)
+                                                        "num-examples": len(test.y_test),
+                                                        **_holdout_metrics(model, setup.cfg)})}), reply_to=msg)
 
 
 @app.query()

@@ -61,7 +61,8 @@ def _gpt_size_ok(value: Any) -> bool:
 
 
 SCHEMA: dict[str, Key] = {
-    "method": _choice("splitkd", "splitfed", "fedavg", "fedprox", "feddf", "fd", "fedgkt", "local", "central-kd"),
+    "method": _choice("splitkd", "split", "splitfed", "fedavg", "fedprox", "feddf", "fd", "fedgkt", "local",
+                      "central-kd"),
     "proximal-mu": _float(0.01, 0.0, 1e6),
     "distill-steps": _int(100, 0),
     "dataset": _choice("digits", "har", "shakespeare", "shakespeare-lm", "cifar10", "fashion_mnist", "femnist",
@@ -74,6 +75,7 @@ SCHEMA: dict[str, Key] = {
     "dirichlet-alpha": _float(0.5, 0.0, 1e6, low_open=True),
     "classes-per-device": _int(2, 1),
     "public-fraction": _float(0.1, 0.0, 0.9, low_open=True),
+    "holdout-fraction": _float(0.0, 0.0, 0.5),
     "val-fraction": _float(0.1, 0.0, 0.5),
     "seed": _int(0, 0),
     "num-rounds": _int(25, 1),
@@ -91,6 +93,7 @@ SCHEMA: dict[str, Key] = {
     "momentum": _float(0.9, 0.0, 0.999),
     "kd-alpha": _float(0.5, 0.0, 1.0),
     "kd-temperature": _float(3.0, 0.0, 100.0, low_open=True),
+    "kd-mode": _choice("standard", "mutual"),
     "teacher-input": _choice("embedding", "cached"),
     "teacher-path": _str("", "a checkpoint path ('' = train on the public split)"),
     "teacher-cache-dir": _str("", "a directory ('' = ~/.cache/fedsplitkd/teachers)"),
@@ -131,6 +134,7 @@ SCHEMA: dict[str, Key] = {
 }
 
 DEFAULTS: dict[str, Any] = {name: key.default for name, key in SCHEMA.items()}
+SPLIT_METHODS = ("splitkd", "split", "splitfed")  # the split protocol (strategies/splitkd.py)
 
 
 def resolve(overrides: Mapping[str, Any] | None = None) -> DictConfig:
@@ -145,6 +149,8 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> DictConfig:
         values[name] = value
     if values["method"] == "splitfed":  # split learning without KD, per-device server copies
         values.update({"kd-alpha": 0.0, "server-batching": "per-device"})
+    if values["method"] == "split":  # split learning without KD, one shared server part
+        values["kd-alpha"] = 0.0
     for name, key in SCHEMA.items():
         value = values[name]
         # Flower hands TOML floats such as 1.0 through; an int where a float is
@@ -160,9 +166,17 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> DictConfig:
     if values["virtual-devices"] and values["teacher-input"] == "cached":
         raise ConfigError("run-config 'virtual-devices': teacher-input 'cached' needs each device's "
                           "upload record on its own node; use 'embedding'")
+    if values["kd-mode"] == "mutual" and (values["method"] != "splitkd" or values["teacher-input"] != "embedding"
+                                          or values["kd-alpha"] == 0.0):
+        raise ConfigError("run-config 'kd-mode' = 'mutual' trains the server's teacher on the devices' "
+                          "embedding outputs: it needs method 'splitkd', teacher-input 'embedding' and "
+                          "kd-alpha > 0")
+    if values["kd-mode"] == "mutual" and (values["checkpoint-every"] or values["resume"]):
+        raise ConfigError("run-config 'checkpoint-every'/'resume': a checkpoint keeps the teacher by reference, "
+                          "and kd-mode 'mutual' changes it; run mutual learning without checkpoints")
     if values["method"] == "fedgkt" and values["torch-device"] != "cpu":
         raise ConfigError("run-config 'torch-device': the fedgkt baseline trains on the CPU only")
-    if (values["checkpoint-every"] or values["resume"]) and values["method"] not in ("splitkd", "splitfed"):
+    if (values["checkpoint-every"] or values["resume"]) and values["method"] not in SPLIT_METHODS:
         raise ConfigError(f"run-config 'checkpoint-every'/'resume': checkpoints cover the split methods "
-                          f"(splitkd, splitfed), not method {values['method']!r}")
+                          f"({', '.join(SPLIT_METHODS)}), not method {values['method']!r}")
     return OmegaConf.create(values)

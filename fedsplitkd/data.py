@@ -17,8 +17,8 @@ import numpy as np
 from fedsplitkd import sources
 from fedsplitkd.sources import DataError
 
-__all__ = ["DataError", "Dataset", "DeviceData", "load_dataset", "public_split", "partition",
-           "device_data"]
+__all__ = ["DataError", "Dataset", "DeviceData", "load_dataset", "public_split", "server_splits", "holdout_data",
+           "partition", "device_data"]
 
 STANDARDISED = {"har", "npz", "csv"}  # sources whose features arrive in raw units
 
@@ -127,11 +127,30 @@ def load_dataset(cfg) -> Dataset:
     return _load(cfg["dataset"], cfg["data-path"], cfg["seq-len"], cfg["text-stride"], cfg["label-column"])
 
 
-def public_split(num_train: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the server's public split and of the pool left for the devices."""
+def server_splits(num_train: int, public_fraction: float, holdout_fraction: float,
+                  seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices of the server's public split (the teacher's), its holdout split (model
+    selection: no device and no teacher ever sees it) and the pool left for the devices."""
     order = np.random.default_rng(seed).permutation(num_train)
-    n_public = max(1, int(round(fraction * num_train)))
-    return np.sort(order[:n_public]), np.sort(order[n_public:])
+    n_public = max(1, int(round(public_fraction * num_train)))
+    n_holdout = int(round(holdout_fraction * num_train))
+    return (np.sort(order[:n_public]), np.sort(order[n_public:n_public + n_holdout]),
+            np.sort(order[n_public + n_holdout:]))
+
+
+def public_split(num_train: int, fraction: float, seed: int, holdout_fraction: float = 0.0
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the server's public split and of the pool left for the devices."""
+    public, _, pool = server_splits(num_train, fraction, holdout_fraction, seed)
+    return public, pool
+
+
+def holdout_data(cfg) -> tuple[np.ndarray, np.ndarray]:
+    """The server's holdout split (``holdout-fraction`` of the training data): validation
+    data for model selection, disjoint from the public split and from every device."""
+    ds = load_dataset(cfg)
+    _, holdout, _ = server_splits(len(ds.y_train), cfg["public-fraction"], cfg["holdout-fraction"], cfg["seed"])
+    return ds.x_train[holdout], ds.y_train[holdout]
 
 
 def group_ids(ids: np.ndarray, num_groups: int) -> np.ndarray:
@@ -196,7 +215,7 @@ def partition(labels: np.ndarray, num_partitions: int, scheme: str, alpha: float
 def _device_index(cfg_items: tuple, num_partitions: int) -> tuple[np.ndarray, ...]:
     cfg = dict(cfg_items)
     ds = load_dataset(cfg)
-    _, pool = public_split(len(ds.y_train), cfg["public-fraction"], cfg["seed"])
+    _, pool = public_split(len(ds.y_train), cfg["public-fraction"], cfg["seed"], cfg["holdout-fraction"])
     ids = ds.ids_train[pool] if ds.ids_train is not None else None
     # Label-skewed partitions need one label per sample: a sequence's last next token.
     labels = ds.y_train[pool] if ds.y_train.ndim == 1 else ds.y_train[pool, -1]
@@ -206,7 +225,7 @@ def _device_index(cfg_items: tuple, num_partitions: int) -> tuple[np.ndarray, ..
 
 
 DATA_KEYS = ("dataset", "data-path", "seq-len", "text-stride", "label-column", "public-fraction",
-             "partition", "dirichlet-alpha", "classes-per-device", "seed")
+             "holdout-fraction", "partition", "dirichlet-alpha", "classes-per-device", "seed")
 
 
 def device_data(cfg, partition_id: int, num_partitions: int) -> DeviceData:

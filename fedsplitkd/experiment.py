@@ -6,6 +6,7 @@ The ServerApp and the in-process reference share ``build``, ``sample_devices`` a
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -18,7 +19,7 @@ import torch
 
 from fedsplitkd import config as config_lib
 from fedsplitkd.costs import CostModel
-from fedsplitkd.data import Dataset, load_dataset, public_split
+from fedsplitkd.data import Dataset, load_dataset, server_splits
 from fedsplitkd.device import device_setup, teacher_mode
 from fedsplitkd.models import SplitModel, student_for
 from fedsplitkd.runtime import evaluate, torch_device
@@ -38,9 +39,21 @@ class Experiment:
     server: SplitKDServer
     scheduler: Scheduler
     device_rows: list = field(default_factory=list)  # the cost model's per-device rows, all rounds
+    holdout: tuple[np.ndarray, np.ndarray] | None = None  # the server's validation split (x, y)
 
     def evaluate(self) -> tuple[float, float]:
         return evaluate(self.student, self.dataset.x_test, self.dataset.y_test)
+
+    def evaluate_holdout(self) -> tuple[float, float]:
+        """The student on the server's holdout split (NaN without one): what model selection reads."""
+        if self.holdout is None or not len(self.holdout[1]):
+            return float("nan"), float("nan")
+        return evaluate(self.student, *self.holdout)
+
+    @functools.cached_property
+    def teacher_accuracy(self) -> float:
+        """The teacher's test accuracy (NaN for a run without one), what the student is measured against."""
+        return evaluate(self.teacher, self.dataset.x_test, self.dataset.y_test)[0] if self.teacher else float("nan")
 
 
 def build(cfg) -> Experiment:
@@ -49,7 +62,8 @@ def build(cfg) -> Experiment:
     if dataset.sequence and cfg["method"] in ("fd", "fedgkt"):
         raise ValueError(f"run-config 'method' = {cfg['method']!r} shares per-class logits and has no "
                          f"form for dataset '{dataset.name}' (a next token per position)")
-    public, _ = public_split(len(dataset.y_train), cfg["public-fraction"], cfg["seed"])
+    public, holdout, _ = server_splits(len(dataset.y_train), cfg["public-fraction"], cfg["holdout-fraction"],
+                                       cfg["seed"])
     teacher = None
     if teacher_mode(cfg) != "none":
         teacher = get_teacher(cfg, dataset, dataset.x_train[public], dataset.y_train[public])
@@ -62,8 +76,12 @@ def build(cfg) -> Experiment:
     server = SplitKDServer(student, teacher, cfg, dataset.num_classes, CostModel.from_config(cfg), cut)
     # Training samples all devices together put through the split in a round: the scheduler's
     # guess for a device it has not seen yet is this over the fleet size.
-    pool = len(dataset.y_train) * (1 - cfg["public-fraction"]) * (1 - cfg["val-fraction"]) * cfg["local-epochs"]
-    return Experiment(dict(cfg), dataset, student, teacher, server, Scheduler(server, cfg, int(pool)))
+    pool = len(dataset.y_train) * (1 - cfg["public-fraction"] - cfg["holdout-fraction"]) * (1 - cfg["val-fraction"]) \
+        * cfg["local-epochs"]
+    exp = Experiment(dict(cfg), dataset, student, teacher, server, Scheduler(server, cfg, int(pool)),
+                     holdout=(dataset.x_train[holdout], dataset.y_train[holdout]))
+    exp.teacher_accuracy  # the pre-trained teacher's, before mutual learning moves it
+    return exp
 
 
 def sample_devices(keys: list[Hashable], fraction: float, rng: np.random.Generator) -> list[Hashable]:
@@ -76,7 +94,9 @@ COST_COLUMNS = ("device_flops", "server_flops", "device_energy_j", "round_delay_
 
 
 def metrics_row(server_round: int, method: str, accuracy: float, loss: float,
-                stats: RoundStats | None, wall_s: float) -> dict:
+                stats: RoundStats | None, wall_s: float,
+                holdout: tuple[float, float] = (float("nan"), float("nan"))) -> dict:
+    """One row of metrics.csv; ``holdout`` is (accuracy, loss) on the server's holdout split."""
     stats = stats or RoundStats()
     return {
         "round": server_round, "method": method, "test_accuracy": accuracy, "test_loss": loss,
@@ -92,6 +112,7 @@ def metrics_row(server_round: int, method: str, accuracy: float, loss: float,
         **{k: stats.costs.get(k, 0) for k in COST_COLUMNS},
         # cross-entropy in bits per label: bits per character for the character models
         "test_bpc": loss / math.log(2), "val_bpc": float("nan"),
+        "holdout_accuracy": holdout[0], "holdout_loss": holdout[1],
     }
 
 
@@ -110,13 +131,14 @@ def run_inprocess(overrides: dict | None, num_devices: int,
     transport = InProcessTransport({i: device_setup(cfg, i, num_devices) for i in range(num_devices)})
     exp.scheduler.fleet_size = num_devices
     rngs = {"train": np.random.default_rng([cfg["seed"], 0])}  # the train-sampling stream of SplitKD
-    rows = checkpoint.resume(exp, rngs) or [metrics_row(0, cfg["method"], *exp.evaluate(), None, 0.0)]
+    rows = checkpoint.resume(exp, rngs) or [metrics_row(0, cfg["method"], *exp.evaluate(), None, 0.0,
+                                                        exp.evaluate_holdout())]
     for server_round in range(rows[-1]["round"] + 1, cfg["num-rounds"] + 1):
         start = time.perf_counter()
         keys = sample_devices(list(range(num_devices)), cfg["fraction-train"], rngs["train"])
         stats = exp.scheduler.run_round(transport, keys, server_round)
         rows.append(metrics_row(server_round, cfg["method"], *exp.evaluate(), stats,
-                                time.perf_counter() - start))
+                                time.perf_counter() - start, exp.evaluate_holdout()))
         exp.device_rows += [{"round": server_round, **r} for r in stats.device_costs]
         checkpoint.maybe_save(exp, server_round, rngs, rows, checkpoint_dir)
         if on_round:

@@ -137,15 +137,28 @@ class DeviceRuntime:
 
 
 class EdgeRuntime:
-    """The edge server: student upper part + frozen teacher, KD loss, cut-layer gradients."""
+    """The edge server: student upper part + teacher, KD loss, cut-layer gradients.
+
+    The teacher is frozen, or with ``mutual`` (deep mutual learning, Zhang et al. 2018)
+    trained each step towards the labels and the student's softened predictions by the same
+    loss with the roles swapped; its embedding on the devices stays frozen either way.
+    """
 
     def __init__(self, student: SplitModel, cut: str, teacher: SplitModel | None,
-                 alpha: float, temperature: float, lr: float, momentum: float):
+                 alpha: float, temperature: float, lr: float, momentum: float, mutual: bool = False):
         self.part = student.server_part(cut)
-        self.teacher_rest = freeze(teacher.server_part(teacher.cut_points[0])) if teacher else None
+        rest = teacher.server_part(teacher.cut_points[0]) if teacher else None
+        self.mutual = mutual and rest is not None
+        self.teacher_rest = rest if self.mutual or rest is None else freeze(rest)
         self.alpha, self.temperature = alpha, temperature
         self.device = device_of(self.part)  # the server's torch device; payloads stay numpy
         self.optimizer = make_optimizer(self.part.parameters(), lr, momentum)
+        self.teacher_optimizer = make_optimizer(rest.parameters(), lr, momentum) if self.mutual else None
+
+    def set_lr(self, lr: float) -> None:
+        for optimizer in (self.optimizer, self.teacher_optimizer):
+            if optimizer is not None:
+                set_lr(optimizer, lr)
 
     @torch.no_grad()
     def teacher_logits(self, teacher_input: np.ndarray) -> np.ndarray:
@@ -159,13 +172,19 @@ class EdgeRuntime:
         The server part sees the concatenated batch (mean loss over all its samples); each
         device gets the gradient of its own minibatch's mean loss, exactly what it would
         get training alone. A sample's loss is its mean over positions (sequence labels).
-        Returns the per-device gradients and the summed per-sample loss.
+        With ``mutual`` the third argument holds the teacher's inputs, not its logits (they
+        change every step), and the teacher steps too. Returns the per-device gradients and
+        the summed per-sample loss.
         """
         sizes = [len(a) for a in activations]
         acts = torch.from_numpy(np.concatenate(activations)).to(self.device).requires_grad_(True)
         y = torch.from_numpy(np.concatenate(labels)).to(self.device)
         t = None if self.alpha == 0.0 else torch.from_numpy(np.concatenate(teacher_logits)).to(self.device)
-        losses = per_sample(kd_loss(self.part(acts), t, y, self.alpha, self.temperature, reduction="none"))
+        if self.mutual:
+            t_logits = self.teacher_rest(t)
+            t = t_logits.detach()
+        logits = self.part(acts)
+        losses = per_sample(kd_loss(logits, t, y, self.alpha, self.temperature, reduction="none"))
         bad = [i for i, chunk in enumerate(torch.split(losses.detach(), sizes))
                if not torch.isfinite(chunk).all()]
         if bad:  # no step: the caller drops these devices and retries without them
@@ -179,6 +198,12 @@ class EdgeRuntime:
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLoss([0] if len(sizes) == 1 else None)
         self.optimizer.step()
+        if self.mutual:  # the teacher towards the labels and the student's softened predictions
+            teacher_loss = kd_loss(t_logits, logits.detach(), y, self.alpha, self.temperature)
+            if torch.isfinite(teacher_loss):
+                self.teacher_optimizer.zero_grad(set_to_none=True)
+                teacher_loss.backward()
+                self.teacher_optimizer.step()
         # d(mean over all)/da_i = (n_i / n) * d(mean over device i)/da_i
         total = float(sum(sizes))
         grads = [g.cpu().numpy() * (total / n) for g, n in zip(torch.split(acts.grad, sizes), sizes)]

@@ -23,7 +23,7 @@ from fedsplitkd.device import DeviceSetup, handle_train, teacher_mode
 from fedsplitkd.models import SplitModel
 from fedsplitkd.payload import (TEACHER, WEIGHTS, Payload, PayloadError, pack, payload_bytes,
                                 require_array, require_int, require_keys, require_labels, require_weights)
-from fedsplitkd.runtime import (EdgeRuntime, NonFiniteLoss, evaluate, load_numpy_state, round_lr, set_lr,
+from fedsplitkd.runtime import (EdgeRuntime, NonFiniteLoss, evaluate, load_numpy_state, round_lr,
                                 state_to_numpy)
 
 log = logging.getLogger("fedsplitkd")
@@ -95,11 +95,12 @@ class SplitKDServer:
         self.cut = cut or cfg["cut"]
         self.mode = teacher_mode(cfg)
         self.num_classes = num_classes
+        mutual = cfg["kd-mode"] == "mutual"
         self.edge = EdgeRuntime(student, self.cut, teacher if self.mode != "none" else None,
                                 cfg["kd-alpha"], cfg["kd-temperature"], cfg["learning-rate"],
-                                cfg["momentum"])
+                                cfg["momentum"], mutual)
         self.device_part = student.device_part(self.cut)
-        self.flops = SplitFlops.of(student, self.cut, teacher if self.mode != "none" else None)
+        self.flops = SplitFlops.of(student, self.cut, teacher if self.mode != "none" else None, mutual)
         stats = student.block_stats()
         self.act_shape = stats[student.cut_index(self.cut) - 1].out_shape
         self.label_shape = stats[-1].out_shape[:-1]  # () for a class, (T,) for a next token per position
@@ -166,8 +167,12 @@ class SplitKDServer:
 
     # ---- teacher ----------------------------------------------------------------------------
     def teacher_logits(self, key: Hashable, reply: Payload) -> np.ndarray | None:
+        """The teacher's logits for a chunk; under ``kd-mode = mutual`` its inputs, since the
+        teacher then changes every step (EdgeRuntime.train_step computes the logits)."""
         if self.mode == "none":
             return None
+        if self.edge.mutual:
+            return reply["teacher-input"]
         if self.mode == "embedding":
             return self.edge.teacher_logits(reply["teacher-input"])
         cache = self.teacher_cache.setdefault(key, {})
@@ -249,7 +254,7 @@ class SplitKDServer:
         for the whole exchange.
         """
         stats = RoundStats(devices=len(keys))
-        set_lr(self.edge.optimizer, round_lr(self.cfg, server_round))
+        self.edge.set_lr(round_lr(self.cfg, server_round))
         if self.costs is not None:
             self.costs.server_round = server_round
         if self.per_device_server:

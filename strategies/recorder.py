@@ -20,9 +20,12 @@ class Recorder:
         self.clock = time.perf_counter()
 
     def round(self, server_round: int, accuracy: float, loss: float, stats: RoundStats | None,
-              extra: dict | None = None) -> MetricRecord:
+              extra: dict | None = None, holdout: tuple[float, float] | None = None) -> MetricRecord:
+        """Record a round. ``holdout`` is (accuracy, loss) on the server's holdout split; by
+        default the global student's (methods with a model per device pass their devices' mean)."""
         row = metrics_row(server_round, self.cfg["method"], accuracy, loss, stats,
-                          time.perf_counter() - self.clock if server_round else 0.0)
+                          time.perf_counter() - self.clock if server_round else 0.0,
+                          holdout if holdout is not None else self.exp.evaluate_holdout())
         row.update(extra or {})
         if "val_loss" in (extra or {}):
             row["val_bpc"] = row["val_loss"] / math.log(2)
@@ -32,9 +35,13 @@ class Recorder:
             self.writer.append_round_rows("dropped.csv", server_round, [
                 {"device": key, "stage": stage, "kind": kind, "reason": reason}
                 for key, stage, kind, reason in stats.drops])
-            log(INFO, "[round %d/%d] %s test acc %.4f loss %.4f | up %.2f MB down %.2f MB | %d/%d devices | "
+            log(INFO, "[round %d/%d] %s test acc %.4f loss %.4f%s | up %.2f MB down %.2f MB | %d/%d devices | "
                 "sim %.1f s, %.2f J | %.2f s", server_round, self.cfg["num-rounds"], self.cfg["method"],
-                accuracy, loss, stats.bytes_up / 1e6, stats.bytes_down / 1e6, stats.completed, stats.devices,
-                row["sim_time_s"], row["device_energy_j"], row["wall_s"])
+                accuracy, loss, self._teacher(), stats.bytes_up / 1e6, stats.bytes_down / 1e6, stats.completed,
+                stats.devices, row["sim_time_s"], row["device_energy_j"], row["wall_s"])
         self.clock = time.perf_counter()
         return MetricRecord({"test_accuracy": accuracy, "test_loss": loss})
+
+    def _teacher(self) -> str:
+        teacher = self.exp.teacher_accuracy
+        return "" if math.isnan(teacher) else f" (teacher {teacher:.4f})"

@@ -22,7 +22,7 @@ app = ServerApp()
 
 
 def run_split(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
-    """splitkd and splitfed: the split protocol under Flower's own Strategy.start loop,
+    """splitkd, split and splitfed: the split protocol under Flower's own Strategy.start loop,
     from round 1 or from the checkpoint ``resume`` names."""
     cfg = exp.cfg
     strategy = SplitKD(exp.scheduler, cfg["fraction-train"], cfg["fraction-evaluate"], cfg["min-nodes"],
@@ -50,14 +50,14 @@ def run_split(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
                    evaluate_fn=evaluate_fn)
 
 
-METHODS = {"splitkd": run_split, "splitfed": run_split, "fedavg": fedavg.run, "fedprox": fedavg.run,
+METHODS = {"splitkd": run_split, "split": run_split, "splitfed": run_split, "fedavg": fedavg.run,
+           "fedprox": fedavg.run,
            "feddf": fedavg.run,
            "local": local.run, "fd": local.run, "fedgkt": fedgkt.run, "central-kd": central.run}
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    cfg = resolve(context.run_config)  # a bad value stops the run here, naming the key
+def run(grid: Grid, cfg) -> Path:
+    """Run the method ``cfg`` names over ``grid`` and write its results; returns their directory."""
     directory = Path(cfg["resume"]).expanduser() if cfg["resume"] else run_dir(cfg)
     writer = ResultsWriter(cfg, directory)
     exp = build(cfg)
@@ -65,6 +65,15 @@ def main(grid: Grid, context: Context) -> None:
     writer.write_json("clusters.json", exp.scheduler.history)
     if exp.dataset.vocab is not None:  # token ids -> characters, for whoever uses the student
         writer.write_json("tokenizer.json", CharTokenizer(exp.dataset.vocab).to_json())
-    summary = writer.finish(exp.student.cpu(), exp.server.cut)  # saved models load on any machine
-    log(INFO, "fedsplitkd: %s final test accuracy %.4f; results in %s", cfg["method"],
-        summary["test_accuracy"], directory)
+    last = writer.rows[-1]
+    teacher = {"teacher_test_accuracy": exp.teacher_accuracy,
+               "gap_to_teacher": exp.teacher_accuracy - last["test_accuracy"]}
+    summary = writer.finish(exp.student.cpu(), exp.server.cut, teacher)  # saved models load on any machine
+    log(INFO, "fedsplitkd: %s final test accuracy %.4f (teacher %.4f); results in %s", cfg["method"],
+        summary["test_accuracy"], exp.teacher_accuracy, directory)
+    return directory
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run(grid, resolve(context.run_config))  # a bad value stops the run here, naming the key

@@ -12,7 +12,7 @@ from fedsplitkd.models import build_student
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICES, ROUNDS = 3, 2
-METHODS = ["splitkd", "splitfed", "fedavg", "fedprox", "feddf", "fd", "fedgkt", "local", "central-kd"]
+METHODS = ["splitkd", "split", "splitfed", "fedavg", "fedprox", "feddf", "fd", "fedgkt", "local", "central-kd"]
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +54,18 @@ def test_weights_and_activations_are_priced_alike(results):
     assert float(rows["fedavg"][1]["device_flops"]) > float(rows["splitfed"][1]["device_flops"])
     assert all(float(r["device_energy_j"]) == 0 for r in rows["central-kd"][1:])
     assert all(int(r["bytes_up"]) == 0 for r in rows["local"][1:])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_in_process_grid_repeats_the_flower_run(results, method, tmp_path):
+    """The benchmark tunes on InProcessGrid: every method's ServerApp code and the real ClientApp
+    handlers in one process. It must compute what `flwr run` computed, round by round."""
+    from fedsplitkd.strategies.inprocess import run_app
+    rows, common = results
+    directory = run_app({**common, "method": method, "output-dir": str(tmp_path), "run-name": method}, DEVICES)
+    local = list(csv.DictReader(open(directory / "metrics.csv")))
+    for flower, here in zip(rows[method], local, strict=True):
+        assert float(here["test_accuracy"]) == pytest.approx(float(flower["test_accuracy"]), abs=1e-9)
+        assert float(here["test_loss"]) == pytest.approx(float(flower["test_loss"]), rel=1e-5)
+        assert int(here["bytes_up"]) == int(flower["bytes_up"])
+        assert float(here["device_energy_j"]) == pytest.approx(float(flower["device_energy_j"]), rel=1e-9)

@@ -173,3 +173,36 @@ def test_teacher_cache_is_in_the_temporary_directory(protocol_round, teacher_cac
 
     assert default_cache_dir() == teacher_cache_dir / "teachers"
     assert list((teacher_cache_dir / "teachers").glob("teacher-*.pt"))
+
+
+def test_mutual_learning_steps_the_teacher_and_gives_the_student_standard_kd():
+    """kd-mode mutual: the student's step is standard KD towards the teacher's current logits;
+    the teacher's server part steps on kd_loss with the roles swapped (its embedding stays)."""
+    shape, cut = SHAPES["cnn2d"], "conv1"
+    torch.manual_seed(0)
+    student, teacher = build_student("cnn2d", shape, NUM_CLASSES), build_teacher("cnn2d", shape, NUM_CLASSES)
+    standard_student, standard_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
+    mutual = EdgeRuntime(student, cut, teacher, ALPHA, T, LR, MOMENTUM, mutual=True)
+    standard = EdgeRuntime(standard_student, cut, standard_teacher, ALPHA, T, LR, MOMENTUM)
+    embed = teacher.device_part(teacher.cut_points[0])
+    x, y = _batches(shape)[0]
+    acts = student.device_part(cut)(torch.from_numpy(x)).detach().numpy()
+    inputs = embed(torch.from_numpy(x)).detach().numpy()
+    rest = teacher.server_part(teacher.cut_points[0])
+    with torch.no_grad():
+        t_logits = rest(torch.from_numpy(inputs))
+        expected = kd_loss(t_logits, standard.part(torch.from_numpy(acts)), torch.from_numpy(y), ALPHA, T)
+    before, frozen = copy.deepcopy(rest.state_dict()), copy.deepcopy(standard_teacher.state_dict())
+    grads_mutual, _ = mutual.train_step([acts], [y], [inputs])
+    grads_standard, _ = standard.train_step([acts], [y], [t_logits.numpy()])
+    np.testing.assert_allclose(grads_mutual[0], grads_standard[0], atol=1e-6)
+    _assert_same_params(mutual.part, standard.part)
+    assert any(not torch.equal(before[k], v) for k, v in rest.state_dict().items())  # the teacher moved
+    assert all(torch.equal(v, frozen[k]) for k, v in standard_teacher.state_dict().items())  # standard: frozen
+    with torch.no_grad():
+        after = kd_loss(rest(torch.from_numpy(inputs)), standard.part(torch.from_numpy(acts)), torch.from_numpy(y),
+                        ALPHA, T)
+    assert float(after) < float(expected)  # its step lowered its own loss on this batch
+    for p, q in zip(embed.parameters(), teacher.device_part(teacher.cut_points[0]).parameters()):
+        assert p is q and p.grad is None  # the embedding is not trained
+
