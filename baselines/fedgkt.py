@@ -9,6 +9,7 @@ server part; evaluation traffic is not charged to training, as for every method)
 
 from __future__ import annotations
 
+from dataclasses import replace
 from logging import WARNING
 
 import numpy as np
@@ -18,7 +19,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from fedsplitkd.baselines.accounting import mean_of_devices, round_stats
-from fedsplitkd.costs import SplitFlops
+from fedsplitkd.costs import BACKWARD_FACTOR, SplitFlops
 from fedsplitkd.experiment import Experiment, sample_devices
 from fedsplitkd.gkt import server_optimizer, train_server
 from fedsplitkd.payload import PayloadError, require_array, require_labels
@@ -45,6 +46,7 @@ def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
     optimizer = server_optimizer(upper, cfg)
     feature_shape, classes = exp.server.act_shape, exp.dataset.num_classes
     flops = SplitFlops.of(exp.student, exp.server.cut, None)
+    device_flops = replace(flops, server=0.0)  # the server's work is priced from what it trained
     server_logits: dict[int, np.ndarray] = {}
     recorder.round(0, *exp.evaluate(), None)  # every device's extractor starts as this student's
     for server_round in range(1, cfg["num-rounds"] + 1):
@@ -66,14 +68,18 @@ def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
                 uploads[device] = upload_of(reply, feature_shape, classes)
             except PayloadError as err:
                 log(WARNING, "round %d: upload of device %s dropped: %s", server_round, device, err)
-        stats = round_stats(exp.server.costs, fast.traffic, flops, server_round)
+        loss_sum, features_seen = 0.0, sum(len(u[0]) for u in uploads.values())
         if uploads:
             features, logits, labels = (np.concatenate([u[i] for u in uploads.values()]) for i in range(3))
-            stats.loss_sum = train_server(upper, optimizer, features, logits, labels, cfg, server_round)
+            loss_sum = train_server(upper, optimizer, features, logits, labels, cfg, server_round)
             upper.eval()
             with torch.no_grad():
                 for d, (f, _, _) in uploads.items():
                     server_logits[d] = upper(torch.from_numpy(f)).numpy()
+        # Server compute: server-epochs of training over every feature, then their logits.
+        server_flops = features_seen * flops.server * (cfg["server-epochs"] * (1 + BACKWARD_FACTOR) + 1)
+        stats = round_stats(exp.server.costs, fast.traffic, device_flops, server_round, server_flops)
+        stats.loss_sum = loss_sum
         evaluation = FastGrid(grid, nodes)  # not charged to training
         weights = ArrayRecord(torch_state_dict=upper.state_dict())
         replies = evaluation.send_and_receive(

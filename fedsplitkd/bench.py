@@ -1,22 +1,37 @@
-"""The benchmark harness: methods x datasets x partitions x seeds through Flower's simulation.
+"""The benchmark harness: every method tuned by one declared protocol, then run on several seeds.
 
     fedsplitkd-bench experiments/configs/quick.yaml --out results/quick [key=value ...]
 
-The YAML (omegaconf; command-line ``key=value`` overrides, e.g. ``seeds=[0,1]``):
+The protocol, the same for every method of a dataset x partition:
 
-    devices: 20                 # simulated SuperNodes
-    target_accuracy: 0.8        # for "rounds to target"
-    run_config: {num-rounds: 15}          # every run
+1. **Tune.** An Optuna TPE study (seeded) of ``tuning.trials`` runs over the method's
+   ``search`` space, at seed ``tuning.seed``. A trial's score is its final-round accuracy on
+   the server's **holdout split** (``holdout-fraction`` of the training data, which no device
+   and no teacher sees). The test split is never read for selection.
+2. **Evaluate.** The chosen config runs at every seed in ``seeds``. The table reports test
+   accuracy as mean ± 95 % confidence interval (Student t), next to device energy, bytes and
+   simulated time, so more local epochs are never free; ``tuned.yaml`` holds the chosen
+   configs, to rerun with ``flwr run . --run-config``.
+
+Every method gets the same rounds, devices per round, trial budget and seeds. ``KD gain`` is
+a KD method's mean minus the mean of ``split`` (split learning without KD), both tuned.
+
+The YAML (omegaconf; ``key=value`` overrides on the command line, e.g. ``tuning.trials=2``):
+
+    devices: 20                        # devices (in-process nodes, or SuperNodes)
+    backend: inprocess                 # inprocess (InProcessGrid) or flower (flwr run)
+    run_config: {num-rounds: 25, holdout-fraction: 0.1}
     datasets:   {digits: {}, har: {dataset: har, data-path: ...}}
     partitions: {dirichlet-0.5: {partition: dirichlet, dirichlet-alpha: 0.5}}
-    methods:    {splitkd: {}, fedavg: {learning-rate: 0.05}}
-    seeds: [0]
+    methods:    {splitkd: {}, mutual: {method: splitkd, kd-mode: mutual}, fedavg: {}}
+    search:     {splitkd: {learning-rate: {low: 0.001, high: 0.3, log: true},
+                           kd-temperature: {choices: [1.0, 2.0, 4.0, 8.0]}}}
+    tuning:     {trials: 8, seed: 100}
+    seeds: [0, 1, 2]
 
-Each run's results go to ``<out>/runs/<hash of its run config>``; a run whose
-summary.json exists is not run again, so an interrupted sweep resumes where it stopped.
-``<out>/summary.csv`` and ``summary.md`` hold final accuracy (mean ± std over seeds),
-rounds to the target, total bytes, device energy and simulated time; ``<out>/plots``
-holds accuracy against round, simulated time and device energy, one line per method.
+A run's results go to ``<out>/runs/<key>``, the key a hash of its config, the device count,
+the backend and the code (every source file of the package), so a table is never built
+from runs of older code, and an interrupted sweep resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -28,14 +43,16 @@ import json
 import math
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from fedsplitkd.config import ConfigError, resolve
-from fedsplitkd.localsim import LocalSimulation
 
 SECTIONS = ("datasets", "partitions", "methods")
+KD_METHODS = ("splitkd", "mutual")  # rows that get a KD gain against "split"
+Runner = Callable[[dict], list[dict]]  # run config -> metrics.csv rows
 
 
 def load_sweep(path: str, overrides: list[str]) -> dict:
@@ -46,111 +63,241 @@ def load_sweep(path: str, overrides: list[str]) -> dict:
     missing = [k for k in (*SECTIONS, "seeds") if not sweep.get(k)]
     if missing:
         raise SystemExit(f"fedsplitkd-bench: '{file}' needs non-empty {missing}")
+    unknown = sorted(set(sweep.get("search") or {}) - set(sweep["methods"]))
+    if unknown:
+        raise SystemExit(f"fedsplitkd-bench: '{file}' search names methods not in 'methods': {unknown}")
     return sweep
 
 
-def plan(sweep: dict) -> list[dict]:
-    """One entry per run: its labels and its full run config (validated now, not mid-sweep)."""
-    runs = []
-    for dataset, d_cfg in sweep["datasets"].items():
-        for partition, p_cfg in sweep["partitions"].items():
-            for method, m_cfg in sweep["methods"].items():
-                for seed in sweep["seeds"]:
-                    config = {**sweep.get("run_config", {}), **(d_cfg or {}), **(p_cfg or {}),
-                              "method": method, **(m_cfg or {}), "seed": seed}
-                    config.setdefault("dataset", dataset)
-                    try:
-                        resolve(config)
-                    except ConfigError as err:
-                        raise SystemExit(f"fedsplitkd-bench: {dataset}/{partition}/{method}: {err}") from None
-                    digest = hashlib.sha256(json.dumps([config, sweep.get("devices", 20)],
-                                                       sort_keys=True).encode()).hexdigest()[:12]
-                    runs.append({"dataset": dataset, "partition": partition, "method": method, "seed": seed,
-                                 "config": config, "hash": digest})
-    return runs
+def code_version() -> str:
+    """A hash of every source file of the installed package (core and Flower wiring)."""
+    import fedsplitkd
+    import fedsplitkd.baselines
+    import fedsplitkd.clients
+    import fedsplitkd.strategies
+
+    digest = hashlib.sha256()
+    for package in (fedsplitkd, fedsplitkd.baselines, fedsplitkd.clients, fedsplitkd.strategies):
+        folder = Path(package.__file__).parent
+        for path in sorted(folder.glob("*.py")) + sorted(folder.glob("*.yaml")):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def run_key(config: dict, devices: int, backend: str, version: str) -> str:
+    return hashlib.sha256(json.dumps([config, devices, backend, version], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def read_rows(directory: Path) -> list[dict]:
+    """metrics.csv as numbers; the last row also carries summary.json's teacher accuracy."""
     with open(directory / "metrics.csv") as f:
-        return [{k: (v if k == "method" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+        rows = [{k: (v if k == "method" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+    summary = json.loads((directory / "summary.json").read_text())
+    rows[-1]["teacher_test_accuracy"] = float(summary.get("teacher_test_accuracy", math.nan))
+    return rows
 
 
-def execute(runs: list[dict], out: Path, devices: int, cpus: int, app: str) -> list[str]:
-    """Run what is not cached; returns the failures (a run is judged by its metrics)."""
-    from tqdm import tqdm
+class CachedRunner:
+    """Runs a config once (in-process grid, or ``flwr run``) and keeps its results by key."""
 
-    todo = [r for r in runs if not (out / "runs" / r["hash"] / "summary.json").is_file()]
-    failures = []
-    if not todo:
-        return failures
-    with LocalSimulation() as sim:
-        for run in tqdm(todo, desc="runs", unit="run", file=sys.stdout):
-            label = f"{run['dataset']}/{run['partition']}/{run['method']}/seed {run['seed']}"
-            directory = out / "runs" / run["hash"]
-            result = sim.run(app, {**run["config"], "output-dir": str(out / "runs"), "run-name": run["hash"]},
-                             num_supernodes=devices, cpus_per_client=cpus)
-            if not (directory / "summary.json").is_file():
-                failures.append(label)
-                (out / "failed").mkdir(parents=True, exist_ok=True)
-                (out / "failed" / f"{run['hash']}.log").write_text(result.stdout + result.stderr)
-    return failures
+    def __init__(self, out: Path, devices: int, backend: str, app: str = ".", cpus: int = 1):
+        self.out, self.devices, self.backend, self.app, self.cpus = out, devices, backend, app, cpus
+        self.version = code_version()
+        self.sim = None
+        self.ran = self.cached = 0
 
+    def directory(self, config: dict) -> Path:
+        return self.out / "runs" / run_key(config, self.devices, self.backend, self.version)
 
-def summarise(runs: list[dict], out: Path, target: float) -> list[dict]:
-    groups: dict[tuple, list[list[dict]]] = {}
-    for run in runs:
-        directory = out / "runs" / run["hash"]
+    def __call__(self, config: dict) -> list[dict]:
+        directory = self.directory(config)
         if (directory / "summary.json").is_file():
-            groups.setdefault((run["dataset"], run["partition"], run["method"]), []).append(read_rows(directory))
-    table = []
-    for (dataset, partition, method), seeds in groups.items():
-        finals = [rows[-1]["test_accuracy"] for rows in seeds]
-        to_target = [next((r["round"] for r in rows if r["test_accuracy"] >= target), math.nan) for rows in seeds]
-        mean = lambda values: statistics.fmean(values)  # noqa: E731
+            self.cached += 1
+            return read_rows(directory)
+        full = {**config, "output-dir": str(directory.parent), "run-name": directory.name}
+        if self.backend == "inprocess":
+            from fedsplitkd.strategies.inprocess import run_app
+            run_app(full, self.devices)
+        else:
+            if self.sim is None:
+                from fedsplitkd.localsim import LocalSimulation
+                self.sim = LocalSimulation().__enter__()
+            result = self.sim.run(self.app, full, num_supernodes=self.devices, cpus_per_client=self.cpus)
+            if not (directory / "summary.json").is_file():
+                (directory / "flower.log").parent.mkdir(parents=True, exist_ok=True)
+                (directory / "flower.log").write_text(result.stdout + result.stderr)
+        if not (directory / "summary.json").is_file():
+            raise RuntimeError(f"the run of {json.dumps(config)} wrote no summary.json ({directory})")
+        self.ran += 1
+        return read_rows(directory)
+
+    def close(self) -> None:
+        if self.sim is not None:
+            self.sim.__exit__(None, None, None)
+
+
+def suggest(trial, space: dict) -> dict:
+    """Run-config values for one trial from a search space {key: {choices} | {low, high, log}}."""
+    values = {}
+    for key, spec in space.items():
+        if "choices" in spec:
+            values[key] = trial.suggest_categorical(key, list(spec["choices"]))
+        elif isinstance(spec["low"], int) and isinstance(spec["high"], int) and not spec.get("log"):
+            values[key] = trial.suggest_int(key, spec["low"], spec["high"])
+        else:
+            values[key] = trial.suggest_float(key, float(spec["low"]), float(spec["high"]),
+                                              log=bool(spec.get("log", False)))
+    return values
+
+
+def score(rows: list[dict]) -> float:
+    """What selection reads: the final round's holdout accuracy (a diverged run scores 0)."""
+    value = rows[-1].get("holdout_accuracy", math.nan)
+    return 0.0 if value is None or math.isnan(value) else value
+
+
+def tune(base: dict, space: dict, trials: int, seed: int, run: Runner) -> tuple[dict, list[dict]]:
+    """The best values of ``space`` for ``base`` by ``score`` over ``trials`` runs (Optuna TPE,
+    seeded); with an empty space, ``base`` itself. Returns (values, one record per trial)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if not space:
+        rows = run(base)
+        return {}, [{"values": {}, "score": score(rows), "test_accuracy": rows[-1]["test_accuracy"]}]
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    records = []
+
+    def objective(trial) -> float:
+        values = suggest(trial, space)
+        rows = run({**base, **values})
+        # Recorded for the report, never for the choice.
+        records.append({"values": values, "score": score(rows), "test_accuracy": rows[-1]["test_accuracy"]})
+        return records[-1]["score"]
+
+    study.optimize(objective, n_trials=trials)
+    return dict(study.best_trial.params), records
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % confidence interval (Student t; 0 for one value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, 0.0
+    from scipy.stats import t
+
+    return mean, float(t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def settings(sweep: dict) -> list[tuple[str, str, str, dict]]:
+    """(dataset, partition, method, base run config) for every cell of the sweep, validated now."""
+    cells = []
+    for dataset, d_cfg in sweep["datasets"].items():
+        for partition, p_cfg in sweep["partitions"].items():
+            for method, m_cfg in sweep["methods"].items():
+                base = {**sweep.get("run_config", {}), **(d_cfg or {}), **(p_cfg or {}), "method": method,
+                        **(m_cfg or {})}
+                base.setdefault("dataset", dataset)
+                try:
+                    resolve(base)
+                except ConfigError as err:
+                    raise SystemExit(f"fedsplitkd-bench: {dataset}/{partition}/{method}: {err}") from None
+                if not resolve(base)["holdout-fraction"]:
+                    raise SystemExit(f"fedsplitkd-bench: {dataset}/{partition}/{method}: tuning needs a "
+                                     "holdout split (run_config holdout-fraction > 0)")
+                cells.append((dataset, partition, method, base))
+    return cells
+
+
+def bench(sweep: dict, run: Runner, progress: Callable[[str], None] = print) -> tuple[list[dict], dict]:
+    """Tune and evaluate every cell; returns the table rows and the chosen configs."""
+    tuning = sweep.get("tuning", {})
+    trials, tuning_seed = int(tuning.get("trials", 8)), int(tuning.get("seed", 100))
+    table, chosen = [], {}
+    for dataset, partition, method, base in settings(sweep):
+        space = (sweep.get("search") or {}).get(method) or {}
+        values, records = tune({**base, "seed": tuning_seed}, space, trials, tuning_seed, run)
+        config = {**base, **values}
+        chosen.setdefault(dataset, {}).setdefault(partition, {})[method] = config
+        per_seed = [run({**config, "seed": seed}) for seed in sweep["seeds"]]
+        test, half = interval([rows[-1]["test_accuracy"] for rows in per_seed])
+        teacher = resolve_teacher(per_seed)
         table.append({
-            "dataset": dataset, "partition": partition, "method": method, "seeds": len(seeds),
-            "final_accuracy": mean(finals), "final_accuracy_std": statistics.pstdev(finals),
-            "rounds_to_target": mean(to_target),
-            "bytes_up": mean([sum(r["bytes_up"] for r in rows) for rows in seeds]),
-            "bytes_down": mean([sum(r["bytes_down"] for r in rows) for rows in seeds]),
-            "device_energy_j": mean([rows[-1]["cum_device_energy_j"] for rows in seeds]),
-            "sim_time_s": mean([rows[-1]["sim_time_s"] for rows in seeds]),
+            "dataset": dataset, "partition": partition, "method": method, "seeds": len(per_seed),
+            "trials": len(records), "test_accuracy": test, "test_ci95": half,
+            "holdout_accuracy": statistics.fmean(rows[-1]["holdout_accuracy"] for rows in per_seed),
+            "teacher_accuracy": teacher, "gap_to_teacher": teacher - test,
+            "device_energy_j": statistics.fmean(rows[-1]["cum_device_energy_j"] for rows in per_seed),
+            "mb_up_down": statistics.fmean(sum(r["bytes_up"] + r["bytes_down"] for r in rows) for rows in per_seed) / 1e6,
+            "sim_time_s": statistics.fmean(rows[-1]["sim_time_s"] for rows in per_seed),
+            "chosen": values, "curves": per_seed,
         })
-    with open(out / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(table[0]) if table else ["dataset"])
-        writer.writeheader()
-        writer.writerows(table)
-    lines = [f"| dataset | partition | method | final accuracy | rounds to {target:g} | MB up | MB down | "
-             "device energy J | simulated time s |", "|---|---|---|---|---|---|---|---|---|"]
+        progress(f"{dataset}/{partition}/{method}: {json.dumps(values)} -> test {test:.4f} ± {half:.4f}")
+    by_cell = {(r["dataset"], r["partition"], r["method"]): r for r in table}
     for row in table:
-        lines.append(f"| {row['dataset']} | {row['partition']} | {row['method']} | {row['final_accuracy']:.4f} ± "
-                     f"{row['final_accuracy_std']:.4f} | {row['rounds_to_target']:.1f} | "
-                     f"{row['bytes_up'] / 1e6:.1f} | {row['bytes_down'] / 1e6:.1f} | {row['device_energy_j']:.2f} | "
-                     f"{row['sim_time_s']:.1f} |")
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
-    plot(groups, out / "plots")
-    return table
+        split = by_cell.get((row["dataset"], row["partition"], "split"))
+        kd = row["method"] in KD_METHODS or (sweep["methods"][row["method"]] or {}).get("method") in KD_METHODS
+        row["kd_gain"] = row["test_accuracy"] - split["test_accuracy"] if kd and split else math.nan
+    return table, chosen
 
 
-def plot(groups: dict, directory: Path) -> None:
+def resolve_teacher(per_seed: list[list[dict]]) -> float:
+    """The teacher's test accuracy over the seeds' runs (summary.json), NaN for runs without one."""
+    values = [rows[-1].get("teacher_test_accuracy", math.nan) for rows in per_seed]
+    values = [v for v in values if not math.isnan(v)]
+    return statistics.fmean(values) if values else math.nan
+
+
+def write_report(table: list[dict], chosen: dict, out: Path, command: str) -> str:
+    """summary.csv, summary.md (the README's table), tuned.yaml and the plots."""
+    columns = [k for k in table[0] if k not in ("curves", "chosen")] if table else ["dataset"]
+    with open(out / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*columns, "chosen"])
+        writer.writeheader()
+        writer.writerows([{**{k: r[k] for k in columns}, "chosen": json.dumps(r["chosen"])} for r in table])
+    OmegaConf.save(OmegaConf.create(chosen), out / "tuned.yaml")
+    fmt = lambda v, spec: "—" if isinstance(v, float) and math.isnan(v) else format(v, spec)  # noqa: E731
+    lines = [f"Generated by `{command}`.", "",
+             "| dataset | partition | method | test accuracy (95 % CI) | holdout | teacher | gap to teacher | "
+             "KD gain (pt) | device energy J | MB up+down | simulated time s | chosen |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in table:
+        chosen_text = ", ".join(f"{k}={fmt(v, '.3g') if isinstance(v, float) else v}" for k, v in r["chosen"].items())
+        lines.append(f"| {r['dataset']} | {r['partition']} | {r['method']} | {r['test_accuracy']:.4f} ± "
+                     f"{r['test_ci95']:.4f} | {r['holdout_accuracy']:.4f} | {fmt(r['teacher_accuracy'], '.4f')} | "
+                     f"{fmt(r['gap_to_teacher'], '+.4f')} | {fmt(100 * r['kd_gain'], '+.2f')} | "
+                     f"{r['device_energy_j']:.1f} | {r['mb_up_down']:.1f} | {r['sim_time_s']:.1f} | {chosen_text} |")
+    text = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(text)
+    plot(table, out / "plots")
+    return text
+
+
+def plot(table: list[dict], directory: Path) -> None:
+    """Test accuracy against cumulative device energy and simulated time: one line per tuned
+    method (the mean over seeds) with its 95 % band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     directory.mkdir(parents=True, exist_ok=True)
-    settings = sorted({(d, p) for d, p, _ in groups})
-    for dataset, partition in settings:
-        for column, label in (("round", "round"), ("sim_time_s", "simulated time (s)"),
-                              ("cum_device_energy_j", "cumulative device energy (J)")):
-            fig, ax = plt.subplots(figsize=(6, 4))
-            for (d, p, method), seeds in sorted(groups.items()):
-                if (d, p) == (dataset, partition):
-                    rows = seeds[0]  # the first seed's curve
-                    ax.plot([r[column] for r in rows], [r["test_accuracy"] for r in rows], marker=".", label=method)
+    for dataset, partition in sorted({(r["dataset"], r["partition"]) for r in table}):
+        for column, label in (("cum_device_energy_j", "cumulative device energy (J)"),
+                              ("sim_time_s", "simulated time (s)")):
+            fig, ax = plt.subplots(figsize=(6.5, 4))
+            for r in (r for r in table if (r["dataset"], r["partition"]) == (dataset, partition)):
+                x = np.mean([[row[column] for row in rows] for rows in r["curves"]], axis=0)
+                y = np.array([[row["test_accuracy"] for row in rows] for rows in r["curves"]])
+                mean, band = zip(*(interval(list(col)) for col in y.T))
+                line, = ax.plot(x, mean, marker=".", label=r["method"])
+                ax.fill_between(x, np.subtract(mean, band), np.add(mean, band), color=line.get_color(), alpha=0.2)
+            ax.set_xscale("symlog" if column == "cum_device_energy_j" else "linear")
             ax.set_xlabel(label)
             ax.set_ylabel("test accuracy")
-            ax.set_title(f"{dataset}, {partition}")
+            ax.set_title(f"{dataset}, {partition} (tuned, mean and 95 % band over seeds)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
             fig.tight_layout()
@@ -161,23 +308,27 @@ def plot(groups: dict, directory: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fedsplitkd-bench", description=__doc__.splitlines()[0])
     parser.add_argument("sweep", help="the sweep YAML (e.g. experiments/configs/quick.yaml)")
-    parser.add_argument("--out", required=True, help="directory for runs, summary and plots")
-    parser.add_argument("--cpus-per-client", type=int, default=1)
-    parser.add_argument("--app", default=".", help="the Flower app directory (this checkout)")
+    parser.add_argument("--out", required=True, help="directory for runs, summary, tuned.yaml and plots")
+    parser.add_argument("--cpus-per-client", type=int, default=1, help="backend flower: CPUs per ClientApp")
+    parser.add_argument("--app", default=".", help="backend flower: the Flower app directory (this checkout)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the sweep YAML")
     args = parser.parse_args(argv)
     sweep = load_sweep(args.sweep, args.overrides)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = plan(sweep)
-    cached = sum((out / "runs" / r["hash"] / "summary.json").is_file() for r in runs)
-    print(f"{len(runs)} runs ({cached} cached) on {sweep.get('devices', 20)} simulated devices")
-    failures = execute(runs, out, sweep.get("devices", 20), args.cpus_per_client, args.app)
-    summarise(runs, out, sweep.get("target_accuracy", 0.8))
-    print((out / "summary.md").read_text())
-    if failures:
-        raise SystemExit(f"fedsplitkd-bench: {len(failures)} runs failed (logs in {out / 'failed'}): "
-                         + ", ".join(failures))
+    import logging
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    logging.getLogger("fedsplitkd").setLevel(logging.ERROR)
+    runner = CachedRunner(out, sweep.get("devices", 20), sweep.get("backend", "inprocess"), args.app,
+                          args.cpus_per_client)
+    print(f"code {runner.version}, {sweep.get('devices', 20)} devices, backend {runner.backend}", flush=True)
+    try:
+        table, chosen = bench(sweep, runner, lambda line: print(line, flush=True))
+    finally:
+        runner.close()
+    command = " ".join(["fedsplitkd-bench", args.sweep, "--out", args.out, *args.overrides])
+    sys.stdout.write(write_report(table, chosen, out, command))
+    print(f"{runner.ran} runs, {runner.cached} cached; tuned configs in {out / 'tuned.yaml'}")
 
 
 if __name__ == "__main__":

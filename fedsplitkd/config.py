@@ -65,6 +65,7 @@ SCHEMA: dict[str, Key] = {
                       "central-kd"),
     "proximal-mu": _float(0.01, 0.0, 1e6),
     "distill-steps": _int(100, 0),
+    "server-epochs": _int(1, 1),
     "dataset": _choice("digits", "har", "shakespeare", "shakespeare-lm", "cifar10", "fashion_mnist", "femnist",
                        "npz", "csv"),
     "data-path": _str("", "a file path ('' = the dataset's default source)"),

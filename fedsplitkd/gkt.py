@@ -41,12 +41,12 @@ def extract(extractor: nn.Module, head: nn.Module, x: np.ndarray) -> tuple[np.nd
 
 def train_server(server_part: nn.Module, optimizer: torch.optim.Optimizer, features: np.ndarray,
                  device_logits: np.ndarray, labels: np.ndarray, cfg, server_round: int) -> float:
-    """``local-epochs`` over all devices' features: KD towards the devices' logits + CE."""
+    """``server-epochs`` over all devices' features: KD towards the devices' logits + CE."""
     rng = np.random.default_rng([cfg["seed"], server_round, 97])
     set_lr(optimizer, round_lr(cfg, server_round))
     loss_sum = 0.0
     server_part.train()
-    for _ in range(cfg["local-epochs"]):
+    for _ in range(cfg["server-epochs"]):
         order = rng.permutation(len(labels))
         for i in range(0, len(order), cfg["batch-size"]):
             idx = order[i:i + cfg["batch-size"]]
