@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--settings", type=int, nargs="+", default=[0, 1, 2],
+                        help="which settings to run: 0 2-D CNN virtual, 1 2-D CNN a node per device, 2 HAR virtual")
     args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="bench-drops-"))
     images = write_images(out / "images.npz")
@@ -66,7 +68,7 @@ def main() -> None:
           f"{'final acc':>9} {'wall s':>7}")
     total = 0
     with LocalSimulation() as sim:
-        for name, overrides, nodes in settings:
+        for name, overrides, nodes in [settings[i] for i in args.settings]:
             for seed in args.seeds:
                 run_name = f"{name.split(',')[0].replace(' ', '-')}-{nodes}-{seed}"
                 started = time.perf_counter()

@@ -209,14 +209,21 @@ def test_partitions_are_disjoint_covering_and_repeatable(scheme):
         assert all(set(ids[a]).isdisjoint(ids[b]) for i, a in enumerate(parts) for b in parts[i + 1:])
 
 
-def test_device_splits_are_disjoint_from_each_other_and_the_public_split():
-    c = cfg(partition="dirichlet")
+@pytest.mark.parametrize("holdout", [0.0, 0.1])
+def test_device_splits_are_disjoint_from_each_other_and_the_servers_splits(holdout):
+    """Devices, the public split (the teacher's) and the holdout split (model selection) share no sample."""
+    from fedsplitkd.data import holdout_data, server_splits
+    c = cfg(partition="dirichlet", **{"holdout-fraction": holdout})
     ds = load_dataset(c)
     seen = []
     for i in range(10):
         local = device_data(c, i, 10)
         seen += [x.tobytes() for x in np.concatenate([local.x_train, local.x_val])]
-    assert len(seen) == len(set(seen)) == round(len(ds.y_train) * 0.9)
+    public, held, _ = server_splits(len(ds.y_train), c["public-fraction"], holdout, c["seed"])
+    server = [x.tobytes() for x in ds.x_train[public]] + [x.tobytes() for x in holdout_data(c)[0]]
+    assert len(held) == round(holdout * len(ds.y_train)) and len(holdout_data(c)[1]) == len(held)
+    assert len(seen) == len(set(seen)) == len(ds.y_train) - len(public) - len(held)
+    assert len(set(seen) | set(server)) == len(seen) + len(server)  # digits has no duplicate images
 
 
 def test_group_ids_balances_largest_first():
