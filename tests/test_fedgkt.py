@@ -16,7 +16,7 @@ from fedsplitkd.payload import PayloadError
 
 def test_server_training_fits_the_devices_logits():
     torch.manual_seed(0)
-    cfg = resolve({"learning-rate": 0.05, "local-epochs": 5})
+    cfg = resolve({"learning-rate": 0.05, "server-epochs": 5})
     student = build_student("cnn2d", (1, 8, 8), 10)
     upper = student.server_part("conv1")
     features = np.random.default_rng(0).normal(size=(128, 16, 8, 8)).astype(np.float32)

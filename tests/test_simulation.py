@@ -39,7 +39,7 @@ def runs(tmp_path_factory):
                 num_supernodes=DEVICES)
         sim.run(ROOT, {**common, **VIRTUAL, "run-name": "virtual-splitkd"}, num_supernodes=DEVICES)
         own = sim.run(ROOT, {**common, "run-name": "npz", "dataset": "npz", "num-rounds": 1,
-                             "learning-rate": 0.05, "batch-size": 16,
+                             "learning-rate": 0.05, "batch-size": 16, "public-fraction": 0.1,
                              "data-path": str(write_sensor_npz(out / "mine.npz"))}, num_supernodes=DEVICES)
     assert (out / "npz" / "metrics.csv").is_file(), own.stdout[-3000:]
     return out, good, bad, {**common, "fraction-evaluate": 1.0}
