@@ -1,0 +1,72 @@
+"""The benchmark's table from the runs already cached, cell by cell: a sweep still running, or
+stopped, reports the dataset x partition x method cells that are complete and names the others.
+
+    python experiments/bench_table.py experiments/configs/quick.yaml --out results/quick
+
+It replays the harness's own protocol (fedsplitkd.bench.bench) with a runner that only reads
+the cache: the seeded tuning asks for the same trials in the same order, so a complete cell
+gives exactly the row the finished sweep would. Nothing is run. summary.md, summary.csv,
+tuned.yaml and the plots are written as the harness writes them, for the complete cells.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from fedsplitkd import bench
+
+
+class NotCached(Exception):
+    pass
+
+
+class CacheOnly(bench.CachedRunner):
+    def __call__(self, config: dict) -> list[dict]:
+        if not (self.directory(config) / "summary.json").is_file():
+            raise NotCached
+        return super().__call__(config)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    logging.getLogger("fedsplitkd").setLevel(logging.ERROR)
+    sweep = bench.load_sweep(args.sweep, args.overrides)
+    out = Path(args.out)
+    runner = CacheOnly(out, sweep.get("devices", 20), sweep.get("backend", "inprocess"))
+    rows, chosen, missing = [], {}, []
+    for dataset in sweep["datasets"]:
+        for partition in sweep["partitions"]:
+            for method in sweep["methods"]:
+                cell = {**sweep, "datasets": {dataset: sweep["datasets"][dataset]},
+                        "partitions": {partition: sweep["partitions"][partition]},
+                        "methods": {method: sweep["methods"][method]}}
+                try:
+                    table, picked = bench.bench(cell, runner, progress=lambda line: None)
+                except NotCached:
+                    missing.append(f"{dataset}/{partition}/{method}")
+                    continue
+                rows += table
+                chosen.setdefault(dataset, {}).setdefault(partition, {}).update(picked[dataset][partition])
+    split = {(r["dataset"], r["partition"]): r for r in rows if r["method"] == "split"}
+    for r in rows:  # KD gain needs the split row of the same cell, which a per-cell replay lacks
+        kd = r["method"] in bench.KD_METHODS or (sweep["methods"][r["method"]] or {}).get("method") in bench.KD_METHODS
+        base = split.get((r["dataset"], r["partition"]))
+        r["kd_gain"] = r["test_accuracy"] - base["test_accuracy"] if kd and base else float("nan")
+    command = " ".join(["python experiments/bench_table.py", args.sweep, "--out", args.out, *args.overrides])
+    text = bench.write_report(rows, chosen, out, command) if rows else ""
+    if missing:
+        note = f"\nNot complete (not in this table): {', '.join(missing)}.\n"
+        (out / "summary.md").write_text(text + note)
+        text += note
+    print(text, end="")
+    print(f"code {runner.version}: {len(rows)} cells complete, {len(missing)} not")
+
+
+if __name__ == "__main__":
+    main()
