@@ -31,3 +31,21 @@ def test_cached_mode_uploads_teacher_inputs_once(runs):
     assert saved > 0.5 * (emb[1]["bytes_up"] - emb[1]["bytes_up_activations"])
     assert cached[2]["bytes_up"] == cached[3]["bytes_up"]
     assert np.all([r["completed"] == DEVICES for r in cached[1:]])
+
+
+def test_the_teachers_augmentation_shifts_images_and_leaves_other_inputs_alone():
+    """A shift is an invariance of images, not of an arbitrary (C, L) window or feature vector."""
+    import torch
+
+    from fedsplitkd.teacher import augment
+    generator = torch.Generator().manual_seed(0)
+    for shape in ((4, 3, 16), (4, 64)):
+        x = torch.randn(shape)
+        assert torch.equal(augment(x, generator), x)
+    image = torch.zeros(2, 1, 8, 8)
+    image[:, :, 4, 4] = 10.0
+    for _ in range(10):
+        moved = augment(image, generator)
+        peak = (moved[0, 0] > 5).nonzero().tolist()
+        assert len(peak) == 1 and abs(peak[0][0] - 4) <= 1 and abs(peak[0][1] - 4) <= 1
+        assert 0.0 < float((moved - torch.roll(image, (peak[0][0] - 4, peak[0][1] - 4), (2, 3))).std()) < 0.1
