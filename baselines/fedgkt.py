@@ -59,9 +59,9 @@ def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
                 content["arrays"] = ArrayRecord({"server-logits": Array(server_logits[d])})
             messages.append(Message(RecordDict(content), dst_node_id=nodes[d],
                                     message_type=f"{MessageType.TRAIN}.fedgkt"))
-        uploads = {}
+        uploads, device_of = {}, fast.devices
         for reply in fast.send_and_receive(messages, timeout=cfg["round-timeout"]):
-            device = fast.devices.get(reply.metadata.src_node_id)
+            device = device_of.get(reply.metadata.src_node_id)
             if reply.has_error() or device is None:
                 continue
             try:

@@ -178,8 +178,9 @@ class FastGrid(Grid):
             assigned = self._assign(train) + [(m, None) for m in others]
         else:
             assigned = [(m, None) for m in messages]
+        device_of = self.devices  # node -> device, once: the property inverts the whole map
         for message, devices in assigned:
-            for d in devices or [self.devices.get(message.metadata.dst_node_id, message.metadata.dst_node_id)]:
+            for d in devices or [device_of.get(message.metadata.dst_node_id, message.metadata.dst_node_id)]:
                 self._traffic(d).bytes_down += tensor_bytes(message.content)  # each device gets the model
                 self._traffic(d).exchanges += 1
         sent = {}
@@ -197,7 +198,7 @@ class FastGrid(Grid):
                     continue
                 message, devices = sent.pop(mid)
                 if devices is None or not self.virtual_devices:
-                    replies.append((self.devices.get(node, node), reply))
+                    replies.append((device_of.get(node, node), reply))
                 else:
                     replies += self._per_device(reply, message, devices)
             if sent and not pulled:
