@@ -89,11 +89,13 @@ SCHEMA: dict[str, Key] = {
     "local-epochs": _int(1, 1),
     "exchange-batches": _int(8, 1),
     "server-batching": _choice("per-device", "joint"),
-    "learning-rate": _float(0.01, 0.0, 10.0, low_open=True),
+    # learning-rate, kd-alpha and kd-temperature default to split-KD's tuned config on digits
+    # (the default dataset), from the quick bench preset (experiments/bench-quick/tuned.yaml).
+    "learning-rate": _float(0.0222, 0.0, 10.0, low_open=True),
     "lr-schedule": _choice("constant", "cosine"),
     "momentum": _float(0.9, 0.0, 0.999),
-    "kd-alpha": _float(0.5, 0.0, 1.0),
-    "kd-temperature": _float(3.0, 0.0, 100.0, low_open=True),
+    "kd-alpha": _float(0.278, 0.0, 1.0),
+    "kd-temperature": _float(2.0, 0.0, 100.0, low_open=True),
     "kd-mode": _choice("standard", "mutual"),
     "teacher-input": _choice("embedding", "cached"),
     "teacher-path": _str("", "a checkpoint path ('' = train on the public split)"),
