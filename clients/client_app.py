@@ -1,8 +1,8 @@
 """The fedsplitkd ClientApp: one Flower SuperNode is one device.
 
-Handlers: ``query`` (which device this node is), ``train.split_forward`` (a round's first request, carrying the global device
+Handlers: ``query.describe`` (which device this node is), ``train.split_forward`` (a round's first request, carrying the global device
 part), ``train.split_backward`` (cut-layer gradients, and the next chunk or the final
-device part) and ``evaluate`` (split inference on the local validation split). The
+device part) and ``evaluate.split`` (split inference on the local validation split). The
 device's state between messages lives in ``context.state``. With ``virtual-devices`` a
 node serves whichever devices the server names, several per message (one section each,
 ``to_bundle``), and keeps the teacher's embedding once for all of them.
@@ -18,7 +18,7 @@ from torch import nn
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedsplitkd.clients.records import ARRAYS, SCALARS, bundle, from_bundle, from_records, to_bundle, to_records
+from fedsplitkd.clients.records import bundle, from_bundle, from_records, load_state, store_state, to_bundle, to_records
 from fedsplitkd.config import resolve
 from fedsplitkd.data import holdout_data, load_dataset
 from fedsplitkd.device import device_setup, handle_evaluate, handle_train
@@ -59,25 +59,12 @@ def _setup(context: Context, msg: Message):
     return device_setup(cfg, int(node["partition-id"]), int(node["num-partitions"]))
 
 
-def _load_state(context: Context, prefix: str) -> Payload:
-    return from_records(RecordDict({name: context.state[prefix + name] for name in (ARRAYS, SCALARS)
-                                    if prefix + name in context.state}))
-
-
-def _store_state(context: Context, prefix: str, state: Payload) -> None:
-    for name, record in to_records(state, packed=False).items():
-        if state:
-            context.state[prefix + name] = record
-        elif prefix + name in context.state:  # nothing left to keep (the device's round is over)
-            del context.state[prefix + name]
-
-
 def _train(msg: Message, context: Context) -> Message:
     cfg = _config(context)
     if cfg["virtual-devices"]:
         return Message(to_bundle(_serve_bundle(msg, context, cfg)), reply_to=msg)
-    reply, state = handle_train(from_records(msg.content), _load_state(context, STATE_PREFIX), _setup(context, msg))
-    _store_state(context, STATE_PREFIX, state)
+    reply, state = handle_train(from_records(msg.content), load_state(context, STATE_PREFIX), _setup(context, msg))
+    store_state(context, STATE_PREFIX, state)
     return Message(to_records(reply), reply_to=msg)
 
 
@@ -92,19 +79,19 @@ def _serve_bundle(msg: Message, context: Context, cfg: dict) -> dict[int, Payloa
                 raise request
             teacher = {k: v for k, v in request.items() if k.startswith(TEACHER)}
             if teacher:  # first: the node's other devices in this message rely on it
-                _store_state(context, TEACHER_STATE, teacher)
+                store_state(context, TEACHER_STATE, teacher)
             if not 0 <= device < cfg["virtual-devices"]:
                 raise PayloadError(f"device {device} is outside virtual-devices = {cfg['virtual-devices']}")
             setup = device_setup(cfg, device, cfg["virtual-devices"])
             if msg.metadata.message_type.startswith(MessageType.EVALUATE):
                 replies[device] = handle_evaluate(request, setup)
                 continue
-            state = {**_load_state(context, TEACHER_STATE), **_load_state(context, prefix)}
+            state = {**load_state(context, TEACHER_STATE), **load_state(context, prefix)}
             replies[device], state = handle_train(request, state, setup)
-            _store_state(context, prefix, {k: v for k, v in state.items() if not k.startswith(TEACHER)})
+            store_state(context, prefix, {k: v for k, v in state.items() if not k.startswith(TEACHER)})
         except Exception as err:  # noqa: BLE001 - reported to the server, which drops the device
             replies[device] = {"error": f"{type(err).__name__}: {err}"}
-            _store_state(context, prefix, {})
+            store_state(context, prefix, {})
     return replies
 
 
@@ -261,7 +248,7 @@ def evaluate_gkt(msg: Message, context: Context) -> Message:
                                                         **_holdout_metrics(model, setup.cfg)})}), reply_to=msg)
 
 
-@app.query()
+@app.query("describe")
 def describe(msg: Message, context: Context) -> Message:
     """Which device this node is: its partition id and the partition count."""
     node = context.node_config
@@ -269,7 +256,7 @@ def describe(msg: Message, context: Context) -> Message:
                                "num-partitions": int(node.get("num-partitions", 0))}), reply_to=msg)
 
 
-@app.evaluate()
+@app.evaluate("split")
 def evaluate(msg: Message, context: Context) -> Message:
     """Split inference: activations and labels of the local validation split."""
     cfg = _config(context)

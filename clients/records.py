@@ -14,11 +14,18 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from fedsplitkd.payload import Payload, PayloadError
 
 ARRAYS, SCALARS, PACKED = "arrays", "config", "packed"
+
+# The split protocol's message kinds. Flower routes "category.action" to the ClientApp's
+# @app.category("action"), so the protocol's handlers sit beside an app's own train/evaluate.
+DESCRIBE = "query.describe"              # which device a node is (partition id, count)
+FORWARD = "train.split_forward"          # a round's first request: the global device part
+BACKWARD = "train.split_backward"        # a chunk's cut-layer gradients
+SPLIT_EVALUATE = "evaluate.split"        # split inference on the device's validation split
 # Only plain numeric and boolean arrays travel: never object arrays, whatever a reply claims.
 WIRE_DTYPES = {np.dtype(t).str for t in (np.float16, np.float32, np.float64, np.int8, np.int16, np.int32,
                                          np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.bool_)}
@@ -119,3 +126,17 @@ def from_bundle(records: RecordDict) -> dict[int, Payload | PayloadError]:
         except PayloadError as err:
             payloads[device] = err
     return payloads
+
+
+def load_state(context: Context, prefix: str) -> Payload:
+    """The payload kept in ``context.state`` under ``prefix``."""
+    return from_records(RecordDict({name: context.state[prefix + name] for name in (ARRAYS, SCALARS)
+                                    if prefix + name in context.state}))
+
+
+def store_state(context: Context, prefix: str, state: Payload) -> None:
+    for name, record in to_records(state, packed=False).items():
+        if state:
+            context.state[prefix + name] = record
+        elif prefix + name in context.state:  # nothing left to keep (the device's round is over)
+            del context.state[prefix + name]

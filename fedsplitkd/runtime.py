@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -145,15 +146,17 @@ class EdgeRuntime:
     """
 
     def __init__(self, student: SplitModel, cut: str, teacher: SplitModel | None,
-                 alpha: float, temperature: float, lr: float, momentum: float, mutual: bool = False):
+                 alpha: float, temperature: float, lr: float, momentum: float, mutual: bool = False,
+                 optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None):
         self.part = student.server_part(cut)
         rest = teacher.server_part(teacher.cut_points[0]) if teacher else None
         self.mutual = mutual and rest is not None
         self.teacher_rest = rest if self.mutual or rest is None else freeze(rest)
         self.alpha, self.temperature = alpha, temperature
         self.device = device_of(self.part)  # the server's torch device; payloads stay numpy
-        self.optimizer = make_optimizer(self.part.parameters(), lr, momentum)
-        self.teacher_optimizer = make_optimizer(rest.parameters(), lr, momentum) if self.mutual else None
+        build = optimizer or (lambda params: make_optimizer(params, lr, momentum))
+        self.optimizer = build(self.part.parameters())
+        self.teacher_optimizer = build(rest.parameters()) if self.mutual else None
 
     def set_lr(self, lr: float) -> None:
         for optimizer in (self.optimizer, self.teacher_optimizer):

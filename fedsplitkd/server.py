@@ -90,15 +90,17 @@ class SplitKDServer:
     """Holds the student's server part and the teacher; runs rounds against a transport."""
 
     def __init__(self, student: SplitModel, teacher: SplitModel | None, cfg,
-                 num_classes: int, costs: CostModel | None = None, cut: str | None = None):
+                 num_classes: int, costs: CostModel | None = None, cut: str | None = None,
+                 optimizer: Callable | None = None):
         self.student, self.teacher, self.cfg = student, teacher, cfg
+        self.optimizer_factory = optimizer  # a factory of the server part's optimizer; None: SGD from cfg
         self.cut = cut or cfg["cut"]
         self.mode = teacher_mode(cfg)
         self.num_classes = num_classes
         mutual = cfg["kd-mode"] == "mutual"
         self.edge = EdgeRuntime(student, self.cut, teacher if self.mode != "none" else None,
                                 cfg["kd-alpha"], cfg["kd-temperature"], cfg["learning-rate"],
-                                cfg["momentum"], mutual)
+                                cfg["momentum"], mutual, optimizer)
         self.device_part = student.device_part(self.cut)
         self.flops = SplitFlops.of(student, self.cut, teacher if self.mode != "none" else None, mutual)
         stats = student.block_stats()
@@ -122,7 +124,8 @@ class SplitKDServer:
         """The server for another cut of the same student: it shares the student, the teacher,
         the cost model and what devices hold; it has its own server-part optimizer."""
         if cut not in self.siblings:
-            sibling = SplitKDServer(self.student, self.teacher, self.cfg, self.num_classes, self.costs, cut)
+            sibling = SplitKDServer(self.student, self.teacher, self.cfg, self.num_classes, self.costs, cut,
+                                    self.optimizer_factory)
             sibling.has_teacher, sibling.teacher_cache = self.has_teacher, self.teacher_cache
             sibling.siblings = self.siblings
             self.siblings[cut] = sibling
@@ -254,7 +257,8 @@ class SplitKDServer:
         for the whole exchange.
         """
         stats = RoundStats(devices=len(keys))
-        self.edge.set_lr(round_lr(self.cfg, server_round))
+        if self.optimizer_factory is None:  # a factory's optimizer keeps its own rate
+            self.edge.set_lr(round_lr(self.cfg, server_round))
         if self.costs is not None:
             self.costs.server_round = server_round
         if self.per_device_server:

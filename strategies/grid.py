@@ -19,7 +19,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.common.constant import ErrorCode
 from flwr.supercore import log
 
-from fedsplitkd.clients.records import unbundle
+from fedsplitkd.clients.records import DESCRIBE, unbundle
 from fedsplitkd.costs import DeviceTraffic
 from fedsplitkd.experiment import sample_devices
 from fedsplitkd.payload import PayloadError
@@ -52,7 +52,7 @@ def discover(grid: Grid, nodes: NodeMap, min_nodes: int, timeout: float = 60.0, 
         _, connected = sample_nodes(grid, max(1, min_nodes), 0)
         unknown = [int(n) for n in connected if int(n) not in nodes.values()]
         if unknown:
-            queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
+            queries = [Message(RecordDict(), dst_node_id=n, message_type=DESCRIBE) for n in unknown]
             for reply in FastGrid(grid).send_and_receive(queries, timeout=timeout):
                 node = reply.metadata.src_node_id
                 config = None if reply.has_error() else reply.content.get("config")

@@ -7,21 +7,23 @@ from collections.abc import Hashable, Iterable
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from torch import nn
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from fedsplitkd.clients.records import from_bundle, from_records, to_bundle, to_records
+from fedsplitkd.clients.records import (BACKWARD, FORWARD, SPLIT_EVALUATE, from_bundle, from_records, to_bundle,
+                                       to_records)
+from fedsplitkd.costs import CostModel
 from fedsplitkd.experiment import sample_devices
+from fedsplitkd.library import Blocks, OptimizerFactory, SplitKDConfig, edge_server
 from fedsplitkd.payload import WEIGHTS, Payload, PayloadError, pack
 from fedsplitkd.runtime import load_numpy_state, state_to_numpy
 from fedsplitkd.schedule import Scheduler
 from fedsplitkd.strategies.grid import NodeMap, discover
 from fedsplitkd.server import RoundStats, SplitKDServer, exchange
 
-FORWARD = f"{MessageType.TRAIN}.split_forward"
-BACKWARD = f"{MessageType.TRAIN}.split_backward"
 
 
 class GridTransport:
@@ -197,6 +199,21 @@ class SplitKD(Strategy):
         self.virtual_devices = virtual_devices
         self.holding_teacher: set[int] = set()  # nodes that hold the teacher's embedding (virtual)
 
+    @classmethod
+    def from_models(cls, student: Blocks, input_shape: tuple[int, ...], teacher: nn.Module | None = None,
+                    teacher_embedding: nn.Module | None = None, config: SplitKDConfig | None = None,
+                    optimizer: OptimizerFactory | None = None, costs: CostModel | None = None) -> SplitKD:
+        """Split-KD over the user's own student and teacher (``fedsplitkd.library.edge_server``).
+
+        ``student`` is an ``nn.Sequential`` of named blocks (or ``(name, module)`` pairs);
+        the whole student is what ``start`` takes as ``initial_arrays`` and returns. One node
+        per device: each names its partition id in its node config.
+        """
+        config = config or SplitKDConfig()
+        server = edge_server(student, input_shape, teacher, teacher_embedding, config, optimizer, costs)
+        return cls(server, config.fraction_train, config.fraction_evaluate, config.min_nodes,
+                   config.round_timeout, seed=config.seed)
+
     def summary(self) -> None:
         log(INFO, "\t├──> Sampling: fraction train %.2f | evaluate %.2f | min nodes %d",
             self.fraction_train, self.fraction_evaluate, self.min_nodes)
@@ -272,7 +289,7 @@ class SplitKD(Strategy):
             self._load(arrays)
             request = {"round": server_round, **pack(WEIGHTS, state_to_numpy(self.server.device_part))}
             devices, served_by = self._sample(grid, self.fraction_evaluate, self.evaluate_rng)
-            transport = GridTransport(grid, self.round_timeout, self.poll_interval, MessageType.EVALUATE,
+            transport = GridTransport(grid, self.round_timeout, self.poll_interval, SPLIT_EVALUATE,
                                       nodes=served_by, bundle=bool(self.virtual_devices))
             accuracy, loss, n, dropped = self.server.evaluate_replies(
                 exchange(transport, {d: request for d in devices}), server_round)

@@ -1,0 +1,1 @@
+"""own_model: a Flower app of its own (quickstart-pytorch style), trained with split-KD."""

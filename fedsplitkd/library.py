@@ -1,0 +1,203 @@
+"""Split-KD from the user's own objects: their student, teacher and data, no zoo, no dataset keys.
+
+Three pieces, plain PyTorch (the Flower wiring is ``fedsplitkd.clients.register_device`` and
+``fedsplitkd.strategies.SplitKD.from_models``):
+
+- ``SplitKDConfig``: the protocol's settings, typed, with the run config's defaults. Both
+  sides must agree on them (the server sizes chunks by ``batch_size * exchange_batches``):
+  build both from the same run config with ``SplitKDConfig.from_run_config``.
+- ``SplitDevice``: one IoT device, from the student's blocks, its training (and validation)
+  data as any iterable of ``(x, y)`` or dict batches, and the teacher's embedding module.
+- ``edge_server``: the edge server, from the student, the teacher (inputs -> logits), its
+  embedding module (run on the devices, so raw inputs never leave them) and an optimizer factory.
+
+A student is an ``nn.Sequential`` of named blocks or a list of ``(name, module)``: every block
+name but the last is a cut point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedsplitkd.config import DEFAULTS, ConfigError, resolve
+from fedsplitkd.costs import CostModel
+from fedsplitkd.data import DeviceData
+from fedsplitkd.device import DeviceSetup
+from fedsplitkd.models import SplitModel
+from fedsplitkd.server import SplitKDServer
+
+Blocks = nn.Sequential | list[tuple[str, nn.Module]]
+TEACHER_EMBEDDING = "embedding"  # the teacher's first block: the one the devices run
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+def _default(key: str) -> Any:
+    return dataclasses.field(default=DEFAULTS[key])
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitKDConfig:
+    """The split protocol's settings; each field is the run-config key with '-' for '_'.
+
+    Defaults are the run config's (``fedsplitkd.config.SCHEMA``), checked by the same rules.
+    """
+
+    cut: str = _default("cut")
+    batch_size: int = _default("batch-size")
+    local_epochs: int = _default("local-epochs")
+    exchange_batches: int = _default("exchange-batches")
+    learning_rate: float = _default("learning-rate")
+    momentum: float = _default("momentum")
+    lr_schedule: str = _default("lr-schedule")
+    kd_alpha: float = _default("kd-alpha")
+    kd_temperature: float = _default("kd-temperature")
+    num_rounds: int = _default("num-rounds")
+    fraction_train: float = _default("fraction-train")
+    fraction_evaluate: float = _default("fraction-evaluate")
+    min_nodes: int = _default("min-nodes")
+    round_timeout: float = _default("round-timeout")
+    seed: int = _default("seed")
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> SplitKDConfig:
+        """The fields a Flower run config sets (``learning-rate`` etc.); other keys are the app's own."""
+        names = {f.name.replace("_", "-"): f.name for f in dataclasses.fields(cls)}
+        return cls(**{names[k]: v for k, v in run_config.items() if k in names}).checked()
+
+    def run_config(self) -> dict:
+        """The full resolved run config these settings stand for (the protocol code reads it)."""
+        values = {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+        return dict(resolve({**values, "method": "splitkd" if self.kd_alpha > 0 else "split"}))
+
+    def checked(self) -> SplitKDConfig:
+        self.run_config()  # raises ConfigError naming the bad key
+        return self
+
+
+def split_model(student: Blocks, input_shape: tuple[int, ...], input_dtype: torch.dtype = torch.float32
+                ) -> SplitModel:
+    """The student as a ``SplitModel``: the same modules (and state-dict keys), cut points by name."""
+    if isinstance(student, SplitModel):
+        return student
+    blocks = list(student.named_children()) if isinstance(student, nn.Module) else list(student)
+    if len(blocks) < 2 or not all(isinstance(n, str) and isinstance(m, nn.Module) for n, m in blocks):
+        raise ValueError("student: give an nn.Sequential of at least two named blocks, or a list of "
+                         "(name, module) pairs; every block but the last is a cut point")
+    return SplitModel(blocks, tuple(input_shape), input_dtype)
+
+
+def teacher_model(teacher: nn.Module, embedding: nn.Module, input_shape: tuple[int, ...],
+                  input_dtype: torch.dtype = torch.float32) -> SplitModel:
+    """The teacher as the protocol holds it: the embedding (on the devices), then the rest (on the server)."""
+    return SplitModel([(TEACHER_EMBEDDING, embedding), ("body", teacher)], tuple(input_shape), input_dtype)
+
+
+def _numpy(value: Any, what: str) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    try:
+        return np.asarray(value)
+    except Exception as err:  # noqa: BLE001 - named below
+        raise ValueError(f"{what}: cannot read a batch as an array ({type(value).__name__})") from err
+
+
+def to_arrays(data: Iterable, keys: tuple[str, str] = ("img", "label"), what: str = "data"
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """All of ``data``'s samples: a DataLoader or any iterable of ``(x, y)`` or dict batches.
+
+    The protocol draws its own seeded minibatches (of ``batch_size``) each round, as the server
+    expects, so the loader's batching and shuffling do not matter; its transforms are applied once.
+    """
+    xs, ys = [], []
+    for batch in data:
+        if isinstance(batch, Mapping):
+            missing = [k for k in keys if k not in batch]
+            if missing:
+                raise ValueError(f"{what}: a batch has no key {missing[0]!r} (keys: {sorted(batch)}); "
+                                 f"set keys=(input key, label key)")
+            x, y = batch[keys[0]], batch[keys[1]]
+        elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+            x, y = batch
+        else:
+            raise ValueError(f"{what}: a batch must be (x, y) or a dict with keys {keys}, "
+                             f"not {type(batch).__name__}")
+        xs.append(_numpy(x, what))
+        ys.append(_numpy(y, what))
+    if not xs:
+        raise ValueError(f"{what}: no batches")
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    if len(x) != len(y) or y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{what}: inputs {x.shape} and labels {y.shape} {y.dtype}: labels must be one "
+                         "integer class per sample")
+    x = x.astype(np.float32) if np.issubdtype(x.dtype, np.floating) else x.astype(np.int64)
+    return np.ascontiguousarray(x), y.astype(np.int64)
+
+
+@dataclasses.dataclass
+class SplitDevice:
+    """One IoT device: the student's lower part trains here on ``train``; ``val`` serves split evaluation.
+
+    ``teacher_embedding`` is the teacher's first module, needed when ``config.kd_alpha > 0``: its
+    architecture only, since the server sends its weights once. Data is read once, on creation.
+    """
+
+    student: Blocks
+    train: Iterable
+    val: Iterable | None = None
+    teacher_embedding: nn.Module | None = None
+    config: SplitKDConfig = dataclasses.field(default_factory=SplitKDConfig)
+    keys: tuple[str, str] = ("img", "label")
+
+    def __post_init__(self) -> None:
+        self.x_train, self.y_train = to_arrays(self.train, self.keys, "train data")
+        if self.val is None:
+            self.x_val, self.y_val = self.x_train[:0], self.y_train[:0]
+        else:
+            self.x_val, self.y_val = to_arrays(self.val, self.keys, "validation data")
+        dtype = torch.float32 if self.x_train.dtype == np.float32 else torch.int64
+        self.model = split_model(self.student, self.x_train.shape[1:], dtype)
+        self.cfg = self.config.run_config()
+        if self.cfg["kd-alpha"] > 0 and self.teacher_embedding is None:
+            raise ConfigError("SplitDevice 'teacher_embedding': kd_alpha > 0 needs the teacher's embedding "
+                              "module on the device (or kd_alpha = 0: split learning without KD)")
+
+    def setup(self, device_id: int) -> DeviceSetup:
+        """The protocol's view of this device (``fedsplitkd.device.handle_train`` serves it)."""
+        data = DeviceData(self.x_train, self.y_train, self.x_val, self.y_val)
+        embedding = None
+        if self.cfg["kd-alpha"] > 0:  # named as the server's teacher names it, so its weights load
+            embedding = nn.Sequential(OrderedDict([(TEACHER_EMBEDDING, self.teacher_embedding)]))
+        return DeviceSetup(self.cfg, device_id, data, self.model, embedding)
+
+
+def edge_server(student: Blocks, input_shape: tuple[int, ...], teacher: nn.Module | None = None,
+                teacher_embedding: nn.Module | None = None, config: SplitKDConfig | None = None,
+                optimizer: OptimizerFactory | None = None, costs: CostModel | None = None,
+                input_dtype: torch.dtype = torch.float32) -> SplitKDServer:
+    """The edge server: the student's upper part and the teacher, the KD + CE loss, the cost model.
+
+    ``teacher`` maps the embedding's outputs to logits (pre-trained; frozen). ``optimizer``
+    builds the server part's optimizer from its parameters (default SGD at ``learning_rate`` and
+    ``momentum``, scheduled by ``lr_schedule``; a factory's own rate is left alone). ``costs``
+    prices every round (default: the run config's device classes).
+    """
+    config = (config or SplitKDConfig()).checked()
+    cfg = config.run_config()
+    model = split_model(student, input_shape, input_dtype)
+    kd = cfg["kd-alpha"] > 0
+    if kd and (teacher is None or teacher_embedding is None):
+        raise ConfigError("edge_server 'teacher'/'teacher_embedding': kd_alpha > 0 needs both (the devices "
+                          "run the embedding so raw inputs never leave them), or kd_alpha = 0")
+    split_teacher = teacher_model(teacher, teacher_embedding, input_shape, input_dtype) if kd else None
+    num_classes = model.block_stats()[-1].out_shape[-1]
+    cut = "default" if cfg["cut"] == "adaptive" else cfg["cut"]  # adaptive: the scheduler moves it
+    model.cut_index(cut)  # fail early, naming the cut points, on a bad cut
+    return SplitKDServer(model, split_teacher, cfg, num_classes,
+                         costs if costs is not None else CostModel.from_config(cfg), cut, optimizer)
