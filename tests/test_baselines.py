@@ -10,6 +10,8 @@ from fedsplitkd.data import device_data
 from fedsplitkd.localsim import LocalSimulation
 from fedsplitkd.models import build_student
 
+pytestmark = pytest.mark.integration  # Flower runs through a SuperLink
+
 ROOT = Path(__file__).resolve().parents[1]
 DEVICES, ROUNDS = 3, 2
 METHODS = ["splitkd", "split", "splitfed", "fedavg", "fedprox", "feddf", "fd", "fedgkt", "local", "central-kd"]

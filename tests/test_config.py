@@ -162,3 +162,11 @@ def test_first_bad_key_in_schema_order_is_reported_and_defaults_untouched():
 def test_combinations_the_methods_cannot_run_are_refused_naming_the_key(overrides, key):
     with pytest.raises(ConfigError, match=f"'{key}"):
         resolve(overrides)
+
+
+def test_the_run_config_reference_is_generated_from_the_schema():
+    from fedsplitkd.config_docs import MEANING, reference
+
+    assert set(MEANING) == set(SCHEMA) and all(MEANING.values())
+    assert reference() in (ROOT / "docs/run-config.md").read_text(), \
+        "docs/run-config.md is stale: python -m fedsplitkd.config_docs docs/run-config.md"

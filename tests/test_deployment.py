@@ -27,6 +27,8 @@ from fedsplitkd.experiment import run_inprocess
 from fedsplitkd.models import student_for
 from fedsplitkd.runtime import evaluate
 
+pytestmark = pytest.mark.integration  # Flower runs through a SuperLink
+
 ROOT = Path(__file__).resolve().parents[1]
 DEVICES = 3
 # Few messages: each one starts a flwr-clientapp process that imports torch. With every

@@ -197,6 +197,7 @@ def test_lm_rounds_in_process_lower_the_held_out_loss(tmp_path, method):
     assert all(r["dropped_invalid"] + r["dropped_failed"] == 0 for r in rows[1:])
 
 
+@pytest.mark.integration
 def test_two_round_flower_lm_run_lowers_validation_loss(tmp_path):
     out = tmp_path / "out"
     with LocalSimulation() as sim:

@@ -75,6 +75,7 @@ def test_resume_refuses_a_changed_config_or_a_missing_checkpoint(tmp_path):
         run_inprocess({**RUN, "resume": str(tmp_path)}, DEVICES)
 
 
+@pytest.mark.integration
 def test_flower_run_killed_mid_way_resumes_to_the_uninterrupted_end(tmp_path):
     """SIGKILL the whole Flower run after a checkpoint; `resume` ends where an unbroken run ends.
     Two unbroken runs of one config also write byte-identical metrics.csv files."""

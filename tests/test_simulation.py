@@ -18,6 +18,8 @@ from fedsplitkd.models import build_student, build_teacher
 from fedsplitkd.results import load_student
 from fedsplitkd.runtime import evaluate
 
+pytestmark = pytest.mark.integration  # Flower runs through a SuperLink
+
 ROOT = Path(__file__).resolve().parents[1]
 DEVICES, ROUNDS = 3, 3
 # 3 nodes serve a fleet of 12 virtual devices: split-KD samples 6 a round (two per node, in

@@ -12,6 +12,8 @@ import pytest
 
 from fedsplitkd.localsim import LocalSimulation
 
+pytestmark = pytest.mark.integration  # Flower runs through a SuperLink
+
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("fedavg", "fedprox", "feddf")
 FLEET, NODES, ROUNDS, FRACTION = 6, 2, 2, 0.5

@@ -1,0 +1,105 @@
+"""What each run-config key means: the run-config reference (docs/run-config.md) is generated from
+these and ``config.SCHEMA`` (``python -m fedsplitkd.config_docs``); a test keeps the two in step."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+MEANING: dict[str, str] = {
+    'method': 'see [Methods](benchmarks.md)',
+    'proximal-mu': "FedProx's proximal weight",
+    'distill-steps': "FedDF's server-side distillation steps per round",
+    'server-epochs': "FedGKT's server epochs over the devices' features per round",
+    'dataset': 'see [Datasets](datasets.md)',
+    'data-path': "the dataset's file or directory (`''` = its default source)",
+    'label-column': 'the label column of a CSV',
+    'seq-len': 'Shakespeare: characters per window, and between window starts',
+    'text-stride': 'Shakespeare: characters per window, and between window starts',
+    'partition': "`iid`, `dirichlet`, `pathological` (k classes per device) or `natural` (the dataset's own ids)",
+    'dirichlet-alpha': 'label skew of the Dirichlet partition',
+    'classes-per-device': 'k of the pathological partition',
+    'public-fraction': 'training data held by the server for the teacher, removed from the devices',
+    'holdout-fraction': 'training data the server holds out for model selection (`holdout_accuracy` in metrics.csv); no device and no teacher sees it',
+    'val-fraction': "each device's local validation split",
+    'seed': 'seeds partitions, batch order, initialisation and sampling',
+    'num-rounds': 'rounds',
+    'fraction-train': 'fraction of nodes sampled per round',
+    'fraction-evaluate': 'fraction of nodes doing split evaluation on their validation split each round (0 = off; the server always evaluates on the test split)',
+    'virtual-devices': '`0`: one node per device (its `partition-id`); N: a fleet of N devices, the devices sampled each round dealt round-robin to the connected nodes, each node serving its share in one message per exchange: cohorts far larger than the nodes, and far fewer messages than devices (all methods but `local`, `fd`, `fedgkt`)',
+    'min-nodes': 'nodes that must be connected before a round starts; `0` waits once (up to `round-timeout`) for every device the nodes declare (`num-partitions`)',
+    'batch-size': 'device minibatch',
+    'local-epochs': 'passes over the local data per round',
+    'exchange-batches': 'minibatches whose activations travel in one message (see below)',
+    'server-batching': '`per-device`: one server step per device minibatch; `joint`: one step over minibatch j of all devices (CPSL)',
+    'learning-rate': 'SGD learning rate, device and server parts (the default is split-KD\'s tuned config on digits)',
+    'lr-schedule': "`cosine`: round r trains at `learning-rate` × (1 + cos(π (r − 1) / num-rounds)) / 2, on devices and server (every method's SGD), so the last rounds settle; a resumed cosine run keeps its `num-rounds`",
+    'momentum': 'SGD momentum, device and server parts',
+    'kd-alpha': 'α of the loss `α·T²·KL(teacher_T ‖ student_T) + (1−α)·CE`; α = 0 is plain split learning (default tuned on digits)',
+    'kd-temperature': 'T of that loss (default tuned on digits)',
+    'kd-mode': "`mutual`: deep mutual learning, the server's teacher also trains each step (split-KD with `teacher-input = embedding`)",
+    'teacher-input': "`embedding`: the device runs the teacher's frozen first block and uploads its output (as in the paper); `cached`: that output is uploaded once per sample, the server caches the teacher's logits by sample id",
+    'teacher-path': 'load the teacher from this state dict instead of training it',
+    'teacher-cache-dir': 'where trained teachers are cached, keyed by architecture, public data and training settings (default `~/.cache/fedsplitkd/teachers`, or `$FEDSPLITKD_CACHE/teachers`)',
+    'teacher-epochs': 'teacher training on the public split: epochs of Adam with a cosine rate, on augmented batches (images only: 1-pixel shift and noise)',
+    'teacher-augment': 'teacher training on the public split: epochs of Adam with a cosine rate, on augmented batches (images only: 1-pixel shift and noise)',
+    'student-model': '`mlp`, `cnn1d`, `cnn2d`, `gpt`; `auto` picks from the feature shape (flat, (C, L), (C, H, W)), a char CNN for token windows, `gpt` for a label per position',
+    'gpt-student': 'GPT sizes, layers x width x heads',
+    'gpt-teacher': 'GPT sizes, layers x width x heads',
+    'torch-device': "the server's torch device (student, teacher, evaluation): `cpu`, `cuda` or `auto`; devices and payloads stay on the CPU",
+    'hf-student': 'a local Hugging Face checkpoint directory instead of the built-in GPT (extra `hf`); the teacher is used as trained',
+    'hf-teacher': 'a local Hugging Face checkpoint directory instead of the built-in GPT (extra `hf`); the teacher is used as trained',
+    'cut': 'cut point: a block name of the student (`default` = after its first block), or `adaptive` (per cluster, from the cost model)',
+    'clusters': "`'1'` (no clustering), `'auto'` (k-means, k by silhouette) or a number of clusters",
+    'cluster-features': 'profile features k-means sees (standardised)',
+    'recluster-every': 're-cluster (and re-choose cuts) every R rounds, so drifting profiles move devices (0 = once)',
+    'energy-weight': "seconds one joule is worth in the adaptive cut's objective `delay + w * energy`",
+    'bandwidth-allocation': "`dedicated` (each device its own link), `equal` (the edge's spectrum split evenly among the devices served at once) or `minmax` (split to minimise the slowest device's time)",
+    'device-classes': "YAML of device classes and the edge server (`''` = the bundled `fedsplitkd/device_classes.yaml`)",
+    'class-mix': "e.g. `'mcu:1,raspberry_pi:2'` (`''` = every class alike)",
+    'profile-jitter': "each device's compute, energy per FLOP, bandwidths and distance scaled by U(1 − j, 1 + j)",
+    'profile-file': 'a CSV with one profile per device (partition order) instead of sampling',
+    'fading': 'Rayleigh fading on every link, redrawn each round',
+    'deadline-s': 'simulated-time deadline per round (0 = none)',
+    'straggler-policy': "past the deadline: `wait`, or `drop` the device's part from the average",
+    'device-threads': "torch threads of a ClientApp process (0 = torch's default)",
+    'round-timeout': "seconds to wait for a device's reply",
+    'dropout-rate': 'inject device failures: that fraction of the devices (drawn per round from the seed) fails at `forward` (before its forward pass), `backward` (after uploading activations, before applying gradients) or `evaluate`',
+    'dropout-stage': 'inject device failures: that fraction of the devices (drawn per round from the seed) fails at `forward` (before its forward pass), `backward` (after uploading activations, before applying gradients) or `evaluate`',
+    'checkpoint-every': 'write `checkpoint.pt` every N rounds and after the last (0 = never; split methods)',
+    'resume': 'a run directory: continue that run from its checkpoint, writing into it',
+    'output-dir': 'the directory that holds the run directories',
+    'run-name': "this run's directory under `output-dir` (`''` = a timestamp)",
+}
+
+
+def reference() -> str:
+    """The run-config reference table: every key, its default, what it accepts and means."""
+    from fedsplitkd.config import SCHEMA
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    rows = ["| key | default | accepts | meaning |", "|---|---|---|---|"]
+    rows += [f"| `{name}` | `{key.default!r}` | {cell(key.accepts)} | {cell(MEANING[name])} |"
+             for name, key in SCHEMA.items()]
+    return "\n".join(rows) + "\n"
+
+
+START, END = "<!-- run-config:reference -->", "<!-- /run-config:reference -->"
+
+
+def write(path: Path) -> None:
+    """Replace the table between the markers of ``path`` with the generated one."""
+    text = path.read_text()
+    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{path}: no '{START}' ... '{END}' markers")
+    path.write_text(pattern.sub(lambda _: f"{START}\n{reference()}{END}", text))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Write the run-config reference into a Markdown file")
+    parser.add_argument("path", nargs="?", default="docs/run-config.md")
+    write(Path(parser.parse_args().path))
