@@ -18,12 +18,13 @@ from fedsplitkd.costs import BACKWARD_FACTOR
 from fedsplitkd.kd import kd_loss
 from fedsplitkd.models import SplitModel
 from fedsplitkd.runtime import load_numpy_state
+from fedsplitkd import streams
 
 
 def ensemble_distill(fused: SplitModel, members: list[SplitModel], x_public: np.ndarray, steps: int,
                      temperature: float, batch_size: int, seed: int, lr: float = 1e-3) -> SplitModel:
     """Train ``fused`` towards the mean of the members' logits on unlabeled public data (Adam)."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = streams.torch_generator(seed)
     optimizer = torch.optim.Adam(fused.parameters(), lr=lr)
     x_all = torch.from_numpy(x_public)
     for _ in range(steps):

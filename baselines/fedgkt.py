@@ -25,6 +25,7 @@ from fedsplitkd.gkt import server_optimizer, train_server
 from fedsplitkd.payload import PayloadError, require_array, require_labels
 from fedsplitkd.strategies.grid import FastGrid, NodeMap, discover
 from fedsplitkd.strategies.recorder import Recorder
+from fedsplitkd import streams
 
 
 def upload_of(reply: Message, feature_shape: tuple, num_classes: int) -> tuple[np.ndarray, ...]:
@@ -41,7 +42,7 @@ def upload_of(reply: Message, feature_shape: tuple, num_classes: int) -> tuple[n
 def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
     cfg = exp.cfg
     nodes = NodeMap()
-    rng = np.random.default_rng([cfg["seed"], 0])
+    rng = streams.sampling(cfg["seed"])
     upper = exp.server.edge.part  # the student's blocks after the cut: the server's model
     optimizer = server_optimizer(upper, cfg)
     feature_shape, classes = exp.server.act_shape, exp.dataset.num_classes

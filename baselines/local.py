@@ -21,6 +21,7 @@ from fedsplitkd.local import merge_class_logits
 from fedsplitkd.payload import PayloadError, require_array
 from fedsplitkd.strategies.grid import FastGrid, NodeMap, discover
 from fedsplitkd.strategies.recorder import Recorder
+from fedsplitkd import streams
 
 
 def class_logits_of(reply: Message, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -39,7 +40,7 @@ def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
     cfg = exp.cfg
     distill = cfg["method"] == "fd"
     nodes = NodeMap()
-    rng = np.random.default_rng([cfg["seed"], 0])
+    rng = streams.sampling(cfg["seed"])
     flops = whole_flops(exp.student)
     shared: tuple[np.ndarray, np.ndarray] | None = None  # global class logits and counts (fd)
     recorder.round(0, *exp.evaluate(), None)  # every device starts from this student

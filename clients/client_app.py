@@ -27,6 +27,7 @@ from fedsplitkd.local import class_logits, class_targets, train_whole
 from fedsplitkd.payload import TEACHER, Payload, PayloadError
 from fedsplitkd.models import student_for
 from fedsplitkd.runtime import evaluate as evaluate_model, load_numpy_state
+from fedsplitkd import streams
 
 STATE_PREFIX = "fedsplitkd."  # context.state holds our ArrayRecord and ConfigRecord under it
 OWN_MODEL = "fedsplitkd.own-model"
@@ -152,7 +153,7 @@ def _train_own(msg: Message, context: Context, federated_distillation: bool) -> 
     if OWN_MODEL in context.state:
         load_numpy_state(setup.student, {k: v.numpy() for k, v in context.state[OWN_MODEL].items()})
     else:  # the server's initial student: same seed, same weights
-        torch.manual_seed(cfg["seed"])
+        streams.init_weights(cfg["seed"])
         initial = student_for(cfg, test)
         setup.student.load_state_dict(initial.state_dict())
     teacher = None
@@ -197,7 +198,7 @@ def train_fd(msg: Message, context: Context) -> Message:
 def _gkt_models(setup, context: Context) -> nn.ModuleDict:
     """This device's FedGKT extractor (its student blocks up to the cut) and head, from context.state."""
     if setup.gkt is None:
-        torch.manual_seed(setup.cfg["seed"])
+        streams.init_weights(setup.cfg["seed"])
         test = load_dataset(setup.cfg)
         extractor = student_for(setup.cfg, test).device_part(setup.cfg["cut"])
         with torch.no_grad():

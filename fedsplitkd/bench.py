@@ -4,7 +4,8 @@
 
 The protocol, the same for every method of a dataset x partition:
 
-1. **Tune.** An Optuna TPE study (seeded) of ``tuning.trials`` runs over the method's
+1. **Tune.** An Optuna TPE study (seeded; the first third of the trials random, at most 10)
+   of ``tuning.trials`` runs over the method's
    ``search`` space, at seed ``tuning.seed``. A trial's score is its final-round accuracy on
    the server's **holdout split** (``holdout-fraction`` of the training data, which no device
    and no teacher sees). The test split is never read for selection.
@@ -157,16 +158,24 @@ def score(rows: list[dict]) -> float:
     return 0.0 if value is None or math.isnan(value) else value
 
 
+def startup_trials(trials: int) -> int:
+    """Random trials before TPE models the scores: a third of the budget. Optuna's default (10)
+    would leave a budget of 12 almost all random search."""
+    return min(10, max(1, trials // 3))
+
+
 def tune(base: dict, space: dict, trials: int, seed: int, run: Runner) -> tuple[dict, list[dict]]:
     """The best values of ``space`` for ``base`` by ``score`` over ``trials`` runs (Optuna TPE,
-    seeded); with an empty space, ``base`` itself. Returns (values, one record per trial)."""
+    seeded, ``startup_trials`` random first); with an empty space, ``base`` itself. Returns
+    (values, one record per trial)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if not space:
         rows = run(base)
         return {}, [{"values": {}, "score": score(rows), "test_accuracy": rows[-1]["test_accuracy"]}]
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=startup_trials(trials)))
     records = []
 
     def objective(trial) -> float:
@@ -210,12 +219,14 @@ def settings(sweep: dict) -> list[tuple[str, str, str, dict]]:
     return cells
 
 
-def bench(sweep: dict, run: Runner, progress: Callable[[str], None] = print) -> tuple[list[dict], dict]:
-    """Tune and evaluate every cell; returns the table rows and the chosen configs."""
+def bench(sweep: dict, run: Runner, progress: Callable[[str], None] = print,
+          shard: tuple[int, int] = (0, 1)) -> tuple[list[dict], dict]:
+    """Tune and evaluate every cell (or shard (k, n): every n-th from the k-th); returns the table
+    rows and the chosen configs."""
     tuning = sweep.get("tuning", {})
     trials, tuning_seed = int(tuning.get("trials", 8)), int(tuning.get("seed", 100))
     table, chosen = [], {}
-    for dataset, partition, method, base in settings(sweep):
+    for dataset, partition, method, base in settings(sweep)[shard[0]::shard[1]]:
         space = (sweep.get("search") or {}).get(method) or {}
         values, records = tune({**base, "seed": tuning_seed}, space, trials, tuning_seed, run)
         config = {**base, **values}
@@ -311,8 +322,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="directory for runs, summary, tuned.yaml and plots")
     parser.add_argument("--cpus-per-client", type=int, default=1, help="backend flower: CPUs per ClientApp")
     parser.add_argument("--app", default=".", help="backend flower: the Flower app directory (this checkout)")
+    parser.add_argument("--shard", default="0/1", help="K/N: run every N-th cell from the K-th (N processes "
+                        "share one --out; experiments/bench_table.py then writes the whole table)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the sweep YAML")
     args = parser.parse_args(argv)
+    try:
+        shard = tuple(int(v) for v in args.shard.split("/"))
+        if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
+            raise ValueError
+    except ValueError:
+        raise SystemExit(f"fedsplitkd-bench: --shard {args.shard!r}: must be K/N with 0 <= K < N") from None
     sweep = load_sweep(args.sweep, args.overrides)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -323,9 +342,13 @@ def main(argv: list[str] | None = None) -> None:
                           args.cpus_per_client)
     print(f"code {runner.version}, {sweep.get('devices', 20)} devices, backend {runner.backend}", flush=True)
     try:
-        table, chosen = bench(sweep, runner, lambda line: print(line, flush=True))
+        table, chosen = bench(sweep, runner, lambda line: print(line, flush=True), shard)
     finally:
         runner.close()
+    if shard[1] > 1:
+        print(f"shard {args.shard} done: {runner.ran} runs, {runner.cached} cached; the table: "
+              f"python experiments/bench_table.py {args.sweep} --out {args.out}")
+        return
     command = " ".join(["fedsplitkd-bench", args.sweep, "--out", args.out, *args.overrides])
     sys.stdout.write(write_report(table, chosen, out, command))
     print(f"{runner.ran} runs, {runner.cached} cached; tuned configs in {out / 'tuned.yaml'}")

@@ -17,10 +17,10 @@ import math
 from collections.abc import Hashable
 from dataclasses import dataclass, replace
 
-import numpy as np
 
 from fedsplitkd.models import SplitModel
 from fedsplitkd.profiles import DeviceProfile, EdgeServer, Fleet, channel_gain, rate_bps
+from fedsplitkd import streams
 
 @dataclass
 class DeviceTraffic:
@@ -157,7 +157,7 @@ class CostModel:
         """Rayleigh fading power gain, redrawn every round (1 without fading)."""
         if not self.fading:
             return 1.0
-        return float(np.random.default_rng([self.seed, self.server_round, device, 11]).exponential())
+        return float(streams.fading(self.seed, self.server_round, device).exponential())
 
     @classmethod
     def from_config(cls, cfg) -> CostModel:

@@ -16,6 +16,7 @@ import numpy as np
 
 from fedsplitkd import sources
 from fedsplitkd.sources import DataError
+from fedsplitkd import streams
 
 __all__ = ["DataError", "Dataset", "DeviceData", "load_dataset", "public_split", "server_splits", "holdout_data",
            "partition", "device_data"]
@@ -131,7 +132,7 @@ def server_splits(num_train: int, public_fraction: float, holdout_fraction: floa
                   seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Indices of the server's public split (the teacher's), its holdout split (model
     selection: no device and no teacher ever sees it) and the pool left for the devices."""
-    order = np.random.default_rng(seed).permutation(num_train)
+    order = streams.partition(seed).permutation(num_train)
     n_public = max(1, int(round(public_fraction * num_train)))
     n_holdout = int(round(holdout_fraction * num_train))
     return (np.sort(order[:n_public]), np.sort(order[n_public:n_public + n_holdout]),
@@ -234,7 +235,7 @@ def device_data(cfg, partition_id: int, num_partitions: int) -> DeviceData:
         raise DataError(f"partition-id {partition_id} out of range for {num_partitions} partitions")
     ds = load_dataset(cfg)
     index = _device_index(tuple((k, cfg[k]) for k in DATA_KEYS), num_partitions)[partition_id]
-    order = np.random.default_rng([cfg["seed"], partition_id]).permutation(index)
+    order = streams.local_split(cfg["seed"], partition_id).permutation(index)
     n_val = int(round(cfg["val-fraction"] * len(order))) if len(order) > 1 else 0
     val, train = order[:n_val], order[n_val:]
     return DeviceData(ds.x_train[train], ds.y_train[train], ds.x_train[val], ds.y_train[val])

@@ -24,6 +24,7 @@ from torch import nn
 from fedsplitkd.models import SplitModel, student_for, teacher_for
 from fedsplitkd.payload import TEACHER, WEIGHTS, Payload, PayloadError, pack, unpack
 from fedsplitkd.runtime import DeviceRuntime, load_numpy_state, round_lr, set_lr
+from fedsplitkd import streams
 
 
 def teacher_mode(cfg) -> str:
@@ -43,14 +44,14 @@ def check_dropout(cfg, server_round: int, device_key: int, stage: str) -> None:
     """
     rate = cfg.get("dropout-rate", 0.0)
     if rate and cfg.get("dropout-stage") == stage and \
-            np.random.default_rng([cfg["seed"], server_round, device_key, 13]).random() < rate:
+            streams.dropout(cfg["seed"], server_round, device_key).random() < rate:
         raise DeviceDropout(f"device {device_key} dropped out at stage '{stage}' of round {server_round}")
 
 
 def batch_plan(num_samples: int, batch_size: int, epochs: int, seed: int, server_round: int,
                device_key: int) -> list[np.ndarray]:
     """The round's minibatches of local sample indices, reproducible from the seed."""
-    rng = np.random.default_rng([seed, server_round, device_key])
+    rng = streams.batches(seed, server_round, device_key)
     plan = []
     for _ in range(epochs):
         order = rng.permutation(num_samples)

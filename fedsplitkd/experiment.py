@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from fedsplitkd import config as config_lib
 from fedsplitkd.costs import CostModel
@@ -26,6 +25,7 @@ from fedsplitkd.runtime import evaluate, torch_device
 from fedsplitkd.schedule import Scheduler
 from fedsplitkd.server import InProcessTransport, RoundStats, SplitKDServer
 from fedsplitkd.teacher import get_teacher
+from fedsplitkd import streams
 
 log = logging.getLogger("fedsplitkd")
 
@@ -67,7 +67,7 @@ def build(cfg) -> Experiment:
     teacher = None
     if teacher_mode(cfg) != "none":
         teacher = get_teacher(cfg, dataset, dataset.x_train[public], dataset.y_train[public])
-    torch.manual_seed(cfg["seed"])
+    streams.init_weights(cfg["seed"])
     # The server holds the whole student (its upper part trains there) on the run's torch
     # device; devices and payloads stay on the CPU.
     student = student_for(cfg, dataset).to(torch_device(cfg["torch-device"]))
@@ -130,7 +130,7 @@ def run_inprocess(overrides: dict | None, num_devices: int,
     exp = build(cfg)
     transport = InProcessTransport({i: device_setup(cfg, i, num_devices) for i in range(num_devices)})
     exp.scheduler.fleet_size = num_devices
-    rngs = {"train": np.random.default_rng([cfg["seed"], 0])}  # the train-sampling stream of SplitKD
+    rngs = {"train": streams.sampling(cfg["seed"])}  # the train-sampling stream of SplitKD
     rows = checkpoint.resume(exp, rngs) or [metrics_row(0, cfg["method"], *exp.evaluate(), None, 0.0,
                                                         exp.evaluate_holdout())]
     for server_round in range(rows[-1]["round"] + 1, cfg["num-rounds"] + 1):

@@ -17,6 +17,7 @@ from fedsplitkd.data import DeviceData
 from fedsplitkd.kd import kd_loss
 from fedsplitkd.local import train_whole
 from fedsplitkd.runtime import make_optimizer, round_lr, set_lr
+from fedsplitkd import streams
 
 
 def device_head(feature_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -42,7 +43,7 @@ def extract(extractor: nn.Module, head: nn.Module, x: np.ndarray) -> tuple[np.nd
 def train_server(server_part: nn.Module, optimizer: torch.optim.Optimizer, features: np.ndarray,
                  device_logits: np.ndarray, labels: np.ndarray, cfg, server_round: int) -> float:
     """``server-epochs`` over all devices' features: KD towards the devices' logits + CE."""
-    rng = np.random.default_rng([cfg["seed"], server_round, 97])
+    rng = streams.gkt_batches(cfg["seed"], server_round)
     set_lr(optimizer, round_lr(cfg, server_round))
     loss_sum = 0.0
     server_part.train()

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedsplitkd.models import SplitModel
+from fedsplitkd.splitmodel import SplitModel
 
 
 @dataclass(frozen=True)

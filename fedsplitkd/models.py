@@ -1,86 +1,15 @@
-"""Split models: a network as an ordered list of named blocks, cut after any block.
-
-A cut named ``b`` puts every block up to and including ``b`` on the device and the rest
-on the edge server. Parts share their modules with the whole model, and their
-state_dict keys are the whole model's keys, so merging parts is a dict union.
-"""
+"""The model zoo: students and teachers of each family as ``SplitModel`` s (splitmodel.py),
+built from the run config and the dataset's shapes."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass
-
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from fedsplitkd.gpt import GPTSize, gpt
+from fedsplitkd.splitmodel import BlockStats, SplitModel
 
-@dataclass(frozen=True)
-class BlockStats:
-    """Per-sample figures of one block, for the cost model and the adaptive cut."""
-
-    name: str
-    params: int
-    out_shape: tuple[int, ...]
-    activation_numel: int
-    forward_flops: int
-
-
-class SplitModel(nn.Sequential):
-    """A sequential model whose blocks are named candidate cut points.
-
-    The last block (the classifier head) is never a cut point: the server needs at
-    least one block to compute the loss.
-    """
-
-    def __init__(self, blocks: list[tuple[str, nn.Module]], input_shape: tuple[int, ...],
-                 input_dtype: torch.dtype = torch.float32):
-        super().__init__(OrderedDict(blocks))
-        self.input_shape = tuple(input_shape)
-        self.input_dtype = input_dtype
-
-    def example_input(self, batch: int = 1) -> torch.Tensor:
-        return torch.zeros(batch, *self.input_shape, dtype=self.input_dtype)
-
-    @property
-    def block_names(self) -> list[str]:
-        return list(self._modules)
-
-    @property
-    def cut_points(self) -> list[str]:
-        return self.block_names[:-1]
-
-    def cut_index(self, cut: str) -> int:
-        if cut == "default":
-            return 1
-        if cut not in self.cut_points:
-            raise ValueError(f"cut '{cut}' is not a cut point of this model: {self.cut_points}")
-        return self.block_names.index(cut) + 1
-
-    def device_part(self, cut: str) -> nn.Sequential:
-        return nn.Sequential(OrderedDict(list(self._modules.items())[: self.cut_index(cut)]))
-
-    def server_part(self, cut: str) -> nn.Sequential:
-        return nn.Sequential(OrderedDict(list(self._modules.items())[self.cut_index(cut):]))
-
-    def block_stats(self) -> list[BlockStats]:
-        """Parameters, output size and forward FLOPs per sample of every block."""
-        stats = []
-        param = next(self.parameters(), None)
-        x = self.example_input().to(param.device if param is not None else "cpu")
-        with torch.no_grad():
-            for name, block in self._modules.items():
-                counter = FlopCounterMode(display=False)
-                with counter:
-                    x = block(x)
-                stats.append(BlockStats(
-                    name=name,
-                    params=sum(p.numel() for p in block.parameters()),
-                    out_shape=tuple(x.shape[1:]),
-                    activation_numel=x[0].numel(),
-                    forward_flops=counter.get_total_flops(),
-                ))
-        return stats
+__all__ = ["BlockStats", "SplitModel", "build_student", "build_teacher", "student_for", "teacher_for"]
 
 
 def _flat_dim(layers: nn.Module, shape: tuple[int, ...]) -> int:
@@ -196,8 +125,6 @@ def build_teacher(family: str, input_shape: tuple[int, ...], num_classes: int,
 
 
 def _gpt(input_shape: tuple[int, ...], vocab: int, size: str, key: str) -> SplitModel:
-    from fedsplitkd.gpt import GPTSize, gpt
-
     if len(input_shape) != 1:
         raise ValueError(f"student-model 'gpt' needs token windows (T,), not features {input_shape}")
     return gpt(vocab, input_shape[0], GPTSize.parse(size, f"run-config '{key}'"))
@@ -223,7 +150,7 @@ def _hf(cfg, dataset, key: str) -> SplitModel | None:
     if not getattr(dataset, "sequence", False):
         raise ValueError(f"run-config '{key}': a causal LM needs a dataset with a next token per "
                          f"position, not '{dataset.name}'")
-    from fedsplitkd.hf import load_split
+    from fedsplitkd.hf import load_split  # transformers is an extra: imported only when asked for
 
     return load_split(cfg[key], dataset.input_shape[0], dataset.num_classes, f"run-config '{key}'")
 

@@ -12,8 +12,9 @@ import math
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-import numpy as np
 from omegaconf import OmegaConf
+
+from fedsplitkd import streams
 
 BUNDLED_CLASSES = Path(__file__).with_name("device_classes.yaml")
 NOISE_W_PER_HZ = 10 ** (-174 / 10) / 1000  # thermal noise, -174 dBm/Hz
@@ -110,7 +111,7 @@ def sample_profile(device: int, classes: dict[str, DeviceProfile], mix: dict[str
                    jitter: float, seed: int) -> DeviceProfile:
     """Device ``device``'s profile: a class drawn by ``mix``, each figure scaled by
     U(1 - jitter, 1 + jitter). Its own random stream, so it does not depend on the fleet size."""
-    rng = np.random.default_rng([seed, 7, device])
+    rng = streams.profile(seed, device)
     names = list(mix)
     base = classes[names[rng.choice(len(names), p=[mix[n] for n in names])]]
     return replace(base, **{k: getattr(base, k) * rng.uniform(1 - jitter, 1 + jitter) for k in JITTERED})

@@ -18,6 +18,7 @@ import torch
 from fedsplitkd.kd import kd_loss
 from fedsplitkd.models import SplitModel, family_of, teacher_for
 from fedsplitkd.runtime import device_of, evaluate, torch_device
+from fedsplitkd import streams
 
 log = logging.getLogger("fedsplitkd")
 
@@ -43,7 +44,7 @@ def train_teacher(teacher: SplitModel, x: np.ndarray, y: np.ndarray, epochs: int
     """Supervised training on the public split: Adam with a cosine learning rate, cross-entropy
     per label, optionally on augmented batches (``augment``: images only), on the teacher's
     torch device."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = streams.torch_generator(seed)
     optimizer = torch.optim.Adam(teacher.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
     device = device_of(teacher)
@@ -76,7 +77,7 @@ def cache_key(family: str, input_shape: tuple, num_classes: int, x: np.ndarray, 
 def get_teacher(cfg, dataset, x_public: np.ndarray, y_public: np.ndarray) -> SplitModel:
     """The teacher from ``teacher-path``, the disk cache, or fresh training on the public split,
     on the run's torch device."""
-    torch.manual_seed(cfg["seed"])
+    streams.init_weights(cfg["seed"])
     input_shape, num_classes = dataset.input_shape, dataset.num_classes
     family = family_of(cfg, dataset)
     if family == "gpt":  # the size is part of what determines the teacher

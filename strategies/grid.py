@@ -12,7 +12,6 @@ import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
@@ -23,6 +22,7 @@ from fedsplitkd.clients.records import DESCRIBE, unbundle
 from fedsplitkd.costs import DeviceTraffic
 from fedsplitkd.experiment import sample_devices
 from fedsplitkd.payload import PayloadError
+from fedsplitkd import streams
 
 POLL_S = 0.005
 
@@ -101,7 +101,7 @@ class FastGrid(Grid):
         self.nodes = nodes if nodes is not None else {}  # device id -> node id
         self.traffic: dict[int, DeviceTraffic] = {}
         self.virtual_devices, self.fraction = virtual_devices, fraction
-        self.rng = np.random.default_rng([seed, 0])
+        self.rng = streams.sampling(seed)
 
     @property
     def devices(self) -> dict[int, int]:

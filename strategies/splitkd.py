@@ -23,6 +23,7 @@ from fedsplitkd.runtime import load_numpy_state, state_to_numpy
 from fedsplitkd.schedule import Scheduler
 from fedsplitkd.strategies.grid import NodeMap, discover
 from fedsplitkd.server import RoundStats, SplitKDServer, exchange
+from fedsplitkd import streams
 
 
 
@@ -190,7 +191,7 @@ class SplitKD(Strategy):
         self.round_timeout = round_timeout
         self.poll_interval = poll_interval
         # Separate streams: evaluation sampling must not shift which devices train.
-        self.train_rng, self.evaluate_rng = (np.random.default_rng([seed, i]) for i in (0, 1))
+        self.train_rng, self.evaluate_rng = streams.sampling(seed), streams.evaluate_sampling(seed)
         self.nodes = NodeMap()  # device (partition) id -> node id
         self.last_stats: RoundStats | None = None
         self.last_evaluation: MetricRecord | None = None

@@ -82,6 +82,12 @@ def test_micro_sweep_writes_table_tuned_configs_and_plots_then_resumes(tmp_path,
     next(iter((out / "runs").glob("*/summary.json"))).unlink()  # as if interrupted in that run
     bench.main([str(sweep), "--out", str(out)])
     assert "1 runs, 7 cached" in capsys.readouterr().out
+    # Two shards split the cells (one method each) and find every run of theirs in the cache.
+    for k in (0, 1):
+        bench.main([str(sweep), "--out", str(out), "--shard", f"{k}/2"])
+        assert "0 runs, 4 cached" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--shard '2/2'"):
+        bench.main([str(sweep), "--out", str(out), "--shard", "2/2"])
 
 
 def test_a_run_is_keyed_by_the_code_as_well_as_its_config():
