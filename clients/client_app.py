@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 from fedsplitkd.clients.records import bundle, from_bundle, from_records, load_state, store_state, to_bundle, to_records
 from fedsplitkd.config import resolve
 from fedsplitkd.data import holdout_data, load_dataset
-from fedsplitkd.device import device_setup, handle_evaluate, handle_train
+from fedsplitkd.device import device_setup, handle_evaluate, handle_train, own_device_setup
 from fedsplitkd.gkt import device_head, extract, train_device
 from fedsplitkd.local import class_logits, class_targets, train_whole
 from fedsplitkd.payload import TEACHER, Payload, PayloadError
@@ -57,6 +57,8 @@ def _setup(context: Context, msg: Message):
     if "partition-id" not in node or "num-partitions" not in node:
         raise ValueError("node config needs 'partition-id' and 'num-partitions' "
                          "(flower-supernode --node-config \"partition-id=0 num-partitions=N\")")
+    if "data-path" in node:  # the device holds its own data: that file alone, no partitioning
+        return own_device_setup(cfg, node, int(node["partition-id"]))
     return device_setup(cfg, int(node["partition-id"]), int(node["num-partitions"]))
 
 

@@ -103,19 +103,25 @@ class DeploymentResult:
         return not self.problems
 
 
+def _node_value(value) -> str:
+    return f'"{value}"' if isinstance(value, (str, Path)) else str(value)
+
+
 class LocalDeployment:
     """A SuperLink and ``num_supernodes`` SuperNodes on 127.0.0.1 for the duration of a ``with`` block.
 
-    SuperNode ``i`` gets ``--node-config "partition-id=i num-partitions=N"``. With
+    SuperNode ``i`` gets ``--node-config "partition-id=i num-partitions=N"`` plus
+    ``node_configs[i]`` (e.g. its own ``data-path``). With
     ``tls=True`` a CA and a server certificate are generated under the home directory and
     every connection (SuperNodes, CLI) verifies the SuperLink against that CA.
     """
 
     def __init__(self, num_supernodes: int = 2, tls: bool = False, flwr_home: str | Path | None = None,
-                 startup_timeout: float = 90.0):
+                 startup_timeout: float = 90.0, node_configs: list[dict] | None = None):
         self._tmp = None if flwr_home else tempfile.mkdtemp(prefix="fedsplitkd-deploy-")
         self.home = Path(flwr_home or self._tmp).resolve()
         self.num_supernodes, self.tls, self.startup_timeout = num_supernodes, tls, startup_timeout
+        self.node_configs = node_configs or [{} for _ in range(num_supernodes)]  # extra keys per node
         self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.ca: Path | None = None
@@ -145,7 +151,11 @@ class LocalDeployment:
         # Each SuperNode serves its ClientApps on its own local port; the default collides.
         return ["flower-supernode", *security, "--superlink", self.address, "--host", "127.0.0.1",
                 "--port", str(_free_port()),
-                "--node-config", f"partition-id={partition_id} num-partitions={self.num_supernodes}"]
+                "--node-config", " ".join(f"{k}={_node_value(v)}" for k, v in self.node_config(partition_id).items())]
+
+    def node_config(self, partition_id: int) -> dict:
+        return {"partition-id": partition_id, "num-partitions": self.num_supernodes,
+                **self.node_configs[partition_id]}
 
     def __enter__(self) -> LocalDeployment:  # noqa: PYI034
         self.home.mkdir(parents=True, exist_ok=True)

@@ -82,13 +82,14 @@ class DeviceSetup:
 
 
 @functools.lru_cache(maxsize=4)
-def _models(cfg_items: tuple) -> tuple[SplitModel, nn.Module | None, dict]:
+def _models(cfg_items: tuple, shape=None) -> tuple[SplitModel, nn.Module | None, dict]:
     """The student, the teacher's embedding module and the runtimes, once per process: every
     device has the same architecture, and every request loads its weights (and optimizer
     state) before use, so the devices a process serves share them. Building the teacher per
-    device cost most of a simulated split message."""
+    device cost most of a simulated split message. ``shape``: a device's own file's
+    (``own_data.ModelShape``); None reads it from the run config's dataset."""
     cfg = dict(cfg_items)
-    dataset = data_lib.load_dataset(cfg)
+    dataset = shape if shape is not None else data_lib.load_dataset(cfg)
     embedding = None
     if teacher_mode(cfg) != "none":
         teacher = teacher_for(cfg, dataset)
@@ -106,6 +107,15 @@ def _setup(cfg_items: tuple, partition_id: int, num_partitions: int) -> DeviceSe
 
 def device_setup(cfg, partition_id: int, num_partitions: int) -> DeviceSetup:
     return _setup(tuple(sorted(dict(cfg).items())), partition_id, num_partitions)
+
+
+def own_device_setup(cfg, node_config, partition_id: int) -> DeviceSetup:
+    """A device holding only its own data: the file its node config's ``data-path`` names."""
+    from fedsplitkd.own_data import device_file
+
+    local, shape = device_file(node_config, cfg, partition_id)
+    student, embedding, runtimes = _models(tuple(sorted(dict(cfg).items())), shape)
+    return DeviceSetup(dict(cfg), partition_id, local, student, embedding, runtimes)
 
 
 def handle_train(request: Payload, state: Payload, setup: DeviceSetup) -> tuple[Payload, Payload]:
