@@ -117,11 +117,18 @@ class LocalDeployment:
     """
 
     def __init__(self, num_supernodes: int = 2, tls: bool = False, flwr_home: str | Path | None = None,
-                 startup_timeout: float = 90.0, node_configs: list[dict] | None = None):
+                 startup_timeout: float = 90.0, node_configs: list[dict] | None = None, auth: bool = False,
+                 unregistered: int = 0):
+        if (auth or unregistered) and not tls:
+            raise ValueError("LocalDeployment 'auth': SuperNode authentication needs tls=True")
         self._tmp = None if flwr_home else tempfile.mkdtemp(prefix="fedsplitkd-deploy-")
         self.home = Path(flwr_home or self._tmp).resolve()
         self.num_supernodes, self.tls, self.startup_timeout = num_supernodes, tls, startup_timeout
         self.node_configs = node_configs or [{} for _ in range(num_supernodes)]  # extra keys per node
+        # auth: a key per node, registered through the CLI; ``unregistered`` more nodes with keys
+        # the SuperLink never saw (partition ids from num_supernodes on), which it must refuse.
+        self.auth, self.unregistered = auth or bool(unregistered), unregistered
+        self.supernodes: dict[int, subprocess.Popen] = {}
         self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.ca: Path | None = None
@@ -132,9 +139,9 @@ class LocalDeployment:
 
     # -- start and stop ---------------------------------------------------------------
 
-    def _start(self, name: str, command: list[str]) -> subprocess.Popen:
+    def _start(self, name: str, command: list[str], append: bool = False) -> subprocess.Popen:
         # Own session and process group: killpg stops it with the SuperExec and apps it spawns.
-        with open(self.home / f"{name}.log", "w") as log:
+        with open(self.home / f"{name}.log", "a" if append else "w") as log:
             process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                        cwd=self.home, start_new_session=True)
         self.processes.append(process)
@@ -143,19 +150,65 @@ class LocalDeployment:
     def superlink_command(self) -> list[str]:
         security = (["--ssl-ca-certfile", str(self.ca), "--ssl-certfile", str(self.home / "certs" / "server.pem"),
                      "--ssl-keyfile", str(self.home / "certs" / "server.key")] if self.tls else ["--insecure"])
-        return ["flower-superlink", *security, "--host", "127.0.0.1", "--port", str(self.port),
+        auth = ["--enable-supernode-auth"] if self.auth else []
+        return ["flower-superlink", *security, *auth, "--host", "127.0.0.1", "--port", str(self.port),
                 "--disable-runtime-dependency-installation"]
 
     def supernode_command(self, partition_id: int) -> list[str]:
         security = ["--root-certificates", str(self.ca)] if self.tls else ["--insecure"]
+        if self.auth:
+            security += ["--auth-supernode-private-key", str(self.key(partition_id))]
         # Each SuperNode serves its ClientApps on its own local port; the default collides.
         return ["flower-supernode", *security, "--superlink", self.address, "--host", "127.0.0.1",
                 "--port", str(_free_port()),
                 "--node-config", " ".join(f"{k}={_node_value(v)}" for k, v in self.node_config(partition_id).items())]
 
     def node_config(self, partition_id: int) -> dict:
-        return {"partition-id": partition_id, "num-partitions": self.num_supernodes,
-                **self.node_configs[partition_id]}
+        extra = self.node_configs[partition_id] if partition_id < len(self.node_configs) else {}
+        return {"partition-id": partition_id, "num-partitions": self.num_supernodes, **extra}
+
+    def key(self, partition_id: int) -> Path:
+        """The node's private key (OpenSSH, EC P-384); the public key is beside it as ``.pub``."""
+        return self.home / "keys" / f"supernode-{partition_id}"
+
+    def _write_keys(self) -> None:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        (self.home / "keys").mkdir(parents=True, exist_ok=True)
+        for i in range(self.num_supernodes + self.unregistered):
+            private = ec.generate_private_key(ec.SECP384R1())
+            self.key(i).write_bytes(private.private_bytes(serialization.Encoding.PEM,
+                                                          serialization.PrivateFormat.OpenSSH,
+                                                          serialization.NoEncryption()))
+            self.key(i).chmod(0o600)
+            self.key(i).with_suffix(".pub").write_bytes(private.public_key().public_bytes(
+                serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+
+    def register(self, partition_id: int) -> None:
+        """``flwr supernode register`` the node's public key with the SuperLink."""
+        done = self.flwr("supernode", "register", str(self.key(partition_id).with_suffix(".pub")), CONNECTION)
+        if done.returncode != 0 or "registered successfully" not in done.stdout:
+            raise RuntimeError(f"flwr supernode register (node {partition_id}) failed: "
+                               f"{(done.stdout + done.stderr).strip()[-500:]}")
+
+    def start_supernode(self, partition_id: int) -> subprocess.Popen:
+        """Start (or restart) SuperNode ``partition_id``; its log is appended to."""
+        self.supernodes[partition_id] = self._start(f"supernode-{partition_id}", self.supernode_command(partition_id),
+                                                    append=partition_id in self.supernodes)
+        return self.supernodes[partition_id]
+
+    def kill_supernode(self, partition_id: int) -> None:
+        """SIGKILL SuperNode ``partition_id`` and what it started (a node that dies)."""
+        process = self.supernodes[partition_id]
+        tree = [process.pid, *descendants(process.pid)]
+        self.seen |= set(tree)
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        process.wait(timeout=10)
 
     def __enter__(self) -> LocalDeployment:  # noqa: PYI034
         self.home.mkdir(parents=True, exist_ok=True)
@@ -169,8 +222,12 @@ class LocalDeployment:
         try:
             superlink = self._start("superlink", self.superlink_command())
             self._wait_healthy(superlink)
-            for i in range(self.num_supernodes):
-                self._start(f"supernode-{i}", self.supernode_command(i))
+            if self.auth:
+                self._write_keys()
+                for i in range(self.num_supernodes):
+                    self.register(i)
+            for i in range(self.num_supernodes + self.unregistered):
+                self.start_supernode(i)
             self.wait_for_nodes(self.num_supernodes)
         except BaseException:
             self.__exit__(None, None, None)
@@ -200,15 +257,15 @@ class LocalDeployment:
     def wait_for_nodes(self, count: int) -> None:
         """Until ``count`` SuperNodes are online; a SuperNode that exits stops the wait."""
         deadline = time.monotonic() + self.startup_timeout
+        expected = [i for i in self.supernodes if i < self.num_supernodes]  # not the unregistered
         while time.monotonic() < deadline:
-            for i, process in enumerate(self.processes[1:]):
-                if process.poll() is not None:
-                    raise RuntimeError(f"flower-supernode {i} exited with {process.returncode}; "
+            for i in expected:
+                if self.supernodes[i].poll() is not None:
+                    raise RuntimeError(f"flower-supernode {i} exited with {self.supernodes[i].returncode}; "
                                        f"see {self.home / f'supernode-{i}.log'}")
             # A SuperNode logs its ID once the SuperLink registered it; only then ask the
             # SuperLink (each ``flwr`` call is a Python start-up, dear on a small machine).
-            logged = sum("SuperNode ID:" in (self.home / f"supernode-{i}.log").read_text()
-                         for i in range(len(self.processes) - 1))
+            logged = sum((self.home / f"supernode-{i}.log").read_text().count("SuperNode ID:") for i in expected)
             if logged >= count and sum(n.get("status") == "online" for n in self.nodes()) >= count:
                 return
             time.sleep(0.5)

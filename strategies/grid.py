@@ -53,16 +53,26 @@ def discover(grid: Grid, nodes: NodeMap, min_nodes: int, timeout: float = 60.0, 
         unknown = [int(n) for n in connected if int(n) not in nodes.values()]
         if unknown:
             queries = [Message(RecordDict(), dst_node_id=n, message_type=DESCRIBE) for n in unknown]
+            claimed: set[int] = set()  # devices claimed in this pass: a second claim is a misconfiguration
             for reply in FastGrid(grid).send_and_receive(queries, timeout=timeout):
                 node = reply.metadata.src_node_id
                 config = None if reply.has_error() else reply.content.get("config")
                 device = config.get("partition-id") if config is not None else None
                 declared = config.get("num-partitions") if config is not None else None
-                if not isinstance(device, int) or not isinstance(declared, int) or not 0 <= device < declared \
-                        or device in nodes:
-                    log(WARNING, "node %s left out: partition-id %r of num-partitions %r is not a free "
+                if not isinstance(device, int) or not isinstance(declared, int) or not 0 <= device < declared:
+                    log(WARNING, "node %s left out: partition-id %r of num-partitions %r is not a "
                         "device", node, device, declared)
                     continue
+                if device in claimed:
+                    log(WARNING, "node %s left out: device %d is claimed by node %s too", node, device,
+                        nodes[device])
+                    continue
+                if device in nodes:
+                    # A node that died and came back registers anew: the node answering now
+                    # serves the device (the old one may still be listed until its heartbeat expires).
+                    log(WARNING, "device %d: node %s answers for it now, not node %s (a node that "
+                        "rejoined)", device, node, nodes[device])
+                claimed.add(device)
                 if nodes.declared and declared != nodes.declared:
                     log(WARNING, "node %s declares num-partitions %d, others %d: their data may overlap",
                         node, declared, nodes.declared)

@@ -150,3 +150,47 @@ def test_readme_example_app_trains_the_same_student(tmp_path, reference, monkeyp
     student.load_state_dict(torch.load(tmp_path / "my_student.pt", weights_only=True))
     accuracy, _ = evaluate(student, dataset.x_test, dataset.y_test)
     assert accuracy == pytest.approx(reference[-1]["test_accuracy"], abs=1e-9)
+
+
+def test_auth_registered_nodes_train_and_an_unregistered_key_is_refused(tmp_path, reference):
+    """SuperNode authentication on (TLS): 3 nodes with registered keys train; a 4th node, with a
+    key the SuperLink never saw, is refused, and the run completes with the registered ones."""
+    with LocalDeployment(DEVICES, tls=True, auth=True, unregistered=1) as dep:
+        listed = dep.nodes()
+        result = dep.run(ROOT, {**CONFIG, "output-dir": str(tmp_path), "run-name": "run"})
+        stranger = (dep.home / f"supernode-{DEVICES}.log").read_text()
+    assert result.ok, f"{result.problems}\n{result.stdout[-3000:]}\n{result.stderr[-2000:]}"
+    assert len(listed) == DEVICES  # only the registered keys
+    assert "SuperNode ID:" not in stranger, stranger[-2000:]  # never admitted
+    assert [int(r["completed"]) for r in result.rows[1:]] == [DEVICES]
+    for got, want in zip(result.rows, reference):
+        assert float(got["test_accuracy"]) == pytest.approx(want["test_accuracy"], abs=1e-9)
+
+
+def test_rejoin_a_killed_node_is_dropped_by_the_round_timeout_and_serves_the_next_round(tmp_path):
+    """SuperNode 2 is SIGKILLed as round 2 starts: the round ends without it at its timeout, the
+    drop is counted, the restarted node serves round 3, and the server's run goes on to its end."""
+    import threading
+    import time
+
+    config = {**CONFIG, "num-rounds": 3, "round-timeout": 60.0, "output-dir": str(tmp_path), "run-name": "run"}
+    metrics = tmp_path / "run" / "metrics.csv"
+    with LocalDeployment(DEVICES) as dep:
+        outcome: dict = {}
+        runner = threading.Thread(target=lambda: outcome.update(result=dep.run(ROOT, config)))
+        runner.start()
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and runner.is_alive() and \
+                (not metrics.is_file() or len(metrics.read_text().splitlines()) < 3):  # header, rounds 0 and 1
+            time.sleep(0.2)
+        dep.kill_supernode(2)  # round 2 has started: its messages to node 2 go unanswered
+        time.sleep(1.0)
+        dep.start_supernode(2)
+        runner.join(timeout=900)
+        rejoined = (dep.home / "supernode-2.log").read_text().count("SuperNode ID:")
+    result = outcome["result"]
+    rows = result.rows
+    assert [int(r["round"]) for r in rows] == [0, 1, 2, 3], result.stdout[-3000:]
+    assert [int(r["completed"]) for r in rows[1:]] == [DEVICES, DEVICES - 1, DEVICES], result.stdout[-3000:]
+    assert int(rows[2]["dropped_failed"]) == 1 and rejoined == 2
+    assert result.status == "finished:completed" and (tmp_path / "run" / "summary.json").is_file()

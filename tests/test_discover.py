@@ -79,3 +79,16 @@ def test_min_nodes_zero_waits_until_every_declared_device_is_known(monkeypatch):
     monkeypatch.setattr("fedsplitkd.strategies.grid.time.sleep", register_next)
     assert discover(grid, NodeMap(), min_nodes=0, wait_s=60) == [0, 1, 2]
     assert len(sleeps) == 2
+
+
+def test_a_node_that_rejoins_serves_its_device_again(caplog):
+    """A SuperNode that died and restarted registers as a new node: in a later pass the node
+    answering for the device serves it."""
+    grid = DeclaringGrid({11: {"partition-id": 0, "num-partitions": 2}, 12: {"partition-id": 1, "num-partitions": 2}})
+    nodes = NodeMap()
+    assert discover(grid, nodes, min_nodes=1) == [0, 1]
+    grid.declared = {11: grid.declared[11], 21: {"partition-id": 1, "num-partitions": 2}}  # 12 died, 21 is back
+    with caplog.at_level(logging.WARNING):
+        assert discover(grid, nodes, min_nodes=1) == [0, 1]
+    assert nodes == {0: 11, 1: 21}
+    assert any("node 21 answers for it now, not node 12" in r.getMessage() for r in caplog.records)

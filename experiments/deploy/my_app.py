@@ -49,7 +49,7 @@ def main(grid: Grid, context: Context) -> None:
 # Your ClientApp keeps its own handlers; add the split ones (each SuperNode needs
 # --node-config "partition-id=I num-partitions=N" to pick its data).
 client_app = ClientApp()
-client_app.query()(splitkd_client.describe)  # which device this node is
+client_app.query("describe")(splitkd_client.describe)  # which device this node is
 client_app.train("split_forward")(splitkd_client.split_forward)
 client_app.train("split_backward")(splitkd_client.split_backward)
-client_app.evaluate()(splitkd_client.evaluate)  # split evaluation, used when fraction-evaluate > 0
+client_app.evaluate("split")(splitkd_client.evaluate)  # split evaluation, used when fraction-evaluate > 0
