@@ -27,6 +27,11 @@ from fedsplitkd.runtime import DeviceRuntime, load_numpy_state, round_lr, set_lr
 from fedsplitkd import streams
 
 
+# A training request names its kind: ``forward`` starts the round from the global device part,
+# ``backward`` carries a chunk's cut-layer gradients.
+FORWARD_KIND, BACKWARD_KIND = "forward", "backward"
+
+
 def teacher_mode(cfg) -> str:
     """How the teacher's input reaches the server: 'embedding', 'cached' or 'none' (no KD)."""
     return "none" if cfg["kd-alpha"] == 0.0 else cfg["teacher-input"]
@@ -122,9 +127,13 @@ def handle_train(request: Payload, state: Payload, setup: DeviceSetup) -> tuple[
     """Serve one training request; return the reply and the device's new state."""
     cfg, local = setup.cfg, setup.data
     server_round = int(request.get("round", -1))
-    stage = "forward" if any(k.startswith(WEIGHTS) for k in request) else "backward"
+    stage = request.get("kind")
+    if stage not in (FORWARD_KIND, BACKWARD_KIND):
+        raise PayloadError(f"field 'kind' = {stage!r}: a training request is {FORWARD_KIND!r} or {BACKWARD_KIND!r}")
     check_dropout(cfg, server_round, setup.device_key, stage)
-    if stage == "forward":
+    if stage == FORWARD_KIND:
+        if not any(k.startswith(WEIGHTS) for k in request):
+            raise PayloadError(f"a {FORWARD_KIND!r} request for round {server_round} carries no weights")
         state = {k: v for k, v in state.items() if k.startswith(TEACHER) or k == "teacher-sent"}
         state.update({k: v for k, v in request.items() if k.startswith((WEIGHTS, TEACHER))})
         cut = str(request.get("cut", cfg["cut"]))
@@ -132,8 +141,8 @@ def handle_train(request: Payload, state: Payload, setup: DeviceSetup) -> tuple[
             raise PayloadError(f"field 'cut' = {cut!r} is not a cut point: {setup.student.cut_points}")
         state.update({"round": server_round, "cursor": 0, "optimizer": b"", "cut": cut})
     elif state.get("round") != server_round or "grads" not in request:
-        raise PayloadError(f"request for round {server_round} without weights or grads, "
-                           f"device is in round {state.get('round')}")
+        raise PayloadError(f"a {BACKWARD_KIND!r} request for round {server_round} needs field 'grads' and a "
+                           f"device in that round; the device is in round {state.get('round')}")
     runtime = setup.runtime(state["cut"])
     runtime.load(unpack(WEIGHTS, state), state["optimizer"])
     set_lr(runtime.optimizer, round_lr(cfg, server_round))
@@ -143,7 +152,7 @@ def handle_train(request: Payload, state: Payload, setup: DeviceSetup) -> tuple[
     if mode == "cached" and "teacher-sent" not in state:
         state["teacher-sent"] = np.zeros(len(local.y_train), dtype=bool)
 
-    if "grads" in request:
+    if stage == BACKWARD_KIND:
         start, stop = state["cursor"] - state["in-flight"], state["cursor"]
         # The server names the batch its gradients start at: a device whose state is not the
         # one they were computed for (a lost update) refuses them, even when the rows match.

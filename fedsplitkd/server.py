@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from fedsplitkd.costs import CostModel, DeviceTraffic, SplitFlops
-from fedsplitkd.device import DeviceSetup, handle_train, teacher_mode
+from fedsplitkd.device import BACKWARD_KIND, FORWARD_KIND, DeviceSetup, handle_train, teacher_mode
 from fedsplitkd.models import SplitModel
 from fedsplitkd.payload import (TEACHER, WEIGHTS, Payload, PayloadError, pack, payload_bytes,
                                 require_array, require_int, require_keys, require_labels, require_weights)
@@ -334,7 +334,8 @@ class SplitKDServer:
                     stats.loss_sum += loss_sum
                     for key in diverged:
                         drop(key, "invalid", "non-finite loss on the server", asked[key])
-                    follow = {key: {"round": server_round, "grads": grads[key], "cursor": cursor[key],
+                    follow = {key: {"kind": BACKWARD_KIND, "round": server_round, "grads": grads[key],
+                                    "cursor": cursor[key],
                                     "final": reply["remaining"] == 0}
                               for key, reply in chunks.items() if key not in diverged}
                     cursor.update({key: len(chunks[key]["batch-sizes"]) for key in follow})
@@ -374,7 +375,7 @@ class SplitKDServer:
         global_weights = pack(WEIGHTS, state_to_numpy(self.device_part))
         requests, given = {}, set()
         for key in keys:
-            requests[key] = {"round": server_round, "cut": self.cut, **global_weights}
+            requests[key] = {"kind": FORWARD_KIND, "round": server_round, "cut": self.cut, **global_weights}
             where = holder(key) if holder else key
             if self.mode != "none" and key not in self.has_teacher and where not in given:
                 requests[key].update(pack(TEACHER, self.teacher_weights))

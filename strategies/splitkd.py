@@ -16,6 +16,7 @@ from flwr.supercore import log
 from fedsplitkd.clients.records import (BACKWARD, FORWARD, SPLIT_EVALUATE, from_bundle, from_records, to_bundle,
                                        to_records)
 from fedsplitkd.costs import CostModel
+from fedsplitkd.device import BACKWARD_KIND
 from fedsplitkd.experiment import sample_devices
 from fedsplitkd.library import Blocks, OptimizerFactory, SplitKDConfig, edge_server
 from fedsplitkd.payload import WEIGHTS, Payload, PayloadError, pack
@@ -63,7 +64,7 @@ class GridTransport:
         return int(self.nodes[key] if self.nodes else key)
 
     def _type(self, requests: list[Payload]) -> str:
-        return self.message_type or (BACKWARD if all("grads" in r for r in requests) else FORWARD)
+        return self.message_type or (BACKWARD if all(r.get("kind") == BACKWARD_KIND for r in requests) else FORWARD)
 
     def send(self, requests: dict[Hashable, Payload]) -> None:
         for key, request in requests.items():

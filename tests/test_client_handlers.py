@@ -133,7 +133,7 @@ def test_forward_backward_until_final_and_state_persists(exp, cfg):
         final = reply["remaining"] == 0
         grads = np.zeros_like(reply["activations"])
         cursor, start = cursor + len(reply["batch-sizes"]), cursor
-        reply = call(split_backward, {"round": 1, "grads": grads, "cursor": start, "final": final}, context,
+        reply = call(split_backward, {"kind": "backward", "round": 1, "grads": grads, "cursor": start, "final": final}, context,
                      BACKWARD)
         if final:
             break
@@ -152,7 +152,7 @@ def test_forward_backward_until_final_and_state_persists(exp, cfg):
         np.testing.assert_array_equal(v, global_weights[k])
     # after the final reply the round is over: another backward is refused
     with pytest.raises(PayloadError):
-        split_backward(message({"round": 1, "grads": grads, "cursor": 0, "final": True}, BACKWARD), context)
+        split_backward(message({"kind": "backward", "round": 1, "grads": grads, "cursor": 0, "final": True}, BACKWARD), context)
 
 
 def test_backward_applies_nonzero_gradients(exp, cfg):
@@ -160,7 +160,7 @@ def test_backward_applies_nonzero_gradients(exp, cfg):
     request = exp.server.first_requests([DEVICE_NODE], 1)[DEVICE_NODE]
     reply = call(split_forward, request, context, FORWARD)
     grads = np.ones_like(reply["activations"])
-    nxt = call(split_backward, {"round": 1, "grads": grads, "cursor": 0, "final": False}, context, BACKWARD)
+    nxt = call(split_backward, {"kind": "backward", "round": 1, "grads": grads, "cursor": 0, "final": False}, context, BACKWARD)
     exp.server.check_chunk(nxt, 1)
     moved = unpack(WEIGHTS, from_records(RecordDict({"arrays": context.state[STATE_PREFIX + "arrays"]})))
     initial = unpack(WEIGHTS, request)
@@ -170,7 +170,7 @@ def test_backward_applies_nonzero_gradients(exp, cfg):
 def test_backward_without_prior_forward_raises(exp):
     grads = np.zeros((32, *act_shape(exp)), dtype=np.float32)
     with pytest.raises(PayloadError, match="round"):
-        split_backward(message({"round": 1, "grads": grads, "final": False}, BACKWARD), new_context())
+        split_backward(message({"kind": "backward", "round": 1, "grads": grads, "final": False}, BACKWARD), new_context())
 
 
 def test_backward_for_another_round_raises(exp, first_chunk):
@@ -178,7 +178,7 @@ def test_backward_for_another_round_raises(exp, first_chunk):
     request = exp.server.first_requests([DEVICE_NODE], 1)[DEVICE_NODE]
     reply = call(split_forward, request, context, FORWARD)
     with pytest.raises(PayloadError, match="round"):
-        split_backward(message({"round": 2, "grads": np.zeros_like(reply["activations"]), "final": False},
+        split_backward(message({"kind": "backward", "round": 2, "grads": np.zeros_like(reply["activations"]), "final": False},
                                BACKWARD), context)
 
 
@@ -191,7 +191,7 @@ def test_backward_with_wrong_number_of_rows_raises(exp, rows):
     before = {k: copy.deepcopy(dict(v)) for k, v in context.state.items() if k.endswith("config")}
     grads = np.zeros((rows, *reply["activations"].shape[1:]), dtype=np.float32)
     with pytest.raises(PayloadError, match="grads"):
-        split_backward(message({"round": 1, "grads": grads, "cursor": 0, "final": False}, BACKWARD), context)
+        split_backward(message({"kind": "backward", "round": 1, "grads": grads, "cursor": 0, "final": False}, BACKWARD), context)
     # the failed call left the stored state alone
     assert {k: dict(v) for k, v in context.state.items() if k.endswith("config")} == before
 
@@ -204,11 +204,21 @@ def test_gradients_for_another_chunk_are_refused_even_when_the_rows_match(exp):
     reply = call(split_forward, request, context, FORWARD)
     stale = copy.deepcopy(context)  # the state before the first backward: the update that gets lost
     grads = np.zeros_like(reply["activations"])
-    call(split_backward, {"round": 1, "grads": grads, "cursor": 0, "final": False}, context, BACKWARD)
+    call(split_backward, {"kind": "backward", "round": 1, "grads": grads, "cursor": 0, "final": False}, context, BACKWARD)
     # The next chunk's gradients, with as many rows as the chunk the stale state holds in flight.
     with pytest.raises(PayloadError, match="field 'cursor' = 8, but the chunk in flight starts at batch 0"):
-        split_backward(message({"round": 1, "grads": grads, "cursor": 8,
+        split_backward(message({"kind": "backward", "round": 1, "grads": grads, "cursor": 8,
                                 "final": False}, BACKWARD), stale)
+
+
+def test_a_request_names_its_kind(exp):
+    """The kind is explicit: a request without it, or a forward request without weights, is refused."""
+    request = exp.server.first_requests([DEVICE_NODE], 1)[DEVICE_NODE]
+    assert request["kind"] == "forward"
+    with pytest.raises(PayloadError, match="field 'kind' = None"):
+        split_forward(message({k: v for k, v in request.items() if k != "kind"}, FORWARD), new_context())
+    with pytest.raises(PayloadError, match="'forward' request for round 1 carries no weights"):
+        split_forward(message({"kind": "forward", "round": 1}, FORWARD), new_context())
 
 
 def test_unknown_record_name_raises_from_records():
@@ -367,7 +377,7 @@ def test_a_bundle_serves_each_virtual_device_apart_and_keeps_the_teacher_once(ex
     assert "teacher-input" in send(split_forward, later, FORWARD)[6]
 
     # A device's state goes once its round is over.
-    finals = send(split_backward, {d: {"round": 1, "grads": np.zeros_like(replies[d]["activations"]),
+    finals = send(split_backward, {d: {"kind": "backward", "round": 1, "grads": np.zeros_like(replies[d]["activations"]),
                                       "cursor": 0, "final": True} for d in (2, 5)}, BACKWARD)
     for device in (2, 5):
         server.check_final(finals[device], 1)

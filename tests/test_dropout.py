@@ -43,7 +43,7 @@ def test_dropped_devices_are_counted_by_stage_and_left_out(stage):
 def test_evaluation_dropout_is_counted():
     cfg = config_lib.resolve(tiny(dropout_rate=0.5, dropout_stage="evaluate"))
     exp = build(cfg)
-    request = {"round": 3, **pack(WEIGHTS, state_to_numpy(exp.server.device_part))}
+    request = {"kind": "forward", "round": 3, **pack(WEIGHTS, state_to_numpy(exp.server.device_part))}
     replies = {}
     for d in range(DEVICES):
         try:
