@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -84,6 +85,11 @@ def ray_cluster(tmp_path: Path):
                 os.kill(pid, signal.SIGKILL)
         for process in started:
             process.wait(timeout=30)
+        # `ray start` records the cluster for later `ray.init()` calls; `ray stop` would remove the
+        # record, killing by PID does not: remove ours, or later simulations try to join it.
+        record = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if record.is_file() and record.read_text().strip().endswith(f":{port}"):
+            record.unlink()
 
 
 def status(address: str, env: dict) -> str:
