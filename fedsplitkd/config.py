@@ -90,7 +90,7 @@ SCHEMA: dict[str, Key] = {
     "exchange-batches": _int(8, 1),
     "server-batching": _choice("per-device", "joint"),
     # learning-rate, kd-alpha and kd-temperature default to split-KD's tuned config on digits
-    # (the default dataset), from the quick bench preset (experiments/bench-quick/tuned.yaml).
+    # (the default dataset), from the standard bench preset (experiments/bench-standard/tuned.yaml).
     "learning-rate": _float(0.0222, 0.0, 10.0, low_open=True),
     "lr-schedule": _choice("constant", "cosine"),
     "momentum": _float(0.9, 0.0, 0.999),

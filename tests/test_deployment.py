@@ -69,10 +69,6 @@ def test_insecure_deployment_completes_and_stops_everything(tmp_path, reference)
     deploy(False, CONFIG, tmp_path, reference)
 
 
-def test_tls_deployment_completes_and_stops_everything(tmp_path, reference):
-    deploy(True, CONFIG, tmp_path, reference)
-
-
 def test_a_completed_status_is_not_enough(tmp_path):
     """Flower reports 'completed' when every ClientApp raised: no results, no success."""
     result = DeploymentResult(0, "", "", 1, "finished:completed", tmp_path / "run")
@@ -153,12 +149,17 @@ def test_readme_example_app_trains_the_same_student(tmp_path, reference, monkeyp
 
 
 def test_auth_registered_nodes_train_and_an_unregistered_key_is_refused(tmp_path, reference):
-    """SuperNode authentication on (TLS): 3 nodes with registered keys train; a 4th node, with a
+    """TLS and SuperNode authentication (this is also the TLS deployment test): 3 nodes with registered keys train; a 4th node, with a
     key the SuperLink never saw, is refused, and the run completes with the registered ones."""
     with LocalDeployment(DEVICES, tls=True, auth=True, unregistered=1) as dep:
+        started = dep.pids()
+        with pytest.raises(OSError):  # the SuperLink speaks TLS only
+            urllib.request.urlopen(f"http://{dep.address}/health", timeout=5)
         listed = dep.nodes()
         result = dep.run(ROOT, {**CONFIG, "output-dir": str(tmp_path), "run-name": "run"})
         stranger = (dep.home / f"supernode-{DEVICES}.log").read_text()
+        started |= dep.pids() | dep.seen
+    assert not [pid for pid in started if alive(pid)], "processes outlived the deployment"
     assert result.ok, f"{result.problems}\n{result.stdout[-3000:]}\n{result.stderr[-2000:]}"
     assert len(listed) == DEVICES  # only the registered keys
     assert "SuperNode ID:" not in stranger, stranger[-2000:]  # never admitted
@@ -173,7 +174,7 @@ def test_rejoin_a_killed_node_is_dropped_by_the_round_timeout_and_serves_the_nex
     import threading
     import time
 
-    config = {**CONFIG, "num-rounds": 3, "round-timeout": 60.0, "output-dir": str(tmp_path), "run-name": "run"}
+    config = {**CONFIG, "num-rounds": 3, "round-timeout": 45.0, "output-dir": str(tmp_path), "run-name": "run"}
     metrics = tmp_path / "run" / "metrics.csv"
     with LocalDeployment(DEVICES) as dep:
         outcome: dict = {}
