@@ -391,12 +391,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedsplitkd.deployment", description=__doc__.split("\n")[0])
     parser.add_argument("--supernodes", type=int, default=3, help="SuperNodes (devices) to start")
     parser.add_argument("--tls", action="store_true", help="TLS with a CA generated now")
+    parser.add_argument("--auth", action="store_true", help="SuperNode authentication (implies --tls): a key "
+                        "per node, registered with flwr supernode register")
     parser.add_argument("--app", default=".", help="the Flower app directory (default: .)")
     parser.add_argument("--run-config", default="", help='overrides, e.g. "num-rounds=2 dataset=\'digits\'"')
     parser.add_argument("--keep-home", default=None, help="use this FLWR_HOME (logs, certificates) and keep it")
     args = parser.parse_args(argv)
-    with LocalDeployment(args.supernodes, tls=args.tls, flwr_home=args.keep_home) as dep:
-        print(f"SuperLink {dep.address} ({'TLS' if args.tls else 'insecure'}), "
+    tls = args.tls or args.auth
+    with LocalDeployment(args.supernodes, tls=tls, flwr_home=args.keep_home, auth=args.auth) as dep:
+        print(f"SuperLink {dep.address} ({'TLS' if tls else 'insecure'}{', node auth' if args.auth else ''}), "
               f"{args.supernodes} SuperNodes online; FLWR_HOME {dep.home}", flush=True)
         result = dep.run(args.app, parse_run_config(args.run_config))
     sys.stdout.write(result.stdout)
