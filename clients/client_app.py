@@ -18,6 +18,7 @@ from torch import nn
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedsplitkd.clients.device_app import node_partition
 from fedsplitkd.clients.records import bundle, from_bundle, from_records, load_state, store_state, to_bundle, to_records
 from fedsplitkd.config import resolve
 from fedsplitkd.data import holdout_data, load_dataset
@@ -53,13 +54,10 @@ def _config(context: Context) -> dict:
 
 def _setup(context: Context, msg: Message):
     cfg = _config(context)
-    node = context.node_config
-    if "partition-id" not in node or "num-partitions" not in node:
-        raise ValueError("node config needs 'partition-id' and 'num-partitions' "
-                         "(flower-supernode --node-config \"partition-id=0 num-partitions=N\")")
-    if "data-path" in node:  # the device holds its own data: that file alone, no partitioning
-        return own_device_setup(cfg, node, int(node["partition-id"]))
-    return device_setup(cfg, int(node["partition-id"]), int(node["num-partitions"]))
+    device, count = node_partition(context)
+    if "data-path" in context.node_config:  # the device holds its own data: that file alone, no partitioning
+        return own_device_setup(cfg, context.node_config, device)
+    return device_setup(cfg, device, count)
 
 
 def _train(msg: Message, context: Context) -> Message:

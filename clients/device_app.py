@@ -26,7 +26,8 @@ STATE = "fedsplitkd.device."  # context.state keeps the device's round under thi
 CACHED = 64                   # setups kept per process (a simulation actor serves many nodes)
 
 
-def _partition(context: Context) -> tuple[int, int]:
+def node_partition(context: Context) -> tuple[int, int]:
+    """The node's device: (partition-id, num-partitions) from its node config."""
     node = context.node_config
     if "partition-id" not in node or "num-partitions" not in node:
         raise ValueError("node config needs 'partition-id' and 'num-partitions' "
@@ -45,14 +46,14 @@ def register_device(app: ClientApp, make_device: Callable[[Context], SplitDevice
             device = make_device(context)
             if not isinstance(device, SplitDevice):
                 raise TypeError(f"make_device returned {type(device).__name__}, not a SplitDevice")
-            setups[key] = device.setup(_partition(context)[0])
+            setups[key] = device.setup(node_partition(context)[0])
             if len(setups) > CACHED:
                 setups.popitem(last=False)
         return setups[key]
 
     @app.query("describe")
     def describe(msg: Message, context: Context) -> Message:
-        device, count = _partition(context)
+        device, count = node_partition(context)
         return Message(to_records({"partition-id": device, "num-partitions": count}), reply_to=msg)
 
     def train(msg: Message, context: Context) -> Message:

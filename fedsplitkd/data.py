@@ -235,7 +235,12 @@ def device_data(cfg, partition_id: int, num_partitions: int) -> DeviceData:
         raise DataError(f"partition-id {partition_id} out of range for {num_partitions} partitions")
     ds = load_dataset(cfg)
     index = _device_index(tuple((k, cfg[k]) for k in DATA_KEYS), num_partitions)[partition_id]
-    order = streams.local_split(cfg["seed"], partition_id).permutation(index)
-    n_val = int(round(cfg["val-fraction"] * len(order))) if len(order) > 1 else 0
-    val, train = order[:n_val], order[n_val:]
+    train, val = local_split(index, cfg["val-fraction"], cfg["seed"], partition_id)
     return DeviceData(ds.x_train[train], ds.y_train[train], ds.x_train[val], ds.y_train[val])
+
+
+def local_split(index: np.ndarray, val_fraction: float, seed: int, device: int) -> tuple[np.ndarray, np.ndarray]:
+    """A device's (training, validation) sample indices out of ``index``, seeded per device."""
+    order = streams.local_split(seed, device).permutation(index)
+    n_val = int(round(val_fraction * len(order))) if len(order) > 1 else 0
+    return order[n_val:], order[:n_val]

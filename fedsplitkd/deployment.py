@@ -103,10 +103,6 @@ class DeploymentResult:
         return not self.problems
 
 
-def _node_value(value) -> str:
-    return f'"{value}"' if isinstance(value, (str, Path)) else str(value)
-
-
 class LocalDeployment:
     """A SuperLink and ``num_supernodes`` SuperNodes on 127.0.0.1 for the duration of a ``with`` block.
 
@@ -161,7 +157,8 @@ class LocalDeployment:
         # Each SuperNode serves its ClientApps on its own local port; the default collides.
         return ["flower-supernode", *security, "--superlink", self.address, "--host", "127.0.0.1",
                 "--port", str(_free_port()),
-                "--node-config", " ".join(f"{k}={_node_value(v)}" for k, v in self.node_config(partition_id).items())]
+                "--node-config", " ".join(f"{k}={_toml_value(str(v) if isinstance(v, Path) else v)}"
+                                         for k, v in self.node_config(partition_id).items())]
 
     def node_config(self, partition_id: int) -> dict:
         extra = self.node_configs[partition_id] if partition_id < len(self.node_configs) else {}

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -31,11 +31,11 @@ from fedsplitkd.costs import CostModel
 from fedsplitkd.data import DeviceData
 from fedsplitkd.device import DeviceSetup
 from fedsplitkd.models import SplitModel
+from fedsplitkd.runtime import OptimizerFactory
 from fedsplitkd.server import SplitKDServer
 
 Blocks = nn.Sequential | list[tuple[str, nn.Module]]
 TEACHER_EMBEDDING = "embedding"  # the teacher's first block: the one the devices run
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
 def _default(key: str) -> Any:
@@ -188,8 +188,7 @@ def edge_server(student: Blocks, input_shape: tuple[int, ...], teacher: nn.Modul
     ``momentum``, scheduled by ``lr_schedule``; a factory's own rate is left alone). ``costs``
     prices every round (default: the run config's device classes).
     """
-    config = (config or SplitKDConfig()).checked()
-    cfg = config.run_config()
+    cfg = (config or SplitKDConfig()).run_config()  # raises ConfigError naming a bad key
     model = split_model(student, input_shape, input_dtype)
     kd = cfg["kd-alpha"] > 0
     if kd and (teacher is None or teacher_embedding is None):

@@ -23,8 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsplitkd import streams
-from fedsplitkd.data import DATA_KEYS, DataError, DeviceData, device_data, load_dataset
+from fedsplitkd.data import DATA_KEYS, DataError, DeviceData, device_data, load_dataset, local_split
 
 
 @dataclass(frozen=True)
@@ -37,12 +36,6 @@ class ModelShape:
     num_classes: int
     tokens: bool = False
     sequence: bool = False
-
-
-def _split(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int, device: int) -> DeviceData:
-    order = streams.local_split(seed, device).permutation(len(y))
-    n_val = int(round(val_fraction * len(order))) if len(order) > 1 else 0
-    return DeviceData(x[order[n_val:]], y[order[n_val:]], x[order[:n_val]], y[order[:n_val]])
 
 
 def _read(file: Path, label_column: str, num_classes: int | None) -> dict:
@@ -91,7 +84,8 @@ def load(path: str, label_column: str, num_classes: int | None, val_fraction: fl
     if "x_val" in raw and "y_val" in raw:
         data = DeviceData(x, y, np.asarray(raw["x_val"], np.float32), np.asarray(raw["y_val"], np.int64))
     else:
-        data = _split(x, y, val_fraction, seed, device)
+        train, val = local_split(np.arange(len(y)), val_fraction, seed, device)
+        data = DeviceData(x[train], y[train], x[val], y[val])
     return data, ModelShape(str(raw.get("dataset", "own")), tuple(x.shape[1:]), classes)
 
 

@@ -54,6 +54,9 @@ def per_sample(losses: torch.Tensor) -> torch.Tensor:
     return losses.reshape(len(losses), -1).mean(1)
 
 
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]  # a user's server-part optimizer
+
+
 def make_optimizer(params, lr: float, momentum: float) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, momentum=momentum)
 
@@ -147,7 +150,7 @@ class EdgeRuntime:
 
     def __init__(self, student: SplitModel, cut: str, teacher: SplitModel | None,
                  alpha: float, temperature: float, lr: float, momentum: float, mutual: bool = False,
-                 optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None):
+                 optimizer: OptimizerFactory | None = None):
         self.part = student.server_part(cut)
         rest = teacher.server_part(teacher.cut_points[0]) if teacher else None
         self.mutual = mutual and rest is not None

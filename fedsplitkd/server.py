@@ -23,8 +23,8 @@ from fedsplitkd.device import BACKWARD_KIND, FORWARD_KIND, DeviceSetup, handle_t
 from fedsplitkd.models import SplitModel
 from fedsplitkd.payload import (TEACHER, WEIGHTS, Payload, PayloadError, pack, payload_bytes,
                                 require_array, require_int, require_keys, require_labels, require_weights)
-from fedsplitkd.runtime import (EdgeRuntime, NonFiniteLoss, evaluate, load_numpy_state, round_lr,
-                                state_to_numpy)
+from fedsplitkd.runtime import (EdgeRuntime, NonFiniteLoss, OptimizerFactory, evaluate, load_numpy_state,
+                                round_lr, state_to_numpy)
 
 log = logging.getLogger("fedsplitkd")
 
@@ -91,7 +91,7 @@ class SplitKDServer:
 
     def __init__(self, student: SplitModel, teacher: SplitModel | None, cfg,
                  num_classes: int, costs: CostModel | None = None, cut: str | None = None,
-                 optimizer: Callable | None = None):
+                 optimizer: OptimizerFactory | None = None):
         self.student, self.teacher, self.cfg = student, teacher, cfg
         self.optimizer_factory = optimizer  # a factory of the server part's optimizer; None: SGD from cfg
         self.cut = cut or cfg["cut"]

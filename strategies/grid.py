@@ -38,6 +38,10 @@ class NodeMap(dict):
     declared: int = 0  # the largest num-partitions a node reported
     waited: bool = False
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.retired: set[int] = set()  # nodes a rejoined node replaced: never asked again
+
 
 def discover(grid: Grid, nodes: NodeMap, min_nodes: int, timeout: float = 60.0, wait_s: float = 600.0) -> list[int]:
     """Device ids of the connected nodes, asking each new node once which device it is.
@@ -50,7 +54,7 @@ def discover(grid: Grid, nodes: NodeMap, min_nodes: int, timeout: float = 60.0, 
     deadline = time.monotonic() + wait_s
     while True:
         _, connected = sample_nodes(grid, max(1, min_nodes), 0)
-        unknown = [int(n) for n in connected if int(n) not in nodes.values()]
+        unknown = [int(n) for n in connected if int(n) not in nodes.values() and int(n) not in nodes.retired]
         if unknown:
             queries = [Message(RecordDict(), dst_node_id=n, message_type=DESCRIBE) for n in unknown]
             claimed: set[int] = set()  # devices claimed in this pass: a second claim is a misconfiguration
@@ -72,6 +76,9 @@ def discover(grid: Grid, nodes: NodeMap, min_nodes: int, timeout: float = 60.0, 
                     # serves the device (the old one may still be listed until its heartbeat expires).
                     log(WARNING, "device %d: node %s answers for it now, not node %s (a node that "
                         "rejoined)", device, node, nodes[device])
+                    # The old node may stay listed until its heartbeat expires: asking it again
+                    # each round would cost a query timeout.
+                    nodes.retired.add(nodes[device])
                 claimed.add(device)
                 if nodes.declared and declared != nodes.declared:
                     log(WARNING, "node %s declares num-partitions %d, others %d: their data may overlap",

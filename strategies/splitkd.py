@@ -27,7 +27,6 @@ from fedsplitkd.server import RoundStats, SplitKDServer, exchange
 from fedsplitkd import streams
 
 
-
 class GridTransport:
     """Carries protocol payloads as Flower Messages over a Grid, polling for replies.
 

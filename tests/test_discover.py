@@ -92,3 +92,9 @@ def test_a_node_that_rejoins_serves_its_device_again(caplog):
         assert discover(grid, nodes, min_nodes=1) == [0, 1]
     assert nodes == {0: 11, 1: 21}
     assert any("node 21 answers for it now, not node 12" in r.getMessage() for r in caplog.records)
+    # The dead node still listed (its heartbeat has not expired) is not asked again.
+    grid.declared[12] = {"partition-id": 1, "num-partitions": 2}
+    asked = []
+    push = grid.push_messages
+    grid.push_messages = lambda messages: (asked.extend(m.metadata.dst_node_id for m in messages), push(messages))[1]
+    assert discover(grid, nodes, min_nodes=1) == [0, 1] and nodes == {0: 11, 1: 21} and asked == []
