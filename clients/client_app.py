@@ -29,7 +29,9 @@ from fedsplitkd.payload import TEACHER, Payload, PayloadError
 from fedsplitkd.models import student_for
 from fedsplitkd.runtime import evaluate as evaluate_model, load_numpy_state
 from fedsplitkd import streams
+from fedsplitkd.clients import timing
 
+timing.mark("imported")
 STATE_PREFIX = "fedsplitkd."  # context.state holds our ArrayRecord and ConfigRecord under it
 OWN_MODEL = "fedsplitkd.own-model"
 TEACHER_STATE = "fedsplitkd.teacher."  # virtual devices: the teacher's embedding, once per node
@@ -56,8 +58,11 @@ def _setup(context: Context, msg: Message):
     cfg = _config(context)
     device, count = node_partition(context)
     if "data-path" in context.node_config:  # the device holds its own data: that file alone, no partitioning
-        return own_device_setup(cfg, context.node_config, device)
-    return device_setup(cfg, device, count)
+        setup = own_device_setup(cfg, context.node_config, device)
+    else:
+        setup = device_setup(cfg, device, count)
+    timing.mark("setup")
+    return setup
 
 
 def _train(msg: Message, context: Context) -> Message:
@@ -97,18 +102,21 @@ def _serve_bundle(msg: Message, context: Context, cfg: dict) -> dict[int, Payloa
 
 
 @app.train("split_forward")
+@timing.timed
 def split_forward(msg: Message, context: Context) -> Message:
     """Start a round from the global device part; reply the first chunk's activations."""
     return _train(msg, context)
 
 
 @app.train("split_backward")
+@timing.timed
 def split_backward(msg: Message, context: Context) -> Message:
     """Apply a chunk's cut-layer gradients; reply the next chunk or the trained device part."""
     return _train(msg, context)
 
 
 @app.train()
+@timing.timed
 def train(msg: Message, context: Context) -> Message:
     """Whole-student local training from the global model (FedAvg, FedProx: ``proximal-mu``).
 
@@ -184,12 +192,14 @@ def _holdout_metrics(model: nn.Module, cfg) -> dict:
 
 
 @app.train("local")
+@timing.timed
 def train_alone(msg: Message, context: Context) -> Message:
     """The local baseline: this device's own student, trained alone."""
     return _train_own(msg, context, federated_distillation=False)
 
 
 @app.train("fd")
+@timing.timed
 def train_fd(msg: Message, context: Context) -> Message:
     """Federated distillation: own student, KD towards the global class logits, shares its own."""
     return _train_own(msg, context, federated_distillation=True)
@@ -213,6 +223,7 @@ def _gkt_models(setup, context: Context) -> nn.ModuleDict:
 
 
 @app.train("fedgkt")
+@timing.timed
 def train_gkt(msg: Message, context: Context) -> Message:
     """FedGKT: train own extractor + head (KD towards the server's logits), upload features."""
     setup = _setup(context, msg)
@@ -235,6 +246,7 @@ def train_gkt(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate("fedgkt")
+@timing.timed
 def evaluate_gkt(msg: Message, context: Context) -> Message:
     """FedGKT: this device's extractor under the server's part, on the test split."""
     setup = _setup(context, msg)
@@ -250,6 +262,7 @@ def evaluate_gkt(msg: Message, context: Context) -> Message:
 
 
 @app.query("describe")
+@timing.timed
 def describe(msg: Message, context: Context) -> Message:
     """Which device this node is: its partition id and the partition count."""
     node = context.node_config
@@ -258,6 +271,7 @@ def describe(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate("split")
+@timing.timed
 def evaluate(msg: Message, context: Context) -> Message:
     """Split inference: activations and labels of the local validation split."""
     cfg = _config(context)

@@ -107,14 +107,14 @@ class LocalDeployment:
     """A SuperLink and ``num_supernodes`` SuperNodes on 127.0.0.1 for the duration of a ``with`` block.
 
     SuperNode ``i`` gets ``--node-config "partition-id=i num-partitions=N"`` plus
-    ``node_configs[i]`` (e.g. its own ``data-path``). With
+    ``node_configs[i]`` (e.g. its own ``data-path``); ``env`` adds to every process's environment. With
     ``tls=True`` a CA and a server certificate are generated under the home directory and
     every connection (SuperNodes, CLI) verifies the SuperLink against that CA.
     """
 
     def __init__(self, num_supernodes: int = 2, tls: bool = False, flwr_home: str | Path | None = None,
                  startup_timeout: float = 90.0, node_configs: list[dict] | None = None, auth: bool = False,
-                 unregistered: int = 0):
+                 unregistered: int = 0, env: dict[str, str] | None = None):
         if (auth or unregistered) and not tls:
             raise ValueError("LocalDeployment 'auth': SuperNode authentication needs tls=True")
         self._tmp = None if flwr_home else tempfile.mkdtemp(prefix="fedsplitkd-deploy-")
@@ -131,7 +131,8 @@ class LocalDeployment:
         self.processes: list[subprocess.Popen] = []
         self.seen: set[int] = set()  # every PID observed under our processes, for the clean-up
         self.env = {**os.environ, "FLWR_HOME": str(self.home),
-                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                    **(env or {})}  # e.g. FLWR_SUPEREXEC_TASK_POLL_INTERVAL, FEDSPLITKD_TIMING
 
     # -- start and stop ---------------------------------------------------------------
 
