@@ -54,13 +54,24 @@ def _config(context: Context) -> dict:
     return cfg
 
 
+def _cache_dir(context: Context) -> str | None:
+    """Where this node keeps its prepared data: node config ``cache-dir`` ('' turns it off),
+    by default ``$FEDSPLITKD_CACHE/prepared``. A SuperNode starts a process per message, and the
+    cache spares each one partitioning the whole dataset."""
+    if "cache-dir" in context.node_config:
+        return str(context.node_config["cache-dir"]) or None
+    from fedsplitkd.prepared import default_directory
+
+    return str(default_directory())
+
+
 def _setup(context: Context, msg: Message):
     cfg = _config(context)
     device, count = node_partition(context)
     if "data-path" in context.node_config:  # the device holds its own data: that file alone, no partitioning
         setup = own_device_setup(cfg, context.node_config, device)
     else:
-        setup = device_setup(cfg, device, count)
+        setup = device_setup(cfg, device, count, _cache_dir(context))
     timing.mark("setup")
     return setup
 

@@ -103,15 +103,24 @@ def _models(cfg_items: tuple, shape=None) -> tuple[SplitModel, nn.Module | None,
 
 
 @functools.lru_cache(maxsize=256)
-def _setup(cfg_items: tuple, partition_id: int, num_partitions: int) -> DeviceSetup:
+def _setup(cfg_items: tuple, partition_id: int, num_partitions: int, cache_dir: str | None) -> DeviceSetup:
     cfg = dict(cfg_items)
-    student, embedding, runtimes = _models(cfg_items)
-    return DeviceSetup(cfg, partition_id, data_lib.device_data(cfg, partition_id, num_partitions), student,
-                       embedding, runtimes)
+    if cache_dir:  # a fresh process per message: the prepared data, without partitioning the dataset
+        from fedsplitkd import prepared
+
+        local, shape = prepared.device_data(cfg, partition_id, num_partitions, cache_dir)
+        student, embedding, runtimes = _models(cfg_items, shape)
+    else:
+        local = data_lib.device_data(cfg, partition_id, num_partitions)
+        student, embedding, runtimes = _models(cfg_items)
+    return DeviceSetup(cfg, partition_id, local, student, embedding, runtimes)
 
 
-def device_setup(cfg, partition_id: int, num_partitions: int) -> DeviceSetup:
-    return _setup(tuple(sorted(dict(cfg).items())), partition_id, num_partitions)
+def device_setup(cfg, partition_id: int, num_partitions: int, cache_dir: str | None = None) -> DeviceSetup:
+    """Device ``partition_id`` of ``num_partitions`` in this process. ``cache_dir``: keep its
+    prepared data there (``fedsplitkd.prepared``); the same data, without the partitioning."""
+    return _setup(tuple(sorted(dict(cfg).items())), partition_id, num_partitions,
+                  str(cache_dir) if cache_dir else None)
 
 
 def own_device_setup(cfg, node_config, partition_id: int) -> DeviceSetup:

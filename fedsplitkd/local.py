@@ -11,7 +11,8 @@ from torch import nn
 from fedsplitkd.data import DeviceData
 from fedsplitkd.device import batch_plan
 from fedsplitkd.kd import kd_loss
-from fedsplitkd.runtime import device_of, make_optimizer, per_sample, round_lr
+from fedsplitkd.runtime import device_of, per_sample, round_lr
+from fedsplitkd.sgd import DeviceSGD
 
 # KD targets for a batch, from its sample indices, inputs and labels.
 Teacher = Callable[[np.ndarray, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -24,7 +25,7 @@ def train_whole(model: nn.Module, data: DeviceData, cfg, server_round: int, devi
     order too), cross-entropy, or KD towards ``teacher(indices, x, y)`` logits when given
     (rows of NaN: cross-entropy only), plus FedProx's (mu / 2) ||w - w_start||^2. Returns
     the samples trained on and the summed loss."""
-    optimizer = make_optimizer(model.parameters(), round_lr(cfg, server_round), cfg["momentum"])
+    optimizer = DeviceSGD(model.parameters(), round_lr(cfg, server_round), cfg["momentum"])
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu else []
     plan = batch_plan(len(data.y_train), cfg["batch-size"], cfg["local-epochs"], cfg["seed"],
                       server_round, device_key)

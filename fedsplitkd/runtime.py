@@ -7,7 +7,6 @@ teacher, computes the KD loss, steps its optimizer and returns the cut-layer gra
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Callable, Iterable
 
@@ -17,6 +16,7 @@ from torch import nn
 
 from fedsplitkd.kd import kd_loss
 from fedsplitkd.models import SplitModel
+from fedsplitkd.sgd import DeviceSGD
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -70,7 +70,7 @@ def round_lr(cfg, server_round: int) -> float:
     return lr
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer | DeviceSGD, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
 
@@ -97,19 +97,14 @@ class DeviceRuntime:
                  teacher_embedding: nn.Module | None = None):
         self.part = student.device_part(cut)
         self.teacher_embedding = freeze(teacher_embedding) if teacher_embedding is not None else None
-        self.optimizer = make_optimizer(self.part.parameters(), lr, momentum)
+        self.optimizer = DeviceSGD(self.part.parameters(), lr, momentum)  # no torch.optim import per message
 
     def load(self, weights: dict[str, np.ndarray], optimizer_state: bytes = b"") -> None:
         load_numpy_state(self.part, weights)
-        if optimizer_state:
-            self.optimizer.load_state_dict(torch.load(io.BytesIO(optimizer_state), weights_only=True))
-        else:
-            self.optimizer.state.clear()
+        self.optimizer.load_state_bytes(optimizer_state)
 
     def save(self) -> tuple[dict[str, np.ndarray], bytes]:
-        buffer = io.BytesIO()
-        torch.save(self.optimizer.state_dict(), buffer)
-        return state_to_numpy(self.part), buffer.getvalue()
+        return state_to_numpy(self.part), self.optimizer.state_bytes()
 
     @torch.no_grad()
     def forward(self, x: np.ndarray) -> np.ndarray:
@@ -132,7 +127,10 @@ class DeviceRuntime:
         per_batch = []
         for x, g in zip(batches, grads):
             out = self.part(torch.from_numpy(x))
-            per_batch.append(torch.autograd.grad(out, params, grad_outputs=torch.from_numpy(g)))
+            # The vector-Jacobian product as the gradient of <out, g>: the same floats reach
+            # ``out`` (1 * g), and no ``grad_outputs`` tensor, whose check imports sympy (0.7 s
+            # of a fresh device process).
+            per_batch.append(torch.autograd.grad((out * torch.from_numpy(g)).sum(), params))
         for step_grads in per_batch:
             for p, g in zip(params, step_grads):
                 p.grad = g

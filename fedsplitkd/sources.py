@@ -48,8 +48,13 @@ HUB = {  # run-config name -> (hub dataset, image column, label column, natural-
 }
 
 
+def cache_root() -> Path:
+    """Where fedsplitkd caches (downloads, teachers, prepared device data): $FEDSPLITKD_CACHE or ~/.cache/fedsplitkd."""
+    return Path(os.environ.get("FEDSPLITKD_CACHE", Path.home() / ".cache" / "fedsplitkd"))
+
+
 def cache_dir() -> Path:
-    return Path(os.environ.get("FEDSPLITKD_CACHE", Path.home() / ".cache" / "fedsplitkd")) / "data"
+    return cache_root() / "data"
 
 
 def sha256_of(path: Path) -> str:

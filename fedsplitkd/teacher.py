@@ -18,7 +18,7 @@ import torch
 from fedsplitkd.kd import kd_loss
 from fedsplitkd.models import SplitModel, family_of, teacher_for
 from fedsplitkd.runtime import device_of, evaluate, torch_device
-from fedsplitkd import streams
+from fedsplitkd import sources, streams
 
 log = logging.getLogger("fedsplitkd")
 
@@ -26,7 +26,7 @@ CACHE_VERSION = 3  # 2: cosine learning rate and augmentation; 3: images only
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("FEDSPLITKD_CACHE", Path.home() / ".cache" / "fedsplitkd")) / "teachers"
+    return sources.cache_root() / "teachers"
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

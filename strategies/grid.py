@@ -24,7 +24,15 @@ from fedsplitkd.experiment import sample_devices
 from fedsplitkd.payload import PayloadError
 from fedsplitkd import streams
 
-POLL_S = 0.005
+POLL_S = 0.005  # the first pulls' interval
+POLL_MAX_S = 0.1  # the longest: a reply late by seconds is pulled every 0.1 s
+
+
+def poll_delay(waited_s: float, floor_s: float = POLL_S) -> float:
+    """Seconds to sleep before the next pull, after ``waited_s`` without a reply: a tenth of the
+    wait, within [floor_s, POLL_MAX_S]. A reply is seen at most ~10 % late, and a deployment's
+    seconds-long messages are not met by 200 TLS pulls a second competing for the cores."""
+    return min(POLL_MAX_S, max(floor_s, 0.1 * waited_s))
 
 
 def tensor_bytes(content: RecordDict) -> int:
@@ -205,7 +213,8 @@ class FastGrid(Grid):
             if mid:
                 sent[mid] = (message, devices)
         replies: list[tuple[int, Message]] = []
-        deadline = time.monotonic() + (timeout if timeout is not None else 3600.0)
+        start = time.monotonic()
+        deadline = start + (timeout if timeout is not None else 3600.0)
         while sent and time.monotonic() < deadline:
             pulled = list(self.grid.pull_messages(list(sent)))
             for reply in pulled:
@@ -219,7 +228,7 @@ class FastGrid(Grid):
                 else:
                     replies += self._per_device(reply, message, devices)
             if sent and not pulled:
-                time.sleep(POLL_S)
+                time.sleep(poll_delay(time.monotonic() - start))
         for device, reply in replies:
             if not reply.has_error():
                 traffic = self._traffic(device)

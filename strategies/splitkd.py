@@ -22,7 +22,7 @@ from fedsplitkd.library import Blocks, OptimizerFactory, SplitKDConfig, edge_ser
 from fedsplitkd.payload import WEIGHTS, Payload, PayloadError, pack
 from fedsplitkd.runtime import load_numpy_state, state_to_numpy
 from fedsplitkd.schedule import Scheduler
-from fedsplitkd.strategies.grid import NodeMap, discover
+from fedsplitkd.strategies.grid import NodeMap, discover, poll_delay
 from fedsplitkd.server import RoundStats, SplitKDServer, exchange
 from fedsplitkd import streams
 
@@ -34,8 +34,9 @@ class GridTransport:
     that serves it (``None``: the keys are node ids). With ``bundle`` (virtual devices)
     the requests for the devices of one node travel in one message and come back in one
     reply, a section per device (``to_bundle``): message count follows the nodes, not
-    the devices. Polls every ``poll_interval`` seconds: the SuperLink grid's own
-    ``send_and_receive`` sleeps 3 s between polls, which would dominate every exchange.
+    the devices. Polls from every ``poll_interval`` seconds, backing off to a tenth of the
+    wait so far: the SuperLink grid's own ``send_and_receive`` sleeps 3 s between polls,
+    which would dominate every exchange.
 
     A node has at most one message in flight. Flower's simulation engine hands a node its
     next message without waiting for the one before; each runs on a copy of the node's
@@ -117,6 +118,7 @@ class GridTransport:
 
     def receive(self) -> dict[Hashable, Payload | str]:
         replies: dict[Hashable, Payload | str] = {}
+        start = time.monotonic()
         while not replies and self.pending:
             freed = set()
             for reply in self.grid.pull_messages([m for m in self.pending if not m.startswith("refused-")]):
@@ -141,7 +143,7 @@ class GridTransport:
             self.busy -= freed
             self._push([node for node in freed if node in self.queued])
             if not replies:
-                time.sleep(self.poll_interval)
+                time.sleep(poll_delay(time.monotonic() - start, self.poll_interval))
         return replies
 
 
