@@ -47,8 +47,8 @@ def check_dropout(cfg, server_round: int, device_key: int, stage: str) -> None:
     The pick is a pure function of (seed, round, device), so the in-process and the Flower
     run lose the same devices, and a stage sees the same losses whatever the other settings.
     """
-    rate = cfg.get("dropout-rate", 0.0)
-    if rate and cfg.get("dropout-stage") == stage and \
+    rate = cfg["dropout-rate"]
+    if rate and cfg["dropout-stage"] == stage and \
             streams.dropout(cfg["seed"], server_round, device_key).random() < rate:
         raise DeviceDropout(f"device {device_key} dropped out at stage '{stage}' of round {server_round}")
 

@@ -145,7 +145,7 @@ def family_of(cfg, dataset) -> str:
 
 def _hf(cfg, dataset, key: str) -> SplitModel | None:
     """The local Hugging Face checkpoint run-config ``key`` names, split; None when unset."""
-    if not cfg.get(key, ""):
+    if not cfg[key]:
         return None
     if not getattr(dataset, "sequence", False):
         raise ValueError(f"run-config '{key}': a causal LM needs a dataset with a next token per "
@@ -161,9 +161,9 @@ def _model_for(cfg, dataset, role: str) -> SplitModel:
     hf = _hf(cfg, dataset, f"hf-{role}")
     if hf is not None:
         return hf
-    build, size = (build_student, GPT_STUDENT) if role == "student" else (build_teacher, GPT_TEACHER)
+    build = build_student if role == "student" else build_teacher
     return build(family_of(cfg, dataset), dataset.input_shape, dataset.num_classes, dataset.tokens,
-                 cfg.get(f"gpt-{role}", size))
+                 cfg[f"gpt-{role}"])
 
 
 def student_for(cfg, dataset) -> SplitModel:

@@ -81,10 +81,10 @@ def get_teacher(cfg, dataset, x_public: np.ndarray, y_public: np.ndarray) -> Spl
     input_shape, num_classes = dataset.input_shape, dataset.num_classes
     family = family_of(cfg, dataset)
     if family == "gpt":  # the size is part of what determines the teacher
-        family = f"gpt-{cfg.get('gpt-teacher')}"
-    device = torch_device(cfg.get("torch-device", "cpu"))
+        family = f"gpt-{cfg['gpt-teacher']}"
+    device = torch_device(cfg["torch-device"])
     teacher = teacher_for(cfg, dataset).to(device)
-    if cfg.get("hf-teacher", ""):  # a Hugging Face checkpoint is a trained teacher: used as is
+    if cfg["hf-teacher"]:  # a Hugging Face checkpoint is a trained teacher: used as is
         return teacher
     if cfg["teacher-path"]:
         path = Path(cfg["teacher-path"]).expanduser()
