@@ -63,7 +63,7 @@ def capture(exp, server_round: int, rngs: dict[str, np.random.Generator], rows: 
                 "labels": {int(d): int(c) for d, c in clusters.labels.items()},
                 "centres": clusters.centres.tolist(), "features": list(clusters.features)},
             "cuts": dict(scheduler.cuts), "samples": {int(d): int(n) for d, n in scheduler.samples.items()},
-            "history": scheduler.history},
+            "history": scheduler.history, "queues": {int(d): float(q) for d, q in scheduler.queues.items()}},
         "profiles": {int(d): dataclasses.asdict(p) for d, p in costs.profiles._sampled.items()},
         "clock": {"sim_time_s": costs.sim_time_s, "energy_j": costs.energy_j},
         "rng": {"torch": torch.get_rng_state(), **{name: g.bit_generator.state for name, g in rngs.items()}},
@@ -122,6 +122,7 @@ def restore(exp, state: dict, rngs: dict[str, np.random.Generator]) -> list[dict
         c = saved["clusters"]
         scheduler.clusters = Clusters(c["labels"], np.array(c["centres"]), c["features"])
     scheduler.cuts, scheduler.samples, scheduler.history = saved["cuts"], saved["samples"], saved["history"]
+    scheduler.queues = dict(saved.get("queues", {}))  # absent in checkpoints written before the queues
     costs = exp.server.costs
     profiles = {d: DeviceProfile(**p) for d, p in state["profiles"].items()}
     changed = [d for d, p in profiles.items() if p != costs.profiles[d]]

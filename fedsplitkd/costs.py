@@ -6,8 +6,9 @@ the payloads it really sent and received, compute time FLOPs / FLOP/s, communica
 bits / (B log2(1 + SNR)), energy = compute + transmit + receive.
 
 Round delay: devices served in parallel take as long as the slowest, then the server's
-compute for all of them (it is shared: it serves them one after another); sequential
-groups (clusters) add up. With a deadline, a slower device is a straggler: waited for,
+compute for all of them (it is shared: it serves them one after another), or, with
+``server-allocation = pipelined``, the server steps each device as soon as it is ready;
+sequential groups (clusters) add up. With a deadline, a slower device is a straggler: waited for,
 or dropped from the aggregation (the server then waits only until the deadline).
 """
 
@@ -88,17 +89,34 @@ def device_cost(profile: DeviceProfile, server: EdgeServer, flops: SplitFlops,
     return DeviceCost(device_flops, server_flops, device_flops / profile.flops, uplink_s, downlink_s, energy)
 
 
-def group_delay(costs: list[DeviceCost], server: EdgeServer, deadline_s: float = math.inf) -> float:
-    """Delay of devices served in parallel: the slowest (at most the deadline), then the server."""
+SERVER_ALLOCATIONS = ("after-all", "pipelined")
+
+
+def group_delay(costs: list[DeviceCost], server: EdgeServer, deadline_s: float = math.inf,
+                allocation: str = "after-all") -> float:
+    """Delay of devices served in parallel; a device is ready after its own time (at most the deadline).
+
+    ``after-all``: the server starts once the slowest device is ready, then serves them all.
+    ``pipelined``: the server gives its compute to each device's step as soon as that device
+    is ready, in the order they become ready, as our edge server does (it steps a device when
+    its reply arrives). The round ends at that schedule's makespan; no way of sharing the
+    server's compute among the devices (CARD-style) ends sooner, since every schedule that
+    never idles while a device waits has this same makespan.
+    """
     if not costs:
         return 0.0
-    slowest = min(max(c.time_s for c in costs), deadline_s)
-    return slowest + sum(c.server_flops for c in costs) / server.flops
+    if allocation == "after-all":
+        return min(max(c.time_s for c in costs), deadline_s) + sum(c.server_flops for c in costs) / server.flops
+    clock = 0.0
+    for ready, work in sorted((min(c.time_s, deadline_s), c.server_flops / server.flops) for c in costs):
+        clock = max(clock, ready) + work
+    return clock
 
 
-def round_delay(groups: list[list[DeviceCost]], server: EdgeServer, deadline_s: float = math.inf) -> float:
+def round_delay(groups: list[list[DeviceCost]], server: EdgeServer, deadline_s: float = math.inf,
+                allocation: str = "after-all") -> float:
     """Sequential groups of parallel devices: their delays add up."""
-    return sum(group_delay(g, server, deadline_s) for g in groups)
+    return sum(group_delay(g, server, deadline_s, allocation) for g in groups)
 
 
 def allocate_bandwidth(profiles: list[DeviceProfile], server: EdgeServer, flops: SplitFlops,
@@ -145,10 +163,11 @@ class CostModel:
     """Profiles of the fleet plus the clock: prices every round of any method alike."""
 
     def __init__(self, profiles: Fleet, server: EdgeServer, fading: bool, deadline_s: float,
-                 drop_stragglers: bool, seed: int, bandwidth: str = "dedicated"):
+                 drop_stragglers: bool, seed: int, bandwidth: str = "dedicated",
+                 server_allocation: str = "after-all"):
         self.profiles, self.server = profiles, server
         self.fading, self.deadline_s, self.drop_stragglers, self.seed = fading, deadline_s, drop_stragglers, seed
-        self.bandwidth = bandwidth
+        self.bandwidth, self.server_allocation = bandwidth, server_allocation
         self.server_round = 0
         self.sim_time_s = 0.0
         self.energy_j = 0.0
@@ -164,7 +183,11 @@ class CostModel:
         fleet = Fleet(cfg)
         deadline = cfg["deadline-s"] or math.inf
         return cls(fleet, fleet.server, cfg["fading"], deadline, cfg["straggler-policy"] == "drop",
-                   cfg["seed"], cfg["bandwidth-allocation"])
+                   cfg["seed"], cfg["bandwidth-allocation"], cfg["server-allocation"])
+
+    def delay(self, costs: list[DeviceCost], deadline_s: float = math.inf) -> float:
+        """``group_delay`` under this model's server allocation."""
+        return group_delay(costs, self.server, deadline_s, self.server_allocation)
 
     def costs(self, traffic: dict[Hashable, DeviceTraffic], flops: SplitFlops) -> dict[Hashable, DeviceCost]:
         """Each device's cost, the edge's bandwidth shared among them per the allocation policy."""
@@ -194,7 +217,7 @@ class CostModel:
         plus ``server_flops`` of server work after them that no device waits on (FedDF's
         distillation); advances the clock (sequential groups are accounted one after another)."""
         costs = self.costs(traffic, flops)
-        delay = group_delay(list(costs.values()), self.server, self.deadline_s) + server_flops / self.server.flops
+        delay = self.delay(list(costs.values()), self.deadline_s) + server_flops / self.server.flops
         self.sim_time_s += delay
         energy = sum(c.energy_j for c in costs.values())
         self.energy_j += energy

@@ -10,18 +10,22 @@ clusters hold on the device and others on the server is: the latest cluster's wi
 
 The cut of a cluster minimises ``delay + energy-weight * energy`` of the cluster's
 predicted round over the student's cut points, subject to every device's memory and
-energy budget, from the cost model (``cut = 'adaptive'``).
+energy budget, from the cost model (``cut = 'adaptive'``). With ``energy-control =
+lyapunov`` (ASL) the energy budget holds on average instead: each device keeps an
+energy-deficit queue, and every round the cut minimises ``lyapunov-v * delay + sum(queue *
+energy)`` (delay in units of the best cut's, joules in units of each device's budget).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Hashable
 from dataclasses import dataclass
 
 import numpy as np
 
-from fedsplitkd.costs import CostModel, DeviceTraffic, group_delay
+from fedsplitkd.costs import CostModel, DeviceTraffic
 from fedsplitkd.profiles import DeviceProfile, channel_gain, rate_bps
 from fedsplitkd.server import RoundStats, SplitKDServer, Transport
 
@@ -102,21 +106,44 @@ def pick_cut(table: dict[str, tuple[float, float]]) -> str:
 
 
 def cut_table(server: SplitKDServer, costs: CostModel, devices: list[Hashable],
-              samples: dict[Hashable, int], energy_weight: float) -> dict[str, tuple[float, float]]:
-    """Per cut point: the cluster's predicted delay + energy_weight * energy, and how far its
-    devices' memory and energy budgets are exceeded (sum of relative excesses)."""
-    table = {}
+              samples: dict[Hashable, int], energy_weight: float,
+              queues: dict[Hashable, float] | None = None, v: float = 0.1) -> dict[str, tuple[float, float]]:
+    """Per cut point: the cluster's predicted score and how far its devices' memory and energy
+    budgets are exceeded (sum of relative excesses).
+
+    The score is delay + energy_weight * energy. With ``queues`` (ASL's Lyapunov energy-deficit
+    queues, joules per device) it is the drift-plus-penalty ``v * delay / best delay +
+    sum((queue / budget) * (energy / budget))``, in units of the best cut's delay and of each
+    device's budget, and a round's energy budget is no constraint: the queues keep it on average."""
+    predicted, violations = {}, {}
     for cut in server.student.cut_points:
         at_cut = server.at_cut(cut)
-        predicted = costs.costs({d: predicted_traffic(at_cut, samples[d]) for d in devices}, at_cut.flops)
-        score = group_delay(list(predicted.values()), costs.server) + energy_weight * sum(
-            c.energy_j for c in predicted.values())
+        predicted[cut] = costs.costs({d: predicted_traffic(at_cut, samples[d]) for d in devices}, at_cut.flops)
         memory = memory_needed(at_cut, server.cfg["batch-size"])
-        violation = sum(max(0.0, memory / costs.profiles[int(d)].memory_bytes - 1)
-                        + max(0.0, c.energy_j / costs.profiles[int(d)].energy_budget_j - 1)
-                        for d, c in predicted.items())
+        violations[cut] = sum(max(0.0, memory / costs.profiles[int(d)].memory_bytes - 1) for d in devices)
+    delays = {cut: costs.delay(list(p.values())) for cut, p in predicted.items()}
+    best = max(min(delays.values()), 1e-12)
+    table = {}
+    for cut, at_cut in predicted.items():
+        budgets = {d: costs.profiles[int(d)].energy_budget_j for d in at_cut}
+        if queues is None:
+            score = delays[cut] + energy_weight * sum(c.energy_j for c in at_cut.values())
+            violation = violations[cut] + sum(max(0.0, c.energy_j / budgets[d] - 1) for d, c in at_cut.items())
+        else:
+            score = v * delays[cut] / best + sum(queues.get(d, 0.0) / budgets[d] * c.energy_j / budgets[d]
+                                                 for d, c in at_cut.items() if math.isfinite(budgets[d]))
+            violation = violations[cut]
         table[cut] = (score, violation)
     return table
+
+
+def update_queues(queues: dict[Hashable, float], energies: dict[Hashable, float],
+                  budgets: dict[Hashable, float]) -> None:
+    """ASL's energy-deficit queues after a round: Q <- max(0, Q + energy - budget) per device
+    that trained (devices without a finite budget keep no queue)."""
+    for d, energy in energies.items():
+        if math.isfinite(budgets[d]):
+            queues[d] = max(0.0, queues.get(d, 0.0) + energy - budgets[d])
 
 
 class Scheduler:
@@ -130,6 +157,7 @@ class Scheduler:
         self.clusters: Clusters | None = None
         self.cuts: dict[int, str] = {}
         self.history: list[dict] = []  # per round: assignments, centres, cuts
+        self.queues: dict[Hashable, float] = {}  # energy-control = lyapunov: each device's energy deficit (J)
 
     def plan(self, devices: list[Hashable], server_round: int) -> list[tuple[str, list[Hashable]]]:
         """(cut, devices) per cluster, clustering and choosing cuts when due."""
@@ -151,10 +179,12 @@ class Scheduler:
             if cfg["cut"] != "adaptive":
                 cut = cfg["cut"]
             else:
-                if c not in self.cuts or due:
+                lyapunov = cfg["energy-control"] == "lyapunov"
+                if c not in self.cuts or due or lyapunov:  # the queues move every round
                     guess = max(1, self.pool_samples // max(1, self.fleet_size))
                     samples = {d: self.samples.get(d, guess) for d in groups[c]}
-                    self.cuts[c] = pick_cut(cut_table(self.server, costs, groups[c], samples, cfg["energy-weight"]))
+                    self.cuts[c] = pick_cut(cut_table(self.server, costs, groups[c], samples, cfg["energy-weight"],
+                                                      self.queues if lyapunov else None, cfg["lyapunov-v"]))
                 cut = self.cuts[c]
             plan.append((cut, groups[c]))
         self.history.append({"round": server_round, "clusters": {int(c): g for c, g in groups.items()},
@@ -167,6 +197,10 @@ class Scheduler:
         for cut, group in self.plan(devices, server_round):
             stats = self.server.at_cut(cut).run_round(transport, group, server_round)
             self.samples.update({d: t.samples for d, t in stats.traffic.items() if t.samples})
+            if self.cfg["energy-control"] == "lyapunov":
+                profiles = self.server.costs.profiles
+                update_queues(self.queues, {r["device"]: r["energy_j"] for r in stats.device_costs},
+                              {r["device"]: profiles[int(r["device"])].energy_budget_j for r in stats.device_costs})
             total = merge(total, stats)
         return total
 

@@ -54,6 +54,22 @@ def test_round_delay_is_the_sum_of_the_groups_maxima_plus_server_time():
     assert round_delay([first, second], SERVER, deadline_s=2.0) == pytest.approx(2.0 + 6.0 + 0.5 + 1.0)
 
 
+def test_a_pipelined_server_steps_each_device_when_it_is_ready():
+    # Ready at 1, 2 and 10 s; server work 3, 3 and 1 s (SERVER does 1e4 FLOP/s).
+    group = costs((1.0, 3e4), (2.0, 3e4), (10.0, 1e4))
+    assert group_delay(group, SERVER) == pytest.approx(10.0 + 7.0)
+    assert group_delay(group, SERVER, allocation="pipelined") == pytest.approx(11.0)  # 1+3, 4+3, max(7, 10)+1
+    assert group_delay(group, SERVER, deadline_s=5.0, allocation="pipelined") == pytest.approx(8.0)  # 4, 7, 7+1
+    together = costs((2.0, 1e4), (2.0, 2e4))  # ready at once: nothing to overlap
+    assert group_delay(together, SERVER, allocation="pipelined") == pytest.approx(group_delay(together, SERVER))
+    rng = np.random.default_rng(0)
+    for _ in range(50):  # never later than waiting for all, never sooner than the last device or the work
+        group = costs(*zip(rng.exponential(2.0, 6), rng.exponential(2e4, 6)))
+        pipelined = group_delay(group, SERVER, allocation="pipelined")
+        assert pipelined <= group_delay(group, SERVER) + 1e-9
+        assert pipelined >= max(max(c.time_s for c in group), sum(c.server_flops for c in group) / 1e4) - 1e-9
+
+
 @pytest.mark.parametrize("family,shape,tokens", [("mlp", (64,), False), ("cnn1d", (9, 128), False),
                                                  ("cnn2d", (1, 8, 8), False), ("charcnn", (40,), True)])
 def test_block_flops_agree_with_a_count_by_hand(family, shape, tokens):

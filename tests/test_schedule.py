@@ -124,3 +124,44 @@ def test_bandwidth_allocation_equal_and_minmax():
     spread = times(minmax)
     assert max(spread) - min(spread) < 0.05 * max(spread)  # the slowest devices are evened out
     assert allocate_bandwidth(profiles, server, flops, traffic, ones, "dedicated") == profiles
+
+
+def test_lyapunov_queues_keep_the_energy_budget_on_average_at_less_delay():
+    """A device whose fastest cut overspends its budget: ``budget`` never takes that cut, ASL's
+    energy-deficit queue takes it while the device is in credit, so its energy is within budget
+    on average and its rounds are faster."""
+    from fedsplitkd.schedule import predicted_traffic, update_queues
+
+    exp = build(resolve(tiny()))
+    costs, server = exp.server.costs, exp.server
+    costs.profiles._sampled[0] = replace(costs.profiles[0], flops=1e13, uplink_hz=1e4, downlink_hz=1e4,
+                                         memory_bytes=1e12, energy_budget_j=math.inf)
+    at = {cut: costs.costs({0: predicted_traffic(server.at_cut(cut), 100)}, server.at_cut(cut).flops)[0]
+          for cut in server.student.cut_points}
+    fastest, frugal = min(at, key=lambda c: costs.delay([at[c]])), min(at, key=lambda c: at[c].energy_j)
+    assert fastest != frugal
+    budget = (at[fastest].energy_j + at[frugal].energy_j) / 2
+    costs.profiles._sampled[0] = replace(costs.profiles[0], energy_budget_j=budget)
+    runs = {}
+    for mode in ("budget", "lyapunov"):
+        queues, cuts = {}, []
+        for _ in range(200):
+            cut = pick_cut(cut_table(server, costs, [0], {0: 100}, 0.0, queues if mode == "lyapunov" else None, 0.1))
+            cuts.append(cut)
+            if mode == "lyapunov":
+                update_queues(queues, {0: at[cut].energy_j}, {0: budget})
+        runs[mode] = (np.mean([at[c].energy_j for c in cuts]), np.mean([costs.delay([at[c]]) for c in cuts]), cuts)
+    assert set(runs["budget"][2]) == {frugal}
+    assert {fastest, frugal} <= set(runs["lyapunov"][2])
+    assert runs["lyapunov"][0] <= budget * 1.01                 # on average within budget
+    assert runs["lyapunov"][1] < 0.95 * runs["budget"][1]       # and faster
+
+
+def test_update_queues_is_the_deficit_recursion():
+    from fedsplitkd.schedule import update_queues
+
+    queues = {}
+    update_queues(queues, {0: 3.0, 1: 1.0, 2: 5.0}, {0: 2.0, 1: 2.0, 2: math.inf})
+    assert queues == {0: 1.0, 1: 0.0}
+    update_queues(queues, {0: 1.5, 1: 4.0}, {0: 2.0, 1: 2.0})
+    assert queues == {0: 0.5, 1: 2.0}
