@@ -8,7 +8,7 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 
 from fedsplitkd.baselines.accounting import round_stats, whole_flops
 from fedsplitkd.baselines.feddf import FedDF
-from fedsplitkd.data import public_split
+from fedsplitkd.data import public_split, take
 from fedsplitkd.models import student_for
 from fedsplitkd.experiment import Experiment
 from fedsplitkd.runtime import load_numpy_state
@@ -30,7 +30,7 @@ def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
     elif cfg["method"] == "feddf":
         public, _ = public_split(len(exp.dataset.y_train), cfg["public-fraction"], cfg["seed"])
         make = lambda: student_for(cfg, exp.dataset)  # noqa: E731
-        strategy = FedDF(make, exp.dataset.x_train[public], cfg["distill-steps"], cfg["kd-temperature"],
+        strategy = FedDF(make, take(exp.dataset.x_train, public), cfg["distill-steps"], cfg["kd-temperature"],
                          seed=cfg["seed"], **common)
     else:
         strategy = FedAvg(**common)

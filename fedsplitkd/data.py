@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import io
+import json
+import mmap
+import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -19,7 +25,7 @@ from fedsplitkd.sources import DataError
 from fedsplitkd import streams
 
 __all__ = ["DataError", "Dataset", "DeviceData", "load_dataset", "public_split", "server_splits", "holdout_data",
-           "partition", "device_data"]
+           "Partition", "partition", "device_data", "take"]
 
 STANDARDISED = {"har", "npz", "csv"}  # sources whose features arrive in raw units
 
@@ -92,13 +98,85 @@ def _checked(name: str, origin: str, raw: dict) -> Dataset:
         if name in STANDARDISED:  # per channel (axis 1) with training statistics only
             axes = (0,) + tuple(range(2, x_tr.ndim))
             mean, std = x_tr.mean(axis=axes, keepdims=True), x_tr.std(axis=axes, keepdims=True) + 1e-6
-            x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
+            for x in (x_tr, x_te):  # in place: astype made copies, and a large set needs no third one
+                x -= mean
+                x /= std
     return Dataset(name, x_tr, y_tr.astype(np.int64), x_te, y_te.astype(np.int64), num_classes,
                    None if ids is None else np.asarray(ids).astype(np.int64), raw.get("vocab"))
 
 
+MAPPED_BYTES = 64 << 20  # training features at least this large are memory-mapped from the cache
+
+
+def take(x: np.ndarray, index) -> np.ndarray:
+    """``x[index]``. From a memory-mapped array the rows are copied out, and the pages read
+    for them are let go, so a process that gathered its part keeps no more of the file."""
+    rows = np.asarray(x[index])
+    mapping = getattr(x, "_mmap", None)
+    if mapping is not None and hasattr(mapping, "madvise"):
+        mapping.madvise(mmap.MADV_DONTNEED)
+    return rows
+
+
+def _mapped_directory(name: str, path: str, seq_len: int, stride: int, label_column: str) -> Path:
+    """Where a loaded, checked and standardised dataset is kept as .npy files: keyed by the
+    load's settings, the source's fingerprint and our data code."""
+    here = Path(__file__).parent
+    code = hashlib.sha256(b"".join((here / f).read_bytes() for f in ("data.py", "sources.py"))).hexdigest()
+    key = json.dumps([name, str(path), seq_len, stride, label_column, sources.fingerprint(name, path), code])
+    return sources.cache_root() / "datasets" / hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def _open_mapped(directory: Path) -> Dataset | None:
+    """The dataset kept in ``directory``, its training features memory-mapped; None if absent."""
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+        arrays = {k: np.load(directory / f"{k}.npy", mmap_mode="r" if k == "x_train" else None, allow_pickle=False)
+                  for k in meta["arrays"]}
+    except (OSError, ValueError, KeyError):
+        return None
+    return Dataset(meta["name"], arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"],
+                   meta["num_classes"], arrays.get("ids_train"), meta["vocab"])
+
+
+def _store_mapped(directory: Path, ds: Dataset) -> None:
+    arrays = {"x_train": ds.x_train, "y_train": ds.y_train, "x_test": ds.x_test, "y_test": ds.y_test}
+    if ds.ids_train is not None:
+        arrays["ids_train"] = ds.ids_train
+    tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for k, a in arrays.items():
+        np.save(tmp / f"{k}.npy", a)
+    (tmp / "meta.json").write_text(json.dumps({"name": ds.name, "num_classes": ds.num_classes, "vocab": ds.vocab,
+                                               "arrays": sorted(arrays)}))
+    try:
+        os.replace(tmp, directory)  # atomic; another process may have stored it first
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @functools.lru_cache(maxsize=4)
 def _load(name: str, path: str, seq_len: int, stride: int, label_column: str) -> Dataset:
+    """A dataset, once per process. A large one (``MAPPED_BYTES``) is kept checked and
+    standardised in the cache and memory-mapped, so the processes of a large simulated
+    fleet (ServerApp, Ray workers) share the file instead of each holding a copy."""
+    if path and not Path(str(path)).expanduser().exists():
+        return _read(name, path, seq_len, stride, label_column)  # its own error names the path
+    directory = _mapped_directory(name, path, seq_len, stride, label_column)
+    mapped = _open_mapped(directory)
+    if mapped is not None:
+        return mapped
+    ds = _read(name, path, seq_len, stride, label_column)
+    if ds.x_train.nbytes < MAPPED_BYTES:
+        return ds
+    try:
+        _store_mapped(directory, ds)
+    except OSError:  # a read-only or full cache costs memory, never the run
+        return ds
+    return _open_mapped(directory) or ds
+
+
+def _read(name: str, path: str, seq_len: int, stride: int, label_column: str) -> Dataset:
     if name == "digits":
         raw = sources.digits()
     elif name == "har":
@@ -151,7 +229,7 @@ def holdout_data(cfg) -> tuple[np.ndarray, np.ndarray]:
     data for model selection, disjoint from the public split and from every device."""
     ds = load_dataset(cfg)
     _, holdout, _ = server_splits(len(ds.y_train), cfg["public-fraction"], cfg["holdout-fraction"], cfg["seed"])
-    return ds.x_train[holdout], ds.y_train[holdout]
+    return take(ds.x_train, holdout), ds.y_train[holdout]
 
 
 def group_ids(ids: np.ndarray, num_groups: int) -> np.ndarray:
@@ -168,61 +246,83 @@ def group_ids(ids: np.ndarray, num_groups: int) -> np.ndarray:
     return np.array([device_of[i] for i in ids], dtype=np.int64)
 
 
+class Partition:
+    """A flwr-datasets partitioner over sample indices, read one device at a time.
+
+    A device's indices are computed when first asked for, so a process that serves a few
+    devices of a large fleet pays for those (and the partitioner's one pass over the
+    labels), not for every device: at 100,000 devices, loading every partition up front was
+    most of a process's start-up."""
+
+    def __init__(self, labels: np.ndarray, num_partitions: int, scheme: str, alpha: float, seed: int,
+                 classes_per_device: int = 2, ids: np.ndarray | None = None):
+        from datasets import Dataset as HFDataset
+        from flwr_datasets.partitioner import (DirichletPartitioner, IidPartitioner,
+                                               NaturalIdPartitioner, PathologicalPartitioner)
+
+        if len(labels) < num_partitions:
+            raise DataError(f"cannot give {num_partitions} devices a sample each from "
+                            f"{len(labels)} training samples")
+        self.num_partitions, self.scheme, self.num_samples = num_partitions, scheme, len(labels)
+        columns = {"label": labels, "index": np.arange(len(labels))}
+        if scheme == "iid":
+            partitioner = IidPartitioner(num_partitions)
+        elif scheme == "dirichlet":
+            partitioner = DirichletPartitioner(num_partitions, partition_by="label", alpha=alpha,
+                                               min_partition_size=2, self_balancing=False,
+                                               shuffle=True, seed=seed)
+        elif scheme == "pathological":
+            partitioner = PathologicalPartitioner(num_partitions, partition_by="label",
+                                                  num_classes_per_partition=classes_per_device,
+                                                  class_assignment_mode="random", seed=seed)
+        elif scheme == "natural":
+            if ids is None:
+                raise DataError("partition 'natural' needs natural ids (speaking role, subject, writer): "
+                                "this dataset has none")
+            columns["device"] = group_ids(ids, num_partitions)
+            partitioner = NaturalIdPartitioner(partition_by="device")
+        else:
+            raise DataError(f"unknown partition '{scheme}'")
+        partitioner.dataset = HFDataset.from_dict(columns)
+        self.partitioner = partitioner
+        self._parts: dict[int, np.ndarray] = {}
+
+    def __getitem__(self, device: int) -> np.ndarray:
+        """Device ``device``'s sample indices (NaturalIdPartitioner numbers the sorted ids, so
+        partition i is device i)."""
+        if device not in self._parts:
+            try:
+                with contextlib.redirect_stderr(io.StringIO()):  # its progress bar, once per process
+                    part = np.asarray(self.partitioner.load_partition(device)["index"], dtype=np.int64)
+            except ValueError as err:
+                raise DataError(f"partition '{self.scheme}' of {self.num_samples} samples into "
+                                f"{self.num_partitions} devices failed: {err}") from err
+            if not len(part):
+                raise DataError(f"partition '{self.scheme}' leaves device {device} of {self.num_partitions} "
+                                f"without samples ({self.num_samples} training samples): use fewer devices "
+                                "or another partition")
+            self._parts[device] = part
+        return self._parts[device]
+
+
 def partition(labels: np.ndarray, num_partitions: int, scheme: str, alpha: float, seed: int,
               classes_per_device: int = 2, ids: np.ndarray | None = None) -> list[np.ndarray]:
-    """Split sample indices among devices with a flwr-datasets partitioner."""
-    from datasets import Dataset as HFDataset
-    from flwr_datasets.partitioner import (DirichletPartitioner, IidPartitioner,
-                                           NaturalIdPartitioner, PathologicalPartitioner)
-
-    if len(labels) < num_partitions:
-        raise DataError(f"cannot give {num_partitions} devices a sample each from "
-                        f"{len(labels)} training samples")
-    columns = {"label": labels, "index": np.arange(len(labels))}
-    if scheme == "iid":
-        partitioner = IidPartitioner(num_partitions)
-    elif scheme == "dirichlet":
-        partitioner = DirichletPartitioner(num_partitions, partition_by="label", alpha=alpha,
-                                           min_partition_size=2, self_balancing=False,
-                                           shuffle=True, seed=seed)
-    elif scheme == "pathological":
-        partitioner = PathologicalPartitioner(num_partitions, partition_by="label",
-                                              num_classes_per_partition=classes_per_device,
-                                              class_assignment_mode="random", seed=seed)
-    elif scheme == "natural":
-        if ids is None:
-            raise DataError("partition 'natural' needs natural ids (speaking role, subject, writer): "
-                            "this dataset has none")
-        columns["device"] = group_ids(ids, num_partitions)
-        partitioner = NaturalIdPartitioner(partition_by="device")
-    else:
-        raise DataError(f"unknown partition '{scheme}'")
-    partitioner.dataset = HFDataset.from_dict(columns)
-    try:  # NaturalIdPartitioner numbers the sorted ids, so partition i is device i
-        with contextlib.redirect_stderr(io.StringIO()):  # its progress bar, once per process
-            parts = [partitioner.load_partition(i)["index"] for i in range(num_partitions)]
-    except ValueError as err:
-        raise DataError(f"partition '{scheme}' of {len(labels)} samples into {num_partitions} "
-                        f"devices failed: {err}") from err
-    parts = [np.asarray(p, dtype=np.int64) for p in parts]
-    empty = [i for i, p in enumerate(parts) if not len(p)]
-    if empty:
-        raise DataError(f"partition '{scheme}' leaves device {empty[0]} of {num_partitions} without "
-                        f"samples ({len(labels)} training samples): use fewer devices or another partition")
-    return parts
+    """Split sample indices among devices with a flwr-datasets partitioner: every device's."""
+    parts = Partition(labels, num_partitions, scheme, alpha, seed, classes_per_device, ids)
+    return [parts[i] for i in range(num_partitions)]
 
 
 @functools.lru_cache(maxsize=8)
-def _device_index(cfg_items: tuple, num_partitions: int) -> tuple[np.ndarray, ...]:
+def _device_partition(cfg_items: tuple, num_partitions: int) -> tuple[np.ndarray, Partition]:
+    """The devices' pool and its partition, once per process; devices are read from it lazily."""
     cfg = dict(cfg_items)
     ds = load_dataset(cfg)
     _, pool = public_split(len(ds.y_train), cfg["public-fraction"], cfg["seed"], cfg["holdout-fraction"])
     ids = ds.ids_train[pool] if ds.ids_train is not None else None
     # Label-skewed partitions need one label per sample: a sequence's last next token.
     labels = ds.y_train[pool] if ds.y_train.ndim == 1 else ds.y_train[pool, -1]
-    parts = partition(labels, num_partitions, cfg["partition"], cfg["dirichlet-alpha"],
-                      cfg["seed"], cfg["classes-per-device"], ids)
-    return tuple(pool[p] for p in parts)
+    return pool, Partition(labels, num_partitions, cfg["partition"], cfg["dirichlet-alpha"],
+                           cfg["seed"], cfg["classes-per-device"], ids)
 
 
 DATA_KEYS = ("dataset", "data-path", "seq-len", "text-stride", "label-column", "public-fraction",
@@ -234,9 +334,10 @@ def device_data(cfg, partition_id: int, num_partitions: int) -> DeviceData:
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} out of range for {num_partitions} partitions")
     ds = load_dataset(cfg)
-    index = _device_index(tuple((k, cfg[k]) for k in DATA_KEYS), num_partitions)[partition_id]
+    pool, parts = _device_partition(tuple((k, cfg[k]) for k in DATA_KEYS), num_partitions)
+    index = pool[parts[partition_id]]
     train, val = local_split(index, cfg["val-fraction"], cfg["seed"], partition_id)
-    return DeviceData(ds.x_train[train], ds.y_train[train], ds.x_train[val], ds.y_train[val])
+    return DeviceData(take(ds.x_train, train), ds.y_train[train], take(ds.x_train, val), ds.y_train[val])
 
 
 def local_split(index: np.ndarray, val_fraction: float, seed: int, device: int) -> tuple[np.ndarray, np.ndarray]:

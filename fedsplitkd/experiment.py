@@ -18,7 +18,7 @@ import numpy as np
 
 from fedsplitkd import config as config_lib
 from fedsplitkd.costs import CostModel
-from fedsplitkd.data import Dataset, load_dataset, server_splits
+from fedsplitkd.data import Dataset, load_dataset, server_splits, take
 from fedsplitkd.device import device_setup, teacher_mode
 from fedsplitkd.models import SplitModel, student_for
 from fedsplitkd.runtime import evaluate, torch_device
@@ -66,7 +66,7 @@ def build(cfg) -> Experiment:
                                        cfg["seed"])
     teacher = None
     if teacher_mode(cfg) != "none":
-        teacher = get_teacher(cfg, dataset, dataset.x_train[public], dataset.y_train[public])
+        teacher = get_teacher(cfg, dataset, take(dataset.x_train, public), dataset.y_train[public])
     streams.init_weights(cfg["seed"])
     # The server holds the whole student (its upper part trains there) on the run's torch
     # device; devices and payloads stay on the CPU.
@@ -79,7 +79,7 @@ def build(cfg) -> Experiment:
     pool = len(dataset.y_train) * (1 - cfg["public-fraction"] - cfg["holdout-fraction"]) * (1 - cfg["val-fraction"]) \
         * cfg["local-epochs"]
     exp = Experiment(dict(cfg), dataset, student, teacher, server, Scheduler(server, cfg, int(pool)),
-                     holdout=(dataset.x_train[holdout], dataset.y_train[holdout]))
+                     holdout=(take(dataset.x_train, holdout), dataset.y_train[holdout]))
     exp.teacher_accuracy  # the pre-trained teacher's, before mutual learning moves it
     return exp
 

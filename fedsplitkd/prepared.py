@@ -17,36 +17,21 @@ import hashlib
 import json
 import os
 import zipfile
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
 from fedsplitkd import data as data_lib
 from fedsplitkd.own_data import ModelShape
-from fedsplitkd.sources import cache_root, sha256_of
+from fedsplitkd.sources import cache_root, fingerprint
 
 # What a device's data is computed from, besides data_lib.DATA_KEYS.
 KEYS = (*data_lib.DATA_KEYS, "val-fraction")
 CODE = ("data.py", "sources.py", "streams.py", "prepared.py")
-BUNDLED = {"digits": "scikit-learn"}  # datasets shipped inside a package: its version names them
 
 
 def default_directory() -> Path:
     return cache_root() / "prepared"
-
-
-def _source(cfg) -> str:
-    """A fingerprint of the data a run config names."""
-    path = Path(str(cfg["data-path"])).expanduser() if cfg["data-path"] else None
-    if path is not None and path.is_file():
-        return sha256_of(path)
-    if path is not None and path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-        return json.dumps([(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
-    package = BUNDLED.get(cfg["dataset"])
-    # Downloads are pinned by checksum (sources.fetch), so their name names their content.
-    return f"{package} {metadata.version(package)}" if package else str(cfg["dataset"])
 
 
 def _code() -> str:
@@ -57,7 +42,7 @@ def _code() -> str:
 def key(cfg, device: int, num_devices: int) -> str:
     """The cache key of device ``device`` of ``num_devices`` under run config ``cfg``."""
     parts = {"settings": {k: cfg[k] for k in KEYS}, "device": device, "devices": num_devices,
-             "source": _source(cfg), "code": _code()}
+             "source": fingerprint(cfg["dataset"], cfg["data-path"]), "code": _code()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
 import urllib.request
 import zipfile
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +57,23 @@ def cache_root() -> Path:
 
 def cache_dir() -> Path:
     return cache_root() / "data"
+
+
+BUNDLED = {"digits": "scikit-learn"}  # datasets shipped inside a package: its version names them
+
+
+def fingerprint(name: str, path: str) -> str:
+    """What identifies the data of dataset ``name`` at ``path``: a file's sha256; a
+    directory's file names, sizes and times; the version of the package that bundles it;
+    else the name (downloads are pinned by checksum, so their name names their content)."""
+    where = Path(str(path)).expanduser() if path else None
+    if where is not None and where.is_file():
+        return sha256_of(where)
+    if where is not None and where.is_dir():
+        files = sorted(p for p in where.rglob("*") if p.is_file())
+        return json.dumps([(str(p.relative_to(where)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+    package = BUNDLED.get(name)
+    return f"{package} {metadata.version(package)}" if package else name
 
 
 def sha256_of(path: Path) -> str:

@@ -10,7 +10,7 @@ import pytest
 
 from fedsplitkd import sources
 from fedsplitkd.config import resolve
-from fedsplitkd.data import DataError, _load, device_data, group_ids, load_dataset, partition
+from fedsplitkd.data import DataError, Partition, _load, device_data, group_ids, load_dataset, partition
 from fedsplitkd.models import build_student, family_for
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -209,6 +209,18 @@ def test_partitions_are_disjoint_covering_and_repeatable(scheme):
         assert all(set(ids[a]).isdisjoint(ids[b]) for i, a in enumerate(parts) for b in parts[i + 1:])
 
 
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "pathological", "natural"])
+def test_a_partition_read_lazily_in_any_order_is_the_same(scheme):
+    """Devices of a large fleet are partitioned on demand; which devices a process asks for,
+    and in which order, changes no device's samples."""
+    labels, ids = np.arange(600) % 10, np.arange(600) // 20
+    every = partition(labels, 12, scheme, 0.5, seed=3, classes_per_device=2, ids=ids)
+    lazy = Partition(labels, 12, scheme, 0.5, seed=3, classes_per_device=2, ids=ids)
+    for device in (11, 4, 0, 7):
+        assert np.array_equal(lazy[device], every[device])
+    assert set(lazy._parts) == {11, 4, 0, 7}  # the others were never computed
+
+
 @pytest.mark.parametrize("holdout", [0.0, 0.1])
 def test_device_splits_are_disjoint_from_each_other_and_the_servers_splits(holdout):
     """Devices, the public split (the teacher's) and the holdout split (model selection) share no sample."""
@@ -265,3 +277,46 @@ def test_a_device_left_without_samples_is_an_error_naming_the_sizes():
         partition(labels, 8, "pathological", 0.5, 0, classes_per_device=1)
     with pytest.raises(DataError, match="has none"):
         partition(np.arange(10), 2, "natural", 0.5, 0)
+
+
+# ---- large datasets: memory-mapped from the cache ---------------------------------------
+def test_a_large_dataset_is_memory_mapped_from_the_cache(tmp_path, monkeypatch):
+    from fedsplitkd import data as data_lib
+
+    monkeypatch.setenv("FEDSPLITKD_CACHE", str(tmp_path / "cache"))
+    cfg = dict(resolve({"dataset": "npz", "data-path": str(HAR_NPZ), "partition": "dirichlet"}))
+    _load.cache_clear()
+    in_memory = load_dataset(cfg)
+    expected = [device_data(cfg, d, 5) for d in (0, 3)]
+    assert not isinstance(in_memory.x_train, np.memmap)
+    monkeypatch.setattr(data_lib, "MAPPED_BYTES", 1)  # this file now counts as large
+    _load.cache_clear()
+    try:
+        stored = load_dataset(cfg)
+        assert isinstance(stored.x_train, np.memmap)
+        _load.cache_clear()
+        monkeypatch.setattr(sources, "npz", lambda path: pytest.fail("read the source again"))
+        mapped = load_dataset(cfg)
+        for name in ("x_train", "y_train", "x_test", "y_test"):
+            np.testing.assert_array_equal(getattr(mapped, name), getattr(in_memory, name))
+        assert (mapped.num_classes, mapped.input_shape) == (in_memory.num_classes, in_memory.input_shape)
+        data_lib._device_partition.cache_clear()
+        for d, want in zip((0, 3), expected):
+            got = device_data(cfg, d, 5)
+            assert type(got.x_train) is np.ndarray and got.x_train.flags.writeable
+            np.testing.assert_array_equal(got.x_train, want.x_train)
+            np.testing.assert_array_equal(got.x_val, want.x_val)
+        assert len(list((tmp_path / "cache" / "datasets").iterdir())) == 1
+    finally:
+        _load.cache_clear()
+
+
+def test_take_copies_rows_out_of_a_mapping(tmp_path):
+    from fedsplitkd.data import take
+
+    np.save(tmp_path / "x.npy", np.arange(4096 * 8, dtype=np.float32).reshape(-1, 8))
+    x = np.load(tmp_path / "x.npy", mmap_mode="r")
+    rows = take(x, np.array([5, 0, 4000]))
+    assert type(rows) is np.ndarray and rows.flags.writeable
+    np.testing.assert_array_equal(rows, np.arange(4096 * 8, dtype=np.float32).reshape(-1, 8)[[5, 0, 4000]])
+    np.testing.assert_array_equal(x[4000], rows[2])  # the mapping still reads after its pages are let go
