@@ -12,7 +12,7 @@ once more with one node per device for comparison. Reported per
 method: start-up (SuperLink to first round, including node discovery), the median round
 time, and the peak resident memory of the whole process tree (SuperLink, ServerApp,
 simulation engine, Ray workers), sampled every 0.2 s. The generated dataset is
-memory-mapped from this run's cache (built once before the runs), so the processes share
+memory-mapped from this run's cache, and the teacher trained, once before the runs, so the processes share
 it rather than each holding a copy. A second split-KD run with a
 tenth of the cohort shows whether memory follows the cohort or the sample.
 
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from fedsplitkd.config import resolve
-from fedsplitkd.data import load_dataset
+from fedsplitkd.experiment import build
 from fedsplitkd.localsim import LocalSimulation, tree_rss_bytes
 
 
@@ -107,8 +107,8 @@ def main() -> None:
             "batch-size": 16, "exchange-batches": 8, "teacher-epochs": 5, "output-dir": str(out),
             "learning-rate": 0.05}
     started = time.perf_counter()
-    load_dataset(resolve(base))  # the memory-mapped copy every run's processes share, built once here
-    print(f"dataset cache built in {time.perf_counter() - started:.1f} s (not in any run's start-up)")
+    build(resolve(base))  # the mapped dataset every run's processes share, and the teacher, made once here
+    print(f"dataset cache and teacher made in {time.perf_counter() - started:.1f} s (in no run's start-up)")
     print(f"{args.devices} virtual devices, {args.sampled} sampled per round, {args.per_device} samples each, "
           f"{args.rounds} rounds, split-KD server batching {args.server_batching}; "
           f"round time = median of rounds 3..{args.rounds}")
