@@ -1,0 +1,61 @@
+"""Does other code compute the same runs? Three cells of the standard preset's tuned configs
+(seed 0, 20 devices, the bench's in-process Flower grid), every metrics.csv column compared.
+
+    git worktree add /tmp/old OLD_COMMIT
+    PYTHONPATH=/tmp/old FEDSPLITKD_CACHE=/tmp/c-old python experiments/same_math.py run old.json
+    FEDSPLITKD_CACHE=/tmp/c-new python experiments/same_math.py run new.json
+    python experiments/same_math.py compare old.json new.json
+
+Each code trains its own teacher (separate caches), so the teacher is compared too.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CELLS = [("digits", "dirichlet-0.5", "splitkd"), ("har", "dirichlet-0.5", "fedavg"), ("har", "dirichlet-0.1", "split")]
+HAR = ROOT.parent / "shared" / "datasets" / "uci_har_subset.npz"
+
+
+def run(out: str) -> None:
+    import fedsplitkd
+    from fedsplitkd.strategies.inprocess import run_app
+
+    tuned = yaml.safe_load(open(ROOT / "experiments" / "bench-standard" / "tuned.yaml"))
+    runs = {}
+    for dataset, partition, method in CELLS:
+        cfg = dict(tuned[dataset][partition][method])
+        if "data-path" in cfg:
+            cfg["data-path"] = str(HAR)
+        directory = Path(tempfile.mkdtemp())
+        run_app({**cfg, "seed": 0, "output-dir": str(directory), "run-name": "run"}, 20)
+        runs["/".join((dataset, partition, method))] = list(csv.DictReader(open(directory / "run" / "metrics.csv")))
+    json.dump({"code": fedsplitkd.__file__, "runs": runs}, open(out, "w"))
+
+
+def compare(first: str, second: str) -> bool:
+    a, b = json.load(open(first)), json.load(open(second))
+    print(f"{a['code']} against {b['code']}")
+    same = True
+    for cell, rows in a["runs"].items():
+        other = b["runs"][cell]
+        diffs = [(r["round"], c) for r, s in zip(rows, other) for c in r if r[c] != s.get(c)]
+        ok = not diffs and len(rows) == len(other)
+        same &= ok
+        print(f"{cell}: {len(rows)} rows, {'identical' if ok else f'differ at {diffs[:3]}'}, "
+              f"final test accuracy {rows[-1]['test_accuracy']} / {other[-1]['test_accuracy']}")
+    return same
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["run"]:
+        run(sys.argv[2])
+    else:
+        sys.exit(0 if compare(sys.argv[2], sys.argv[3]) else 1)
