@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedsplitkd.deployment import LocalDeployment
+from fedsplitkd.deployment import LocalDeployment, parse_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"split-KD": {"method": "splitkd"}, "FedAvg": {"method": "fedavg"}}
@@ -77,8 +77,6 @@ def main(argv: list[str] | None = None) -> None:
     env = {"FEDSPLITKD_TIMING": str(timing), "FEDSPLITKD_CACHE": str(work / "cache")}
     if args.superexec_poll is not None:
         env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(args.superexec_poll)
-    from fedsplitkd.deployment import parse_run_config
-
     common = {"num-rounds": args.rounds, "exchange-batches": 1000, "output-dir": str(work / "out"),
               **parse_run_config(args.run_config)}
     node_configs = [{"cache-dir": ""} if args.no_cache else {} for _ in range(args.supernodes)]

@@ -89,9 +89,6 @@ def device_cost(profile: DeviceProfile, server: EdgeServer, flops: SplitFlops,
     return DeviceCost(device_flops, server_flops, device_flops / profile.flops, uplink_s, downlink_s, energy)
 
 
-SERVER_ALLOCATIONS = ("after-all", "pipelined")
-
-
 def group_delay(costs: list[DeviceCost], server: EdgeServer, deadline_s: float = math.inf,
                 allocation: str = "after-all") -> float:
     """Delay of devices served in parallel; a device is ready after its own time (at most the deadline).

@@ -121,8 +121,7 @@ def take(x: np.ndarray, index) -> np.ndarray:
 def _mapped_directory(name: str, path: str, seq_len: int, stride: int, label_column: str) -> Path:
     """Where a loaded, checked and standardised dataset is kept as .npy files: keyed by the
     load's settings, the source's fingerprint and our data code."""
-    here = Path(__file__).parent
-    code = hashlib.sha256(b"".join((here / f).read_bytes() for f in ("data.py", "sources.py"))).hexdigest()
+    code = sources.code_digest("data.py", "sources.py")
     # The fingerprint, not the path, names the data: a copy of the file elsewhere is the same dataset.
     key = json.dumps([name, seq_len, stride, label_column, sources.fingerprint(name, path), code])
     return sources.cache_root() / "datasets" / hashlib.sha256(key.encode()).hexdigest()[:32]

@@ -23,7 +23,7 @@ import numpy as np
 
 from fedsplitkd import data as data_lib
 from fedsplitkd.own_data import ModelShape
-from fedsplitkd.sources import cache_root, fingerprint
+from fedsplitkd.sources import cache_root, code_digest, fingerprint
 
 # What a device's data is computed from, besides data_lib.DATA_KEYS.
 KEYS = (*data_lib.DATA_KEYS, "val-fraction")
@@ -34,15 +34,10 @@ def default_directory() -> Path:
     return cache_root() / "prepared"
 
 
-def _code() -> str:
-    here = Path(__file__).parent
-    return hashlib.sha256(b"".join((here / name).read_bytes() for name in CODE)).hexdigest()
-
-
 def key(cfg, device: int, num_devices: int) -> str:
     """The cache key of device ``device`` of ``num_devices`` under run config ``cfg``."""
     parts = {"settings": {k: cfg[k] for k in KEYS}, "device": device, "devices": num_devices,
-             "source": fingerprint(cfg["dataset"], cfg["data-path"]), "code": _code()}
+             "source": fingerprint(cfg["dataset"], cfg["data-path"]), "code": code_digest(*CODE)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 

@@ -7,6 +7,7 @@ where the data has one, a natural id per training sample (speaking role, subject
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -68,12 +69,26 @@ def fingerprint(name: str, path: str) -> str:
     else the name (downloads are pinned by checksum, so their name names their content)."""
     where = Path(str(path)).expanduser() if path else None
     if where is not None and where.is_file():
-        return sha256_of(where)
+        stat = where.stat()
+        return _file_digest(str(where.resolve()), stat.st_size, stat.st_mtime_ns)
     if where is not None and where.is_dir():
         files = sorted(p for p in where.rglob("*") if p.is_file())
         return json.dumps([(str(p.relative_to(where)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
     package = BUNDLED.get(name)
     return f"{package} {metadata.version(package)}" if package else name
+
+
+@functools.lru_cache(maxsize=16)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """A data file's sha256, once per process and version of the file (the dataset cache and
+    every device's prepared-data key ask for it)."""
+    return sha256_of(Path(path))
+
+
+def code_digest(*names: str) -> str:
+    """The sha256 of our modules ``names`` (files beside this one): cache keys change with the code."""
+    here = Path(__file__).parent
+    return hashlib.sha256(b"".join((here / name).read_bytes() for name in names)).hexdigest()
 
 
 def sha256_of(path: Path) -> str:
