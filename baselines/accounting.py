@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import statistics
 
-from fedsplitkd.costs import CostModel, DeviceTraffic, SplitFlops
-from fedsplitkd.models import SplitModel
-from fedsplitkd.server import RoundStats
+from fedsplitkd.fleet.costs import CostModel, DeviceTraffic, SplitFlops
+from fedsplitkd.models.zoo import SplitModel
+from fedsplitkd.protocol.server import RoundStats
 
 
 def whole_flops(student: SplitModel) -> SplitFlops:

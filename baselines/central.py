@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from flwr.serverapp import Grid
 
-from fedsplitkd.costs import BACKWARD_FACTOR
-from fedsplitkd.data import device_data
-from fedsplitkd.device import teacher_mode
-from fedsplitkd.experiment import Experiment
-from fedsplitkd.local import pooled, train_whole
-from fedsplitkd.server import RoundStats
+from fedsplitkd.fleet.costs import BACKWARD_FACTOR
+from fedsplitkd.data.datasets import device_data
+from fedsplitkd.protocol.device import teacher_mode
+from fedsplitkd.run.experiment import Experiment
+from fedsplitkd.training.local import pooled, train_whole
+from fedsplitkd.protocol.server import RoundStats
 from fedsplitkd.strategies.grid import NodeMap, discover
 from fedsplitkd.strategies.recorder import Recorder
 

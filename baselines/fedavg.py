@@ -8,10 +8,10 @@ from flwr.serverapp.strategy import FedAvg, FedProx
 
 from fedsplitkd.baselines.accounting import round_stats, whole_flops
 from fedsplitkd.baselines.feddf import FedDF
-from fedsplitkd.data import public_split, take
-from fedsplitkd.models import student_for
-from fedsplitkd.experiment import Experiment
-from fedsplitkd.runtime import load_numpy_state
+from fedsplitkd.data.datasets import public_split, take
+from fedsplitkd.models.zoo import student_for
+from fedsplitkd.run.experiment import Experiment
+from fedsplitkd.protocol.runtime import load_numpy_state
 from fedsplitkd.strategies.grid import FastGrid, NodeMap, discover
 from fedsplitkd.strategies.recorder import Recorder
 

@@ -19,15 +19,13 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from fedsplitkd.baselines.accounting import mean_of_devices, round_stats
-from fedsplitkd.costs import BACKWARD_FACTOR, SplitFlops
-from fedsplitkd.experiment import Experiment, sample_devices
-from fedsplitkd.gkt import server_optimizer, train_server
-from fedsplitkd.payload import PayloadError, require_array, require_labels
+from fedsplitkd.fleet.costs import BACKWARD_FACTOR, SplitFlops
+from fedsplitkd.run.experiment import Experiment, sample_devices
+from fedsplitkd.training.gkt import server_optimizer, train_server
+from fedsplitkd.protocol.payload import PayloadError, require_array, require_labels
 from fedsplitkd.strategies.grid import FastGrid, NodeMap, discover
 from fedsplitkd.strategies.recorder import Recorder
 from fedsplitkd import streams
-
-
 def upload_of(reply: Message, feature_shape: tuple, num_classes: int) -> tuple[np.ndarray, ...]:
     """A device's features, logits and labels, checked before the server trains on them."""
     if "arrays" not in reply.content:

@@ -16,14 +16,12 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from fedsplitkd.baselines.accounting import mean_of_devices, round_stats, whole_flops
-from fedsplitkd.experiment import Experiment, sample_devices
-from fedsplitkd.local import merge_class_logits
-from fedsplitkd.payload import PayloadError, require_array
+from fedsplitkd.run.experiment import Experiment, sample_devices
+from fedsplitkd.training.local import merge_class_logits
+from fedsplitkd.protocol.payload import PayloadError, require_array
 from fedsplitkd.strategies.grid import FastGrid, NodeMap, discover
 from fedsplitkd.strategies.recorder import Recorder
 from fedsplitkd import streams
-
-
 def class_logits_of(reply: Message, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """A device's shared class logits, checked: a malformed reply must not touch the global ones."""
     if "arrays" not in reply.content:

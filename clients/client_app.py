@@ -21,13 +21,13 @@ from flwr.clientapp import ClientApp
 from fedsplitkd.clients.device_app import node_partition
 from fedsplitkd.clients.records import bundle, from_bundle, from_records, load_state, store_state, to_bundle, to_records
 from fedsplitkd.config import resolve
-from fedsplitkd.data import holdout_data, load_dataset
-from fedsplitkd.device import device_setup, handle_evaluate, handle_train, own_device_setup
-from fedsplitkd.gkt import device_head, extract, train_device
-from fedsplitkd.local import class_logits, class_targets, train_whole
-from fedsplitkd.payload import TEACHER, Payload, PayloadError
-from fedsplitkd.models import student_for
-from fedsplitkd.runtime import evaluate as evaluate_model, load_numpy_state
+from fedsplitkd.data.datasets import holdout_data, load_dataset
+from fedsplitkd.protocol.device import device_setup, handle_evaluate, handle_train, own_device_setup
+from fedsplitkd.training.gkt import device_head, extract, train_device
+from fedsplitkd.training.local import class_logits, class_targets, train_whole
+from fedsplitkd.protocol.payload import TEACHER, Payload, PayloadError
+from fedsplitkd.models.zoo import student_for
+from fedsplitkd.protocol.runtime import evaluate as evaluate_model, load_numpy_state
 from fedsplitkd import streams
 from fedsplitkd.clients import timing
 
@@ -60,7 +60,7 @@ def _cache_dir(context: Context) -> str | None:
     cache spares each one partitioning the whole dataset."""
     if "cache-dir" in context.node_config:
         return str(context.node_config["cache-dir"]) or None
-    from fedsplitkd.prepared import default_directory
+    from fedsplitkd.data.prepared import default_directory
 
     return str(default_directory())
 

@@ -19,7 +19,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedsplitkd.clients.records import from_records, load_state, store_state, to_records
-from fedsplitkd.device import DeviceSetup, handle_evaluate, handle_train
+from fedsplitkd.protocol.device import DeviceSetup, handle_evaluate, handle_train
 from fedsplitkd.library import SplitDevice
 
 STATE = "fedsplitkd.device."  # context.state keeps the device's round under this prefix

@@ -16,7 +16,7 @@ import json
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
-from fedsplitkd.payload import Payload, PayloadError
+from fedsplitkd.protocol.payload import Payload, PayloadError
 
 ARRAYS, SCALARS, PACKED = "arrays", "config", "packed"
 

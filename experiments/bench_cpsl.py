@@ -27,8 +27,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from fedsplitkd.experiment import run_inprocess
-from fedsplitkd.profiles import BUNDLED_CLASSES
+from fedsplitkd.run.experiment import run_inprocess
+from fedsplitkd.fleet.profiles import BUNDLED_CLASSES
 
 VARIANTS = {
     "fixed cut, no clustering": {"clusters": "1", "cut": "default", "bandwidth-allocation": "equal"},

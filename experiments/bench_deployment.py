@@ -1,6 +1,6 @@
 """Split-KD against Flower's FedAvg in one real deployment: round times and where they go.
 
-One TLS deployment on 127.0.0.1 (``fedsplitkd.deployment.LocalDeployment``: a SuperLink and
+One TLS deployment on 127.0.0.1 (``fedsplitkd.tools.deployment.LocalDeployment``: a SuperLink and
 3 SuperNodes, a device each) runs the same job twice, as split-KD (``exchange-batches``
 1000: one forward and one backward message per device per round) and as ``method=fedavg``
 (Flower's FedAvg strategy: one training message per device per round). A SuperNode starts
@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedsplitkd.deployment import LocalDeployment, parse_run_config
+from fedsplitkd.tools.deployment import LocalDeployment, parse_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"split-KD": {"method": "splitkd"}, "FedAvg": {"method": "fedavg"}}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsplitkd.localsim import LocalSimulation
+from fedsplitkd.tools.localsim import LocalSimulation
 
 ROOT = Path(__file__).resolve().parents[1]
 DROPS = ("dropped_failed", "dropped_invalid", "dropped_forward", "dropped_backward")

@@ -18,7 +18,7 @@ import argparse
 import logging
 import statistics
 
-from fedsplitkd.experiment import run_inprocess
+from fedsplitkd.run.experiment import run_inprocess
 
 STAGES = ("forward", "backward")
 

@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 
 from fedsplitkd.config import resolve
-from fedsplitkd.data import device_data
-from fedsplitkd.device import batch_plan
-from fedsplitkd.experiment import build, run_inprocess
-from fedsplitkd.kd import kd_loss
-from fedsplitkd.localsim import LocalSimulation
-from fedsplitkd.runtime import evaluate
+from fedsplitkd.data.datasets import device_data
+from fedsplitkd.protocol.device import batch_plan
+from fedsplitkd.run.experiment import build, run_inprocess
+from fedsplitkd.protocol.kd import kd_loss
+from fedsplitkd.tools.localsim import LocalSimulation
+from fedsplitkd.protocol.runtime import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 

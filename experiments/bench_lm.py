@@ -22,13 +22,13 @@ import numpy as np
 import torch
 
 from fedsplitkd import config as config_lib
-from fedsplitkd.data import device_data
-from fedsplitkd.device import device_setup
-from fedsplitkd.experiment import build, sample_devices
-from fedsplitkd.gpt import train_flops_per_token
-from fedsplitkd.local import train_whole
-from fedsplitkd.runtime import load_numpy_state, state_to_numpy
-from fedsplitkd.server import InProcessTransport, average
+from fedsplitkd.data.datasets import device_data
+from fedsplitkd.protocol.device import device_setup
+from fedsplitkd.run.experiment import build, sample_devices
+from fedsplitkd.models.gpt import train_flops_per_token
+from fedsplitkd.training.local import train_whole
+from fedsplitkd.protocol.runtime import load_numpy_state, state_to_numpy
+from fedsplitkd.protocol.server import InProcessTransport, average
 
 PRESETS = {  # sizes that fit ~5 minutes on 2 CPU cores, and a larger case for a GPU
     "cpu": {"seq-len": 32, "text-stride": 512, "gpt-student": "2x64x4", "gpt-teacher": "4x128x4",
@@ -89,8 +89,8 @@ def run_fedavg(cfg: dict, devices: int) -> tuple[list[float], int, int, float]:
 def model_flops_per_token(cfg: dict, method: str) -> float:
     """Training FLOPs of the student per token, plus the teacher's forward (a third of its
     training FLOPs) where KD needs it."""
-    from fedsplitkd.data import load_dataset
-    from fedsplitkd.models import student_for, teacher_for
+    from fedsplitkd.data.datasets import load_dataset
+    from fedsplitkd.models.zoo import student_for, teacher_for
 
     resolved = config_lib.resolve(cfg)
     dataset = load_dataset(resolved)

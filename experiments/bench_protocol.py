@@ -19,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedsplitkd.experiment import run_inprocess
-from fedsplitkd.localsim import LocalSimulation
+from fedsplitkd.run.experiment import run_inprocess
+from fedsplitkd.tools.localsim import LocalSimulation
 
 
 def median_round(rows: list[dict]) -> float:

@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from fedsplitkd.config import resolve
-from fedsplitkd.experiment import build
-from fedsplitkd.localsim import LocalSimulation, tree_rss_bytes
+from fedsplitkd.run.experiment import build
+from fedsplitkd.tools.localsim import LocalSimulation, tree_rss_bytes
 
 
 def write_dataset(path: Path, devices: int, per_device: int, seed: int = 0) -> Path:

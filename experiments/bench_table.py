@@ -3,7 +3,7 @@ stopped, reports the dataset x partition x method cells that are complete and na
 
     python experiments/bench_table.py experiments/configs/quick.yaml --out results/quick
 
-It replays the harness's own protocol (fedsplitkd.bench.bench) with a runner that only reads
+It replays the harness's own protocol (fedsplitkd.tools.bench.bench) with a runner that only reads
 the cache: the seeded tuning asks for the same trials in the same order, so a complete cell
 gives exactly the row the finished sweep would. Nothing is run. summary.md, summary.csv,
 tuned.yaml and the plots are written as the harness writes them, for the complete cells.
@@ -15,9 +15,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from fedsplitkd import bench
-
-
+from fedsplitkd.tools import bench
 class NotCached(Exception):
     pass
 

@@ -51,7 +51,7 @@ def _str(default: str, accepts: str = "a string") -> Key:
 
 
 def _gpt_size_ok(value: Any) -> bool:
-    from fedsplitkd.gpt import GPTSize
+    from fedsplitkd.models.gpt import GPTSize
 
     try:
         GPTSize.parse(value)

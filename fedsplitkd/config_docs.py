@@ -59,7 +59,7 @@ MEANING: dict[str, str] = {
     'energy-control': "adaptive cut and devices' per-round energy budgets: `budget` (a cut that exceeds a device's budget in a round is infeasible) or `lyapunov` (ASL's energy-deficit queue: a device may exceed its budget in a round, the cut minimises `lyapunov-v` × delay + Σ queue × energy each round, and the queues keep each device within budget on average)",
     'lyapunov-v': "with `energy-control = lyapunov`: the weight of delay (in units of the best cut's) against the queues (budgets owed × budgets spent): larger, faster rounds and a longer way back to the budget",
     'bandwidth-allocation': "`dedicated` (each device its own link), `equal` (the edge's spectrum split evenly among the devices served at once) or `minmax` (split to minimise the slowest device's time)",
-    'device-classes': "YAML of device classes and the edge server (`''` = the bundled `fedsplitkd/device_classes.yaml`)",
+    'device-classes': "YAML of device classes and the edge server (`''` = the bundled `fedsplitkd/fleet/device_classes.yaml`)",
     'class-mix': "e.g. `'mcu:1,raspberry_pi:2'` (`''` = every class alike)",
     'profile-jitter': "each device's compute, energy per FLOP, bandwidths and distance scaled by U(1 − j, 1 + j)",
     'profile-file': 'a CSV with one profile per device (partition order) instead of sampling',

@@ -27,12 +27,12 @@ import torch
 from torch import nn
 
 from fedsplitkd.config import DEFAULTS, ConfigError, resolve
-from fedsplitkd.costs import CostModel
-from fedsplitkd.data import DeviceData
-from fedsplitkd.device import DeviceSetup
-from fedsplitkd.models import SplitModel
-from fedsplitkd.runtime import OptimizerFactory
-from fedsplitkd.server import SplitKDServer
+from fedsplitkd.fleet.costs import CostModel
+from fedsplitkd.data.datasets import DeviceData
+from fedsplitkd.protocol.device import DeviceSetup
+from fedsplitkd.models.zoo import SplitModel
+from fedsplitkd.protocol.runtime import OptimizerFactory
+from fedsplitkd.protocol.server import SplitKDServer
 
 Blocks = nn.Sequential | list[tuple[str, nn.Module]]
 TEACHER_EMBEDDING = "embedding"  # the teacher's first block: the one the devices run
@@ -169,7 +169,7 @@ class SplitDevice:
                               "module on the device (or kd_alpha = 0: split learning without KD)")
 
     def setup(self, device_id: int) -> DeviceSetup:
-        """The protocol's view of this device (``fedsplitkd.device.handle_train`` serves it)."""
+        """The protocol's view of this device (``fedsplitkd.protocol.device.handle_train`` serves it)."""
         data = DeviceData(self.x_train, self.y_train, self.x_val, self.y_val)
         embedding = None
         if self.cfg["kd-alpha"] > 0:  # named as the server's teacher names it, so its weights load

@@ -9,9 +9,9 @@ from logging import INFO
 from flwr.app import MetricRecord
 from flwr.supercore import log
 
-from fedsplitkd.experiment import Experiment, metrics_row
-from fedsplitkd.results import ResultsWriter
-from fedsplitkd.server import RoundStats
+from fedsplitkd.run.experiment import Experiment, metrics_row
+from fedsplitkd.run.results import ResultsWriter
+from fedsplitkd.protocol.server import RoundStats
 
 
 class Recorder:

@@ -9,12 +9,12 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from fedsplitkd import checkpoint
+from fedsplitkd.run import checkpoint
 from fedsplitkd.baselines import central, fedavg, fedgkt, local
 from fedsplitkd.config import resolve
-from fedsplitkd.experiment import Experiment, build
-from fedsplitkd.results import ResultsWriter, run_dir
-from fedsplitkd.sources import CharTokenizer
+from fedsplitkd.run.experiment import Experiment, build
+from fedsplitkd.run.results import ResultsWriter, run_dir
+from fedsplitkd.data.sources import CharTokenizer
 from fedsplitkd.strategies.recorder import Recorder
 from fedsplitkd.strategies.splitkd import SplitKD
 

@@ -15,18 +15,16 @@ from flwr.supercore import log
 
 from fedsplitkd.clients.records import (BACKWARD, FORWARD, SPLIT_EVALUATE, from_bundle, from_records, to_bundle,
                                        to_records)
-from fedsplitkd.costs import CostModel
-from fedsplitkd.device import BACKWARD_KIND
-from fedsplitkd.experiment import sample_devices
+from fedsplitkd.fleet.costs import CostModel
+from fedsplitkd.protocol.device import BACKWARD_KIND
+from fedsplitkd.run.experiment import sample_devices
 from fedsplitkd.library import Blocks, OptimizerFactory, SplitKDConfig, edge_server
-from fedsplitkd.payload import WEIGHTS, Payload, PayloadError, pack
-from fedsplitkd.runtime import load_numpy_state, state_to_numpy
-from fedsplitkd.schedule import Scheduler
+from fedsplitkd.protocol.payload import WEIGHTS, Payload, PayloadError, pack
+from fedsplitkd.protocol.runtime import load_numpy_state, state_to_numpy
+from fedsplitkd.fleet.schedule import Scheduler
 from fedsplitkd.strategies.grid import NodeMap, discover, poll_delay
-from fedsplitkd.server import RoundStats, SplitKDServer, exchange
+from fedsplitkd.protocol.server import RoundStats, SplitKDServer, exchange
 from fedsplitkd import streams
-
-
 class GridTransport:
     """Carries protocol payloads as Flower Messages over a Grid, polling for replies.
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from fedsplitkd.config import resolve
-from fedsplitkd.data import device_data
-from fedsplitkd.localsim import LocalSimulation
-from fedsplitkd.models import build_student
+from fedsplitkd.data.datasets import device_data
+from fedsplitkd.tools.localsim import LocalSimulation
+from fedsplitkd.models.zoo import build_student
 
 pytestmark = pytest.mark.integration  # Flower runs through a SuperLink
 

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from fedsplitkd import bench
-
+from fedsplitkd.tools import bench
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = """
 devices: 3

@@ -11,13 +11,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedsplitkd import config as config_lib
-from fedsplitkd import experiment
+from fedsplitkd.run import experiment
 from fedsplitkd.clients.client_app import STATE_PREFIX, evaluate, split_backward, split_forward
 from fedsplitkd.clients.records import from_records, to_records
-from fedsplitkd.device import device_setup
-from fedsplitkd.payload import TEACHER, WEIGHTS, PayloadError, unpack
-from fedsplitkd.runtime import state_to_numpy
-from fedsplitkd.server import InProcessTransport
+from fedsplitkd.protocol.device import device_setup
+from fedsplitkd.protocol.payload import TEACHER, WEIGHTS, PayloadError, unpack
+from fedsplitkd.protocol.runtime import state_to_numpy
+from fedsplitkd.protocol.server import InProcessTransport
 
 from conftest import tiny
 from malformed import MUTATIONS

@@ -9,10 +9,10 @@ from torch import nn
 
 from conftest import tiny
 from fedsplitkd.config import resolve
-from fedsplitkd.costs import DeviceCost, DeviceTraffic, SplitFlops, device_cost, group_delay, round_delay
-from fedsplitkd.experiment import run_inprocess
-from fedsplitkd.models import build_student, build_teacher
-from fedsplitkd.profiles import (DeviceProfile, EdgeServer, Fleet, ProfileError, load_classes,
+from fedsplitkd.fleet.costs import DeviceCost, DeviceTraffic, SplitFlops, device_cost, group_delay, round_delay
+from fedsplitkd.run.experiment import run_inprocess
+from fedsplitkd.models.zoo import build_student, build_teacher
+from fedsplitkd.fleet.profiles import (DeviceProfile, EdgeServer, Fleet, ProfileError, load_classes,
                                  load_profile_csv, parse_mix)
 
 PROFILE = DeviceProfile("test", flops=1e9, memory_bytes=1e6, energy_per_flop=1e-9, uplink_hz=1e6,
@@ -164,7 +164,7 @@ def test_stragglers_past_the_deadline_are_dropped_or_waited_for():
 
 def test_fading_is_repeatable_and_unit_mean():
     cfg = resolve({"fading": True})
-    from fedsplitkd.costs import CostModel
+    from fedsplitkd.fleet.costs import CostModel
     model = CostModel.from_config(cfg)
     draws = []
     for r in range(1, 400):
@@ -186,11 +186,11 @@ def _play(path):
 def test_the_adaptive_cuts_predicted_traffic_is_what_a_round_sends(tmp_path, case):
     """The prediction the cut is chosen by equals a real round's bytes: labels are 8 bytes
     per position for a sequence (8 x T a sample), plus 8 bytes per minibatch size."""
-    from fedsplitkd import experiment
-    from fedsplitkd.device import device_setup
-    from fedsplitkd.payload import payload_bytes, pack, TEACHER
-    from fedsplitkd.schedule import predicted_traffic
-    from fedsplitkd.server import InProcessTransport
+    from fedsplitkd.run import experiment
+    from fedsplitkd.protocol.device import device_setup
+    from fedsplitkd.protocol.payload import payload_bytes, pack, TEACHER
+    from fedsplitkd.fleet.schedule import predicted_traffic
+    from fedsplitkd.protocol.server import InProcessTransport
     from test_lm import lm_run
     overrides = tiny(local_epochs=2) if case == "classifier" else {**lm_run(_play(tmp_path / "play.txt")),
                                                                     "local-epochs": 2}
@@ -209,7 +209,7 @@ def test_feddf_distillation_is_priced_as_server_compute():
     """Per step and sample: each member's forward, the fused model's forward and backward."""
     from fedsplitkd.baselines.accounting import round_stats, whole_flops
     from fedsplitkd.baselines.feddf import distill_flops
-    from fedsplitkd.costs import CostModel
+    from fedsplitkd.fleet.costs import CostModel
     cfg = resolve(tiny())
     student = build_student("auto", (1, 8, 8), 10)
     forward = sum(s.forward_flops for s in student.block_stats())

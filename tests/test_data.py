@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedsplitkd import sources
+from fedsplitkd.data import sources
 from fedsplitkd.config import resolve
-from fedsplitkd.data import DataError, Partition, _load, device_data, group_ids, load_dataset, partition
-from fedsplitkd.models import build_student, family_for
+from fedsplitkd.data.datasets import DataError, Partition, _load, device_data, group_ids, load_dataset, partition
+from fedsplitkd.models.zoo import build_student, family_for
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 HAR_NPZ, SHAKESPEARE = SHARED / "uci_har_subset.npz", SHARED / "tiny_shakespeare.txt"
@@ -224,7 +224,7 @@ def test_a_partition_read_lazily_in_any_order_is_the_same(scheme):
 @pytest.mark.parametrize("holdout", [0.0, 0.1])
 def test_device_splits_are_disjoint_from_each_other_and_the_servers_splits(holdout):
     """Devices, the public split (the teacher's) and the holdout split (model selection) share no sample."""
-    from fedsplitkd.data import holdout_data, server_splits
+    from fedsplitkd.data.datasets import holdout_data, server_splits
     c = cfg(partition="dirichlet", **{"holdout-fraction": holdout})
     ds = load_dataset(c)
     seen = []
@@ -281,8 +281,7 @@ def test_a_device_left_without_samples_is_an_error_naming_the_sizes():
 
 # ---- large datasets: memory-mapped from the cache ---------------------------------------
 def test_a_large_dataset_is_memory_mapped_from_the_cache(tmp_path, monkeypatch):
-    from fedsplitkd import data as data_lib
-
+    from fedsplitkd.data import datasets as data_lib
     monkeypatch.setenv("FEDSPLITKD_CACHE", str(tmp_path / "cache"))
     cfg = dict(resolve({"dataset": "npz", "data-path": str(HAR_NPZ), "partition": "dirichlet"}))
     _load.cache_clear()
@@ -312,7 +311,7 @@ def test_a_large_dataset_is_memory_mapped_from_the_cache(tmp_path, monkeypatch):
 
 
 def test_take_copies_rows_out_of_a_mapping(tmp_path):
-    from fedsplitkd.data import take
+    from fedsplitkd.data.datasets import take
 
     np.save(tmp_path / "x.npy", np.arange(4096 * 8, dtype=np.float32).reshape(-1, 8))
     x = np.load(tmp_path / "x.npy", mmap_mode="r")

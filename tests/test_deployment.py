@@ -16,16 +16,16 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedsplitkd.config import resolve
-from fedsplitkd.data import load_dataset
-from fedsplitkd.deployment import (
+from fedsplitkd.data.datasets import load_dataset
+from fedsplitkd.tools.deployment import (
     DeploymentResult,
     LocalDeployment,
     alive,
     parse_run_config,
 )
-from fedsplitkd.experiment import run_inprocess
-from fedsplitkd.models import student_for
-from fedsplitkd.runtime import evaluate
+from fedsplitkd.run.experiment import run_inprocess
+from fedsplitkd.models.zoo import student_for
+from fedsplitkd.protocol.runtime import evaluate
 
 pytestmark = pytest.mark.integration  # Flower runs through a SuperLink
 

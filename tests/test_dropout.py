@@ -7,10 +7,10 @@ import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedsplitkd import config as config_lib
-from fedsplitkd.device import DeviceDropout, device_setup, handle_evaluate
-from fedsplitkd.experiment import build, run_inprocess
-from fedsplitkd.payload import WEIGHTS, pack
-from fedsplitkd.runtime import state_to_numpy
+from fedsplitkd.protocol.device import DeviceDropout, device_setup, handle_evaluate
+from fedsplitkd.run.experiment import build, run_inprocess
+from fedsplitkd.protocol.payload import WEIGHTS, pack
+from fedsplitkd.protocol.runtime import state_to_numpy
 from fedsplitkd.strategies.splitkd import GridTransport
 
 from conftest import tiny

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fedsplitkd.localsim import LocalSimulation
+from fedsplitkd.tools.localsim import LocalSimulation
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "own-model"
 SPLIT_KD_LINES = 30  # the bound on split-KD-specific code in the user's files

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from fedsplitkd.local import class_logits, class_targets, merge_class_logits
+from fedsplitkd.training.local import class_logits, class_targets, merge_class_logits
 
 
 def test_class_logits_are_per_class_means():

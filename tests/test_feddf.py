@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from fedsplitkd.baselines.feddf import ensemble_distill
-from fedsplitkd.models import build_student
+from fedsplitkd.models.zoo import build_student
 
 
 def kl_to_ensemble(model, members, x, temperature=3.0):

@@ -8,10 +8,10 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedsplitkd.baselines.fedgkt import upload_of
 from fedsplitkd.config import resolve
-from fedsplitkd.gkt import device_head, server_optimizer, train_server
-from fedsplitkd.kd import kd_loss
-from fedsplitkd.models import build_student
-from fedsplitkd.payload import PayloadError
+from fedsplitkd.training.gkt import device_head, server_optimizer, train_server
+from fedsplitkd.protocol.kd import kd_loss
+from fedsplitkd.models.zoo import build_student
+from fedsplitkd.protocol.payload import PayloadError
 
 
 def test_server_training_fits_the_devices_logits():

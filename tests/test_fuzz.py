@@ -18,9 +18,9 @@ from flwr.app import Message
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedsplitkd import config as config_lib
-from fedsplitkd import experiment
+from fedsplitkd.run import experiment
 from fedsplitkd.clients.client_app import split_backward, split_forward
-from fedsplitkd.device import device_setup
+from fedsplitkd.protocol.device import device_setup
 from fedsplitkd.strategies.splitkd import BACKWARD, GridTransport
 
 from conftest import tiny
@@ -161,7 +161,7 @@ def test_malformed_packed_records_raise_payload_errors(name):
     from flwr.app import ConfigRecord, RecordDict
 
     from fedsplitkd.clients.records import from_records
-    from fedsplitkd.payload import PayloadError
+    from fedsplitkd.protocol.payload import PayloadError
     records, reason = PACKED_CASES[name]
     if records is None:
         records = RecordDict({"packed": ConfigRecord({"layout": "{not json", "data": b""})})

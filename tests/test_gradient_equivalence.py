@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from fedsplitkd import config as config_lib
-from fedsplitkd import experiment
-from fedsplitkd.device import batch_plan, device_setup
-from fedsplitkd.kd import kd_loss
-from fedsplitkd.models import build_student, build_teacher
-from fedsplitkd.runtime import DeviceRuntime, EdgeRuntime, round_lr
-from fedsplitkd.server import InProcessTransport
+from fedsplitkd.run import experiment
+from fedsplitkd.protocol.device import batch_plan, device_setup
+from fedsplitkd.protocol.kd import kd_loss
+from fedsplitkd.models.zoo import build_student, build_teacher
+from fedsplitkd.protocol.runtime import DeviceRuntime, EdgeRuntime, round_lr
+from fedsplitkd.protocol.server import InProcessTransport
 
 from conftest import tiny
 
@@ -169,7 +169,7 @@ def test_protocol_round_moved_the_device_part(protocol_round):
 
 
 def test_teacher_cache_is_in_the_temporary_directory(protocol_round, teacher_cache_dir):
-    from fedsplitkd.teacher import default_cache_dir
+    from fedsplitkd.models.teacher import default_cache_dir
 
     assert default_cache_dir() == teacher_cache_dir / "teachers"
     assert list((teacher_cache_dir / "teachers").glob("teacher-*.pt"))

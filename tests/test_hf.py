@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from fedsplitkd.config import resolve
-from fedsplitkd.hf import load_split
-from fedsplitkd.models import student_for, teacher_for
-from fedsplitkd.runtime import DeviceRuntime, EdgeRuntime
+from fedsplitkd.models.hf import load_split
+from fedsplitkd.models.zoo import student_for, teacher_for
+from fedsplitkd.protocol.runtime import DeviceRuntime, EdgeRuntime
 
 transformers = pytest.importorskip("transformers")
 

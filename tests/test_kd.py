@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fedsplitkd.kd import kd_loss
+from fedsplitkd.protocol.kd import kd_loss
 
 STUDENT = [[2.0, 0.5, -1.0], [0.1, 1.5, 0.3]]
 TEACHER = [[1.0, 2.0, 0.0], [-0.5, 0.25, 3.0]]

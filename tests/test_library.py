@@ -15,11 +15,11 @@ from torch import nn
 from fedsplitkd import SplitDevice, SplitKDConfig, edge_server
 from fedsplitkd.clients import register_device
 from fedsplitkd.config import ConfigError, resolve
-from fedsplitkd.device import device_setup
-from fedsplitkd.experiment import build
+from fedsplitkd.protocol.device import device_setup
+from fedsplitkd.run.experiment import build
 from fedsplitkd.library import to_arrays
-from fedsplitkd.runtime import evaluate
-from fedsplitkd.server import InProcessTransport
+from fedsplitkd.protocol.runtime import evaluate
+from fedsplitkd.protocol.server import InProcessTransport
 from fedsplitkd.strategies import SplitKD
 from fedsplitkd.strategies.inprocess import InProcessGrid, _server_identity
 

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from fedsplitkd import sources
+from fedsplitkd.data import sources
 from fedsplitkd.config import ConfigError, resolve
-from fedsplitkd.data import _load, device_data, load_dataset
-from fedsplitkd.experiment import run_inprocess
-from fedsplitkd.gpt import GPTSize, gpt, train_flops_per_token
-from fedsplitkd.kd import kd_loss
-from fedsplitkd.localsim import LocalSimulation
-from fedsplitkd.models import build_student, build_teacher, student_for
-from fedsplitkd.runtime import DeviceRuntime, EdgeRuntime, evaluate
+from fedsplitkd.data.datasets import _load, device_data, load_dataset
+from fedsplitkd.run.experiment import run_inprocess
+from fedsplitkd.models.gpt import GPTSize, gpt, train_flops_per_token
+from fedsplitkd.protocol.kd import kd_loss
+from fedsplitkd.tools.localsim import LocalSimulation
+from fedsplitkd.models.zoo import build_student, build_teacher, student_for
+from fedsplitkd.protocol.runtime import DeviceRuntime, EdgeRuntime, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "datasets" / "tiny_shakespeare.txt"

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from fedsplitkd.config import resolve
-from fedsplitkd.data import DataError, device_data
-from fedsplitkd.deployment import LocalDeployment
-from fedsplitkd.experiment import run_inprocess
-from fedsplitkd.own_data import device_file, main as split_main, write_device_files
+from fedsplitkd.data.datasets import DataError, device_data
+from fedsplitkd.tools.deployment import LocalDeployment
+from fedsplitkd.run.experiment import run_inprocess
+from fedsplitkd.data.own_data import device_file, main as split_main, write_device_files
 from fedsplitkd.strategies.inprocess import InProcessGrid, _server_identity
 from fedsplitkd.strategies.server_app import run
 

@@ -1,4 +1,4 @@
-"""The on-device cache of prepared data (fedsplitkd.prepared): the same data, no partitioning."""
+"""The on-device cache of prepared data (fedsplitkd.data.prepared): the same data, no partitioning."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from fedsplitkd import prepared
+from fedsplitkd.data import prepared
 from fedsplitkd.clients.client_app import _cache_dir
 from fedsplitkd.config import resolve
-from fedsplitkd.data import device_data, load_dataset
-from fedsplitkd.device import device_setup
+from fedsplitkd.data.datasets import device_data, load_dataset
+from fedsplitkd.protocol.device import device_setup
 
 HAR = "../shared/datasets/uci_har_subset.npz"
 
@@ -89,9 +89,9 @@ def test_a_fresh_device_process_imports_only_what_its_message_needs(tmp_path):
         import sys
         import numpy as np
         from fedsplitkd.config import resolve
-        from fedsplitkd.device import device_setup, handle_train
-        from fedsplitkd.payload import TEACHER, WEIGHTS, pack
-        from fedsplitkd.runtime import state_to_numpy
+        from fedsplitkd.protocol.device import device_setup, handle_train
+        from fedsplitkd.protocol.payload import TEACHER, WEIGHTS, pack
+        from fedsplitkd.protocol.runtime import state_to_numpy
         cfg = dict(resolve({{"partition": "dirichlet", "exchange-batches": 1000}}))
         setup = device_setup(cfg, 2, 3, {str(tmp_path)!r})
         request = {{"round": 1, "kind": "forward", **pack(WEIGHTS, state_to_numpy(setup.student.device_part(cfg["cut"]))),

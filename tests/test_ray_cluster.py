@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from fedsplitkd.experiment import run_inprocess
-from fedsplitkd.localsim import LocalSimulation, _free_port, descendants
+from fedsplitkd.run.experiment import run_inprocess
+from fedsplitkd.tools.localsim import LocalSimulation, _free_port, descendants
 
 from conftest import tiny
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedsplitkd import checkpoint
+from fedsplitkd.run import checkpoint
 from fedsplitkd.config import ConfigError
-from fedsplitkd.experiment import run_inprocess
-from fedsplitkd.localsim import LocalSimulation
+from fedsplitkd.run.experiment import run_inprocess
+from fedsplitkd.tools.localsim import LocalSimulation
 
 from conftest import tiny
 

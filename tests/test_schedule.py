@@ -8,13 +8,13 @@ import pytest
 
 from conftest import tiny
 from fedsplitkd.config import resolve
-from fedsplitkd.costs import DeviceTraffic, SplitFlops, allocate_bandwidth, device_cost
-from fedsplitkd.device import device_setup
-from fedsplitkd.experiment import build
-from fedsplitkd.payload import WEIGHTS, unpack
-from fedsplitkd.profiles import EdgeServer, load_classes, sample_profile
-from fedsplitkd.schedule import cluster_devices, cut_table, pick_cut
-from fedsplitkd.server import InProcessTransport
+from fedsplitkd.fleet.costs import DeviceTraffic, SplitFlops, allocate_bandwidth, device_cost
+from fedsplitkd.protocol.device import device_setup
+from fedsplitkd.run.experiment import build
+from fedsplitkd.protocol.payload import WEIGHTS, unpack
+from fedsplitkd.fleet.profiles import EdgeServer, load_classes, sample_profile
+from fedsplitkd.fleet.schedule import cluster_devices, cut_table, pick_cut
+from fedsplitkd.protocol.server import InProcessTransport
 
 
 def test_kmeans_recovers_planted_device_classes():
@@ -130,7 +130,7 @@ def test_lyapunov_queues_keep_the_energy_budget_on_average_at_less_delay():
     """A device whose fastest cut overspends its budget: ``budget`` never takes that cut, ASL's
     energy-deficit queue takes it while the device is in credit, so its energy is within budget
     on average and its rounds are faster."""
-    from fedsplitkd.schedule import predicted_traffic, update_queues
+    from fedsplitkd.fleet.schedule import predicted_traffic, update_queues
 
     exp = build(resolve(tiny()))
     costs, server = exp.server.costs, exp.server
@@ -158,7 +158,7 @@ def test_lyapunov_queues_keep_the_energy_budget_on_average_at_less_delay():
 
 
 def test_update_queues_is_the_deficit_recursion():
-    from fedsplitkd.schedule import update_queues
+    from fedsplitkd.fleet.schedule import update_queues
 
     queues = {}
     update_queues(queues, {0: 3.0, 1: 1.0, 2: 5.0}, {0: 2.0, 1: 2.0, 2: math.inf})

@@ -7,9 +7,9 @@ import torch
 from conftest import tiny
 from malformed import Tampering
 from fedsplitkd.config import resolve
-from fedsplitkd.device import device_setup, handle_train
-from fedsplitkd.experiment import build
-from fedsplitkd.server import InProcessTransport
+from fedsplitkd.protocol.device import device_setup, handle_train
+from fedsplitkd.run.experiment import build
+from fedsplitkd.protocol.server import InProcessTransport
 
 
 def setup(overrides):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedsplitkd.sgd import DeviceSGD
+from fedsplitkd.protocol.sgd import DeviceSGD
 
 
 def _model(seed: int) -> nn.Module:
@@ -59,8 +59,8 @@ def test_state_round_trips_and_continues_exactly():
 
 
 def test_device_backward_is_the_vector_jacobian_product_bit_for_bit():
-    from fedsplitkd.runtime import DeviceRuntime
-    from fedsplitkd.splitmodel import SplitModel
+    from fedsplitkd.protocol.runtime import DeviceRuntime
+    from fedsplitkd.models.splitmodel import SplitModel
 
     torch.manual_seed(0)
     student = SplitModel([("conv", nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())), ("flat", nn.Flatten()),
@@ -75,7 +75,7 @@ def test_device_backward_is_the_vector_jacobian_product_bit_for_bit():
 
 
 def test_a_device_step_does_not_import_torch_dynamo():
-    script = ("import sys, torch; from fedsplitkd.sgd import DeviceSGD; m = torch.nn.Linear(3, 2); "
+    script = ("import sys, torch; from fedsplitkd.protocol.sgd import DeviceSGD; m = torch.nn.Linear(3, 2); "
               "o = DeviceSGD(m.parameters(), 0.1, 0.9); m(torch.ones(1, 3)).sum().backward(); o.step(); "
               "print('torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout

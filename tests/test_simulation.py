@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from fedsplitkd.config import resolve
-from fedsplitkd.data import device_data
-from fedsplitkd.device import batch_plan
-from fedsplitkd.experiment import run_inprocess
-from fedsplitkd.localsim import LocalSimulation
-from fedsplitkd.models import build_student, build_teacher
-from fedsplitkd.results import load_student
-from fedsplitkd.runtime import evaluate
+from fedsplitkd.data.datasets import device_data
+from fedsplitkd.protocol.device import batch_plan
+from fedsplitkd.run.experiment import run_inprocess
+from fedsplitkd.tools.localsim import LocalSimulation
+from fedsplitkd.models.zoo import build_student, build_teacher
+from fedsplitkd.run.results import load_student
+from fedsplitkd.protocol.runtime import evaluate
 
 pytestmark = pytest.mark.integration  # Flower runs through a SuperLink
 
@@ -120,7 +120,7 @@ def test_final_student_loads_and_matches_the_reported_accuracy(runs):
     out, _, _, common = runs
     student = load_student(out / "good")
     cfg = resolve({**common, "run-name": "good"})
-    from fedsplitkd.data import load_dataset
+    from fedsplitkd.data.datasets import load_dataset
     ds = load_dataset(cfg)
     accuracy, _ = evaluate(student, ds.x_test, ds.y_test)
     assert accuracy == pytest.approx(float(read_metrics(out / "good")[-1]["test_accuracy"]))

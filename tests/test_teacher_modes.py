@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny
-from fedsplitkd.experiment import run_inprocess
+from fedsplitkd.run.experiment import run_inprocess
 
 DEVICES = 3
 
@@ -37,7 +37,7 @@ def test_the_teachers_augmentation_shifts_images_and_leaves_other_inputs_alone()
     """A shift is an invariance of images, not of an arbitrary (C, L) window or feature vector."""
     import torch
 
-    from fedsplitkd.teacher import augment
+    from fedsplitkd.models.teacher import augment
     generator = torch.Generator().manual_seed(0)
     for shape in ((4, 3, 16), (4, 64)):
         x = torch.randn(shape)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fedsplitkd.localsim import LocalSimulation
+from fedsplitkd.tools.localsim import LocalSimulation
 
 pytestmark = pytest.mark.integration  # Flower runs through a SuperLink
 

@@ -21,8 +21,8 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedsplitkd.config import resolve
-from fedsplitkd.experiment import build
-from fedsplitkd.runtime import evaluate, load_numpy_state
+from fedsplitkd.run.experiment import build
+from fedsplitkd.protocol.runtime import evaluate, load_numpy_state
 
 server_app = ServerApp()
 

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from fedsplitkd.config import ConfigError
-from fedsplitkd.profiles import DeviceProfile
-from fedsplitkd.schedule import Clusters
+from fedsplitkd.fleet.profiles import DeviceProfile
+from fedsplitkd.fleet.schedule import Clusters
 
 FILE = "checkpoint.pt"
 VERSION = 1

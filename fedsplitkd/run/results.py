@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from fedsplitkd.data import load_dataset
-from fedsplitkd.models import SplitModel, student_for
+from fedsplitkd.data.datasets import load_dataset
+from fedsplitkd.models.zoo import SplitModel, student_for
 
 LEADING_COLUMNS = ["round", "method", "test_accuracy", "test_loss", "bytes_up", "bytes_down"]
 # Wall-clock seconds vary from run to run; they go to timings.csv so that metrics.csv is a

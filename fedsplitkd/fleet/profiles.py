@@ -15,7 +15,6 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from fedsplitkd import streams
-
 BUNDLED_CLASSES = Path(__file__).with_name("device_classes.yaml")
 NOISE_W_PER_HZ = 10 ** (-174 / 10) / 1000  # thermal noise, -174 dBm/Hz
 

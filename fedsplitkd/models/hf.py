@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedsplitkd.splitmodel import SplitModel
+from fedsplitkd.models.splitmodel import SplitModel
 
 
 def _positions(hidden: torch.Tensor) -> torch.Tensor:

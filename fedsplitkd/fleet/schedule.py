@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedsplitkd.costs import CostModel, DeviceTraffic
-from fedsplitkd.profiles import DeviceProfile, channel_gain, rate_bps
-from fedsplitkd.server import RoundStats, SplitKDServer, Transport
+from fedsplitkd.fleet.costs import CostModel, DeviceTraffic
+from fedsplitkd.fleet.profiles import DeviceProfile, channel_gain, rate_bps
+from fedsplitkd.protocol.server import RoundStats, SplitKDServer, Transport
 
 log = logging.getLogger("fedsplitkd")
 

@@ -8,11 +8,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedsplitkd.data import DeviceData
-from fedsplitkd.device import batch_plan
-from fedsplitkd.kd import kd_loss
-from fedsplitkd.runtime import device_of, per_sample, round_lr
-from fedsplitkd.sgd import DeviceSGD
+from fedsplitkd.data.datasets import DeviceData
+from fedsplitkd.protocol.device import batch_plan
+from fedsplitkd.protocol.kd import kd_loss
+from fedsplitkd.protocol.runtime import device_of, per_sample, round_lr
+from fedsplitkd.protocol.sgd import DeviceSGD
 
 # KD targets for a batch, from its sample indices, inputs and labels.
 Teacher = Callable[[np.ndarray, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fedsplitkd.gpt import GPTSize, gpt
-from fedsplitkd.splitmodel import BlockStats, SplitModel
+from fedsplitkd.models.gpt import GPTSize, gpt
+from fedsplitkd.models.splitmodel import BlockStats, SplitModel
 
 __all__ = ["BlockStats", "SplitModel", "build_student", "build_teacher", "student_for", "teacher_for"]
 
@@ -150,7 +150,7 @@ def _hf(cfg, dataset, key: str) -> SplitModel | None:
     if not getattr(dataset, "sequence", False):
         raise ValueError(f"run-config '{key}': a causal LM needs a dataset with a next token per "
                          f"position, not '{dataset.name}'")
-    from fedsplitkd.hf import load_split  # transformers is an extra: imported only when asked for
+    from fedsplitkd.models.hf import load_split  # transformers is an extra: imported only when asked for
 
     return load_split(cfg[key], dataset.input_shape[0], dataset.num_classes, f"run-config '{key}'")
 

@@ -86,8 +86,9 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
 
 
 def code_digest(*names: str) -> str:
-    """The sha256 of our modules ``names`` (files beside this one): cache keys change with the code."""
-    here = Path(__file__).parent
+    """The sha256 of our modules ``names`` (paths under the package, e.g. 'data/sources.py'): cache
+    keys change with the code."""
+    here = Path(__file__).parents[1]
     return hashlib.sha256(b"".join((here / name).read_bytes() for name in names)).hexdigest()
 
 

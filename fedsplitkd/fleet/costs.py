@@ -19,10 +19,9 @@ from collections.abc import Hashable
 from dataclasses import dataclass, replace
 
 
-from fedsplitkd.models import SplitModel
-from fedsplitkd.profiles import DeviceProfile, EdgeServer, Fleet, channel_gain, rate_bps
+from fedsplitkd.models.zoo import SplitModel
+from fedsplitkd.fleet.profiles import DeviceProfile, EdgeServer, Fleet, channel_gain, rate_bps
 from fedsplitkd import streams
-
 @dataclass
 class DeviceTraffic:
     """What one device sent, received and had trained in a round (the cost model's input)."""

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsplitkd import data as data_lib
-from fedsplitkd.own_data import ModelShape
-from fedsplitkd.sources import cache_root, code_digest, fingerprint
+from fedsplitkd.data import datasets as data_lib
+from fedsplitkd.data.own_data import ModelShape
+from fedsplitkd.data.sources import cache_root, code_digest, fingerprint
 
 # What a device's data is computed from, besides data_lib.DATA_KEYS.
 KEYS = (*data_lib.DATA_KEYS, "val-fraction")
-CODE = ("data.py", "sources.py", "streams.py", "prepared.py")
+CODE = ("data/datasets.py", "data/sources.py", "streams.py", "data/prepared.py")
 
 
 def default_directory() -> Path:

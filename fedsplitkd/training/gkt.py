@@ -13,13 +13,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedsplitkd.data import DeviceData
-from fedsplitkd.kd import kd_loss
-from fedsplitkd.local import train_whole
-from fedsplitkd.runtime import make_optimizer, round_lr, set_lr
+from fedsplitkd.data.datasets import DeviceData
+from fedsplitkd.protocol.kd import kd_loss
+from fedsplitkd.training.local import train_whole
+from fedsplitkd.protocol.runtime import make_optimizer, round_lr, set_lr
 from fedsplitkd import streams
-
-
 def device_head(feature_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """The device's own small classifier on its extracted features."""
     return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(feature_shape)), num_classes))

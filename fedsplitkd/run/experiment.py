@@ -17,16 +17,15 @@ from pathlib import Path
 import numpy as np
 
 from fedsplitkd import config as config_lib
-from fedsplitkd.costs import CostModel
-from fedsplitkd.data import Dataset, load_dataset, server_splits, take
-from fedsplitkd.device import device_setup, teacher_mode
-from fedsplitkd.models import SplitModel, student_for
-from fedsplitkd.runtime import evaluate, torch_device
-from fedsplitkd.schedule import Scheduler
-from fedsplitkd.server import InProcessTransport, RoundStats, SplitKDServer
-from fedsplitkd.teacher import get_teacher
+from fedsplitkd.fleet.costs import CostModel
+from fedsplitkd.data.datasets import Dataset, load_dataset, server_splits, take
+from fedsplitkd.protocol.device import device_setup, teacher_mode
+from fedsplitkd.models.zoo import SplitModel, student_for
+from fedsplitkd.protocol.runtime import evaluate, torch_device
+from fedsplitkd.fleet.schedule import Scheduler
+from fedsplitkd.protocol.server import InProcessTransport, RoundStats, SplitKDServer
+from fedsplitkd.models.teacher import get_teacher
 from fedsplitkd import streams
-
 log = logging.getLogger("fedsplitkd")
 
 
@@ -124,8 +123,7 @@ def run_inprocess(overrides: dict | None, num_devices: int,
     With ``checkpoint-every``, checkpoints go to ``checkpoint_dir``; ``resume`` continues
     from one, and the rows returned are then the checkpoint's followed by the new ones.
     """
-    from fedsplitkd import checkpoint
-
+    from fedsplitkd.run import checkpoint
     cfg = config_lib.resolve(overrides)
     exp = build(cfg)
     transport = InProcessTransport({i: device_setup(cfg, i, num_devices) for i in range(num_devices)})

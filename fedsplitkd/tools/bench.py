@@ -80,8 +80,8 @@ def code_version() -> str:
     digest = hashlib.sha256()
     for package in (fedsplitkd, fedsplitkd.baselines, fedsplitkd.clients, fedsplitkd.strategies):
         folder = Path(package.__file__).parent
-        for path in sorted(folder.glob("*.py")) + sorted(folder.glob("*.yaml")):
-            digest.update(path.name.encode())
+        for path in sorted(folder.rglob("*.py")) + sorted(folder.rglob("*.yaml")):
+            digest.update(str(path.relative_to(folder)).encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 
@@ -122,7 +122,7 @@ class CachedRunner:
             run_app(full, self.devices)
         else:
             if self.sim is None:
-                from fedsplitkd.localsim import LocalSimulation
+                from fedsplitkd.tools.localsim import LocalSimulation
                 self.sim = LocalSimulation().__enter__()
             result = self.sim.run(self.app, full, num_supernodes=self.devices, cpus_per_client=self.cpus)
             if not (directory / "summary.json").is_file():

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedsplitkd.splitmodel import SplitModel
+from fedsplitkd.models.splitmodel import SplitModel
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ every process we start (and its children) is stopped on exit.
         result = dep.run(".", {"num-rounds": 2})
         assert result.ok, result.problems
 
-Command line: ``python -m fedsplitkd.deployment --supernodes 3 [--tls] [--run-config "k=v ..."]``.
+Command line: ``python -m fedsplitkd.tools.deployment --supernodes 3 [--tls] [--run-config "k=v ..."]``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedsplitkd.localsim import _free_port, _toml_value, descendants
+from fedsplitkd.tools.localsim import _free_port, _toml_value, descendants
 
 CONNECTION = "fedsplitkd-deploy"
 
@@ -386,7 +386,7 @@ def parse_run_config(text: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedsplitkd.deployment", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fedsplitkd.tools.deployment", description=__doc__.split("\n")[0])
     parser.add_argument("--supernodes", type=int, default=3, help="SuperNodes (devices) to start")
     parser.add_argument("--tls", action="store_true", help="TLS with a CA generated now")
     parser.add_argument("--auth", action="store_true", help="SuperNode authentication (implies --tls): a key "

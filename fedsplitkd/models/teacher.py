@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedsplitkd.kd import kd_loss
-from fedsplitkd.models import SplitModel, family_of, teacher_for
-from fedsplitkd.runtime import device_of, evaluate, torch_device
-from fedsplitkd import sources, streams
-
+from fedsplitkd.protocol.kd import kd_loss
+from fedsplitkd.models.zoo import SplitModel, family_of, teacher_for
+from fedsplitkd.protocol.runtime import device_of, evaluate, torch_device
+from fedsplitkd import streams
+from fedsplitkd.data import sources
 log = logging.getLogger("fedsplitkd")
 
 CACHE_VERSION = 3  # 2: cosine learning rate and augmentation; 3: images only

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedsplitkd.kd import kd_loss
-from fedsplitkd.models import SplitModel
-from fedsplitkd.sgd import DeviceSGD
+from fedsplitkd.protocol.kd import kd_loss
+from fedsplitkd.models.zoo import SplitModel
+from fedsplitkd.protocol.sgd import DeviceSGD
 
 
 class NonFiniteLoss(FloatingPointError):

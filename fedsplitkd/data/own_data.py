@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsplitkd.data import DATA_KEYS, DataError, DeviceData, device_data, load_dataset, local_split
+from fedsplitkd.data.datasets import DATA_KEYS, DataError, DeviceData, device_data, load_dataset, local_split
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def write_device_files(cfg, devices: int, out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> None:
     from fedsplitkd.config import resolve
-    from fedsplitkd.deployment import parse_run_config
+    from fedsplitkd.tools.deployment import parse_run_config
 
     parser = argparse.ArgumentParser(prog="fedsplitkd-split", description="Split a dataset into one file per "
                                      "device, with the project's loaders and partitioners")

@@ -18,12 +18,12 @@ from typing import Protocol
 
 import numpy as np
 
-from fedsplitkd.costs import CostModel, DeviceTraffic, SplitFlops
-from fedsplitkd.device import BACKWARD_KIND, FORWARD_KIND, DeviceSetup, handle_train, teacher_mode
-from fedsplitkd.models import SplitModel
-from fedsplitkd.payload import (TEACHER, WEIGHTS, Payload, PayloadError, pack, payload_bytes,
+from fedsplitkd.fleet.costs import CostModel, DeviceTraffic, SplitFlops
+from fedsplitkd.protocol.device import BACKWARD_KIND, FORWARD_KIND, DeviceSetup, handle_train, teacher_mode
+from fedsplitkd.models.zoo import SplitModel
+from fedsplitkd.protocol.payload import (TEACHER, WEIGHTS, Payload, PayloadError, pack, payload_bytes,
                                 require_array, require_int, require_keys, require_labels, require_weights)
-from fedsplitkd.runtime import (EdgeRuntime, NonFiniteLoss, OptimizerFactory, evaluate, load_numpy_state,
+from fedsplitkd.protocol.runtime import (EdgeRuntime, NonFiniteLoss, OptimizerFactory, evaluate, load_numpy_state,
                                 round_lr, state_to_numpy)
 
 log = logging.getLogger("fedsplitkd")

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsplitkd import sources
-from fedsplitkd.sources import DataError
+from fedsplitkd.data import sources
+from fedsplitkd.data.sources import DataError
 from fedsplitkd import streams
-
 __all__ = ["DataError", "Dataset", "DeviceData", "load_dataset", "public_split", "server_splits", "holdout_data",
            "Partition", "partition", "device_data", "take"]
 
@@ -121,7 +120,7 @@ def take(x: np.ndarray, index) -> np.ndarray:
 def _mapped_directory(name: str, path: str, seq_len: int, stride: int, label_column: str) -> Path:
     """Where a loaded, checked and standardised dataset is kept as .npy files: keyed by the
     load's settings, the source's fingerprint and our data code."""
-    code = sources.code_digest("data.py", "sources.py")
+    code = sources.code_digest("data/datasets.py", "data/sources.py")
     # The fingerprint, not the path, names the data: a copy of the file elsewhere is the same dataset.
     key = json.dumps([name, seq_len, stride, label_column, sources.fingerprint(name, path), code])
     return sources.cache_root() / "datasets" / hashlib.sha256(key.encode()).hexdigest()[:32]

@@ -18,15 +18,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedsplitkd import data as data_lib
+from fedsplitkd.data import datasets as data_lib
 from torch import nn
 
-from fedsplitkd.models import SplitModel, student_for, teacher_for
-from fedsplitkd.payload import TEACHER, WEIGHTS, Payload, PayloadError, pack, unpack
-from fedsplitkd.runtime import DeviceRuntime, load_numpy_state, round_lr, set_lr
+from fedsplitkd.models.zoo import SplitModel, student_for, teacher_for
+from fedsplitkd.protocol.payload import TEACHER, WEIGHTS, Payload, PayloadError, pack, unpack
+from fedsplitkd.protocol.runtime import DeviceRuntime, load_numpy_state, round_lr, set_lr
 from fedsplitkd import streams
-
-
 # A training request names its kind: ``forward`` starts the round from the global device part,
 # ``backward`` carries a chunk's cut-layer gradients.
 FORWARD_KIND, BACKWARD_KIND = "forward", "backward"
@@ -106,8 +104,7 @@ def _models(cfg_items: tuple, shape=None) -> tuple[SplitModel, nn.Module | None,
 def _setup(cfg_items: tuple, partition_id: int, num_partitions: int, cache_dir: str | None) -> DeviceSetup:
     cfg = dict(cfg_items)
     if cache_dir:  # a fresh process per message: the prepared data, without partitioning the dataset
-        from fedsplitkd import prepared
-
+        from fedsplitkd.data import prepared
         local, shape = prepared.device_data(cfg, partition_id, num_partitions, cache_dir)
         student, embedding, runtimes = _models(cfg_items, shape)
     else:
@@ -118,14 +115,14 @@ def _setup(cfg_items: tuple, partition_id: int, num_partitions: int, cache_dir: 
 
 def device_setup(cfg, partition_id: int, num_partitions: int, cache_dir: str | None = None) -> DeviceSetup:
     """Device ``partition_id`` of ``num_partitions`` in this process. ``cache_dir``: keep its
-    prepared data there (``fedsplitkd.prepared``); the same data, without the partitioning."""
+    prepared data there (``fedsplitkd.data.prepared``); the same data, without the partitioning."""
     return _setup(tuple(sorted(dict(cfg).items())), partition_id, num_partitions,
                   str(cache_dir) if cache_dir else None)
 
 
 def own_device_setup(cfg, node_config, partition_id: int) -> DeviceSetup:
     """A device holding only its own data: the file its node config's ``data-path`` names."""
-    from fedsplitkd.own_data import device_file
+    from fedsplitkd.data.own_data import device_file
 
     local, shape = device_file(node_config, cfg, partition_id)
     student, embedding, runtimes = _models(tuple(sorted(dict(cfg).items())), shape)

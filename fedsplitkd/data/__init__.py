@@ -1,0 +1,1 @@
+"""Datasets: where they come from, the server's splits, the devices' partitions and files."""

@@ -1,0 +1,1 @@
+"""Tools around runs: the benchmark harness, local deployments and private simulations."""
