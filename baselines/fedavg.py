@@ -19,19 +19,19 @@ from fedsplitkd.strategies.recorder import Recorder
 def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
     cfg = exp.cfg
     nodes = NodeMap()
-    online = discover(grid, nodes, cfg["min-nodes"], wait_s=cfg["round-timeout"])
+    online = discover(grid, nodes, cfg.fleet.min_nodes, wait_s=cfg.faults.round_timeout)
     # Flower's strategy addresses every node; FastGrid picks the devices that train (the
     # split methods' seeded draw), deals virtual devices to the nodes, and records traffic.
-    fast = FastGrid(grid, nodes, cfg["virtual-devices"], cfg["seed"], fraction=cfg["fraction-train"])
+    fast = FastGrid(grid, nodes, cfg.fleet.virtual_devices, cfg.train.seed, fraction=cfg.train.fraction_train)
     common = dict(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=max(1, len(online)),
-                  min_evaluate_nodes=0, min_available_nodes=max(1, cfg["min-nodes"]))
-    if cfg["method"] == "fedprox":
-        strategy = FedProx(proximal_mu=cfg["proximal-mu"], **common)
-    elif cfg["method"] == "feddf":
-        public, _ = public_split(len(exp.dataset.y_train), cfg["public-fraction"], cfg["seed"])
+                  min_evaluate_nodes=0, min_available_nodes=max(1, cfg.fleet.min_nodes))
+    if cfg.method.name == "fedprox":
+        strategy = FedProx(proximal_mu=cfg.method.proximal_mu, **common)
+    elif cfg.method.name == "feddf":
+        public, _ = public_split(len(exp.dataset.y_train), cfg.data.public_fraction, cfg.train.seed)
         make = lambda: student_for(cfg, exp.dataset)  # noqa: E731
-        strategy = FedDF(make, take(exp.dataset.x_train, public), cfg["distill-steps"], cfg["kd-temperature"],
-                         seed=cfg["seed"], **common)
+        strategy = FedDF(make, take(exp.dataset.x_train, public), cfg.method.distill_steps, cfg.split.kd_temperature,
+                         seed=cfg.train.seed, **common)
     else:
         strategy = FedAvg(**common)
     flops = whole_flops(exp.student)
@@ -43,5 +43,5 @@ def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
         fast.traffic = {}
         return recorder.round(server_round, *exp.evaluate(), stats)
 
-    strategy.start(fast, ArrayRecord(torch_state_dict=exp.student.state_dict()), num_rounds=cfg["num-rounds"],
-                   timeout=cfg["round-timeout"], evaluate_fn=evaluate_fn)
+    strategy.start(fast, ArrayRecord(torch_state_dict=exp.student.state_dict()), num_rounds=cfg.train.num_rounds,
+                   timeout=cfg.faults.round_timeout, evaluate_fn=evaluate_fn)

@@ -19,6 +19,8 @@ from fedsplitkd.protocol.kd import kd_loss
 from fedsplitkd.models.zoo import SplitModel
 from fedsplitkd.protocol.runtime import load_numpy_state
 from fedsplitkd import streams
+
+
 def ensemble_distill(fused: SplitModel, members: list[SplitModel], x_public: np.ndarray, steps: int,
                      temperature: float, batch_size: int, seed: int, lr: float = 1e-3) -> SplitModel:
     """Train ``fused`` towards the mean of the members' logits on unlabeled public data (Adam)."""

@@ -26,6 +26,8 @@ from fedsplitkd.protocol.payload import PayloadError, require_array, require_lab
 from fedsplitkd.strategies.grid import FastGrid, NodeMap, discover
 from fedsplitkd.strategies.recorder import Recorder
 from fedsplitkd import streams
+
+
 def upload_of(reply: Message, feature_shape: tuple, num_classes: int) -> tuple[np.ndarray, ...]:
     """A device's features, logits and labels, checked before the server trains on them."""
     if "arrays" not in reply.content:
@@ -40,7 +42,7 @@ def upload_of(reply: Message, feature_shape: tuple, num_classes: int) -> tuple[n
 def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
     cfg = exp.cfg
     nodes = NodeMap()
-    rng = streams.sampling(cfg["seed"])
+    rng = streams.sampling(cfg.train.seed)
     upper = exp.server.edge.part  # the student's blocks after the cut: the server's model
     optimizer = server_optimizer(upper, cfg)
     feature_shape, classes = exp.server.act_shape, exp.dataset.num_classes
@@ -48,8 +50,8 @@ def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
     device_flops = replace(flops, server=0.0)  # the server's work is priced from what it trained
     server_logits: dict[int, np.ndarray] = {}
     recorder.round(0, *exp.evaluate(), None)  # every device's extractor starts as this student's
-    for server_round in range(1, cfg["num-rounds"] + 1):
-        devices = sample_devices(discover(grid, nodes, cfg["min-nodes"], wait_s=cfg["round-timeout"]), cfg["fraction-train"], rng)
+    for server_round in range(1, cfg.train.num_rounds + 1):
+        devices = sample_devices(discover(grid, nodes, cfg.fleet.min_nodes, wait_s=cfg.faults.round_timeout), cfg.train.fraction_train, rng)
         fast = FastGrid(grid, nodes)
         messages = []
         for d in devices:
@@ -59,7 +61,7 @@ def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
             messages.append(Message(RecordDict(content), dst_node_id=nodes[d],
                                     message_type=f"{MessageType.TRAIN}.fedgkt"))
         uploads, device_of = {}, fast.devices
-        for reply in fast.send_and_receive(messages, timeout=cfg["round-timeout"]):
+        for reply in fast.send_and_receive(messages, timeout=cfg.faults.round_timeout):
             device = device_of.get(reply.metadata.src_node_id)
             if reply.has_error() or device is None:
                 continue
@@ -76,13 +78,13 @@ def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
                 for d, (f, _, _) in uploads.items():
                     server_logits[d] = upper(torch.from_numpy(f)).numpy()
         # Server compute: server-epochs of training over every feature, then their logits.
-        server_flops = features_seen * flops.server * (cfg["server-epochs"] * (1 + BACKWARD_FACTOR) + 1)
+        server_flops = features_seen * flops.server * (cfg.method.server_epochs * (1 + BACKWARD_FACTOR) + 1)
         stats = round_stats(exp.server.costs, fast.traffic, device_flops, server_round, server_flops)
         stats.loss_sum = loss_sum
         evaluation = FastGrid(grid, nodes)  # not charged to training
         weights = ArrayRecord(torch_state_dict=upper.state_dict())
         replies = evaluation.send_and_receive(
             [Message(RecordDict({"arrays": weights}), dst_node_id=nodes[d],
-                     message_type=f"{MessageType.EVALUATE}.fedgkt") for d in uploads], timeout=cfg["round-timeout"])
+                     message_type=f"{MessageType.EVALUATE}.fedgkt") for d in uploads], timeout=cfg.faults.round_timeout)
         test, holdout = mean_of_devices([r.content["metrics"] for r in replies if not r.has_error()])
         recorder.round(server_round, *test, stats, holdout=holdout)

@@ -22,6 +22,8 @@ from fedsplitkd.protocol.payload import PayloadError, require_array
 from fedsplitkd.strategies.grid import FastGrid, NodeMap, discover
 from fedsplitkd.strategies.recorder import Recorder
 from fedsplitkd import streams
+
+
 def class_logits_of(reply: Message, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """A device's shared class logits, checked: a malformed reply must not touch the global ones."""
     if "arrays" not in reply.content:
@@ -36,21 +38,21 @@ def class_logits_of(reply: Message, num_classes: int) -> tuple[np.ndarray, np.nd
 
 def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
     cfg = exp.cfg
-    distill = cfg["method"] == "fd"
+    distill = cfg.method.name == "fd"
     nodes = NodeMap()
-    rng = streams.sampling(cfg["seed"])
+    rng = streams.sampling(cfg.train.seed)
     flops = whole_flops(exp.student)
     shared: tuple[np.ndarray, np.ndarray] | None = None  # global class logits and counts (fd)
     recorder.round(0, *exp.evaluate(), None)  # every device starts from this student
-    for server_round in range(1, cfg["num-rounds"] + 1):
-        devices = sample_devices(discover(grid, nodes, cfg["min-nodes"], wait_s=cfg["round-timeout"]), cfg["fraction-train"], rng)
+    for server_round in range(1, cfg.train.num_rounds + 1):
+        devices = sample_devices(discover(grid, nodes, cfg.fleet.min_nodes, wait_s=cfg.faults.round_timeout), cfg.train.fraction_train, rng)
         fast = FastGrid(grid, nodes)
         content = {"config": ConfigRecord({"server-round": server_round})}
         if shared is not None:
             content["arrays"] = ArrayRecord({"global-logits": Array(shared[0]), "global-counts": Array(shared[1])})
         messages = [Message(RecordDict(content), dst_node_id=nodes[d],
-                            message_type=f"{MessageType.TRAIN}.{cfg['method']}") for d in devices]
-        replies = [r for r in fast.send_and_receive(messages, timeout=cfg["round-timeout"]) if not r.has_error()]
+                            message_type=f"{MessageType.TRAIN}.{cfg.method.name}") for d in devices]
+        replies = [r for r in fast.send_and_receive(messages, timeout=cfg.faults.round_timeout) if not r.has_error()]
         if distill:
             parts = []
             for reply in replies:

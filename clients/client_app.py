@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 
 from fedsplitkd.clients.device_app import node_partition
 from fedsplitkd.clients.records import bundle, from_bundle, from_records, load_state, store_state, to_bundle, to_records
-from fedsplitkd.config import resolve
+from fedsplitkd.config import RunConfig, resolve
 from fedsplitkd.data.datasets import holdout_data, load_dataset
 from fedsplitkd.protocol.device import device_setup, handle_evaluate, handle_train, own_device_setup
 from fedsplitkd.training.gkt import device_head, extract, train_device
@@ -41,16 +41,16 @@ app = ClientApp()
 
 
 @functools.lru_cache(maxsize=8)
-def _resolve(items: tuple) -> dict:
-    return dict(resolve(dict(items)))
+def _resolve(items: tuple) -> RunConfig:
+    return resolve(dict(items))
 
 
-def _config(context: Context) -> dict:
+def _config(context: Context) -> RunConfig:
     cfg = _resolve(tuple(sorted(context.run_config.items())))  # once per run, not per message
-    if cfg["device-threads"] and torch.get_num_threads() != cfg["device-threads"]:
+    if cfg.fleet.device_threads and torch.get_num_threads() != cfg.fleet.device_threads:
         # Simulated devices are small: several torch threads per ClientApp process only
         # contend with the other processes for the cores.
-        torch.set_num_threads(cfg["device-threads"])
+        torch.set_num_threads(cfg.fleet.device_threads)
     return cfg
 
 
@@ -78,7 +78,7 @@ def _setup(context: Context, msg: Message):
 
 def _train(msg: Message, context: Context) -> Message:
     cfg = _config(context)
-    if cfg["virtual-devices"]:
+    if cfg.fleet.virtual_devices:
         return Message(to_bundle(_serve_bundle(msg, context, cfg)), reply_to=msg)
     reply, state = handle_train(from_records(msg.content), load_state(context, STATE_PREFIX), _setup(context, msg))
     store_state(context, STATE_PREFIX, state)
@@ -97,9 +97,9 @@ def _serve_bundle(msg: Message, context: Context, cfg: dict) -> dict[int, Payloa
             teacher = {k: v for k, v in request.items() if k.startswith(TEACHER)}
             if teacher:  # first: the node's other devices in this message rely on it
                 store_state(context, TEACHER_STATE, teacher)
-            if not 0 <= device < cfg["virtual-devices"]:
-                raise PayloadError(f"device {device} is outside virtual-devices = {cfg['virtual-devices']}")
-            setup = device_setup(cfg, device, cfg["virtual-devices"])
+            if not 0 <= device < cfg.fleet.virtual_devices:
+                raise PayloadError(f"device {device} is outside virtual-devices = {cfg.fleet.virtual_devices}")
+            setup = device_setup(cfg, device, cfg.fleet.virtual_devices)
             if msg.metadata.message_type.startswith(MessageType.EVALUATE):
                 replies[device] = handle_evaluate(request, setup)
                 continue
@@ -135,18 +135,18 @@ def train(msg: Message, context: Context) -> Message:
     ``devices``); each trains from the global model on its own, and the reply holds one
     section per device (``bundle``): a device that fails is its own ``error`` section."""
     cfg = _config(context)
-    if not cfg["virtual-devices"]:
+    if not cfg.fleet.virtual_devices:
         return Message(_train_whole(msg, _setup(context, msg)), reply_to=msg)
     devices = msg.content["config"].get("devices") if "config" in msg.content else None
     if not isinstance(devices, list) or not all(isinstance(d, int) for d in devices):
-        raise PayloadError(f"field 'devices' = {devices!r}: with virtual-devices = {cfg['virtual-devices']} "
+        raise PayloadError(f"field 'devices' = {devices!r}: with virtual-devices = {cfg.fleet.virtual_devices} "
                            "a training message must list the devices it trains")
     sections = {}
     for device in devices:
         try:
-            if not 0 <= device < cfg["virtual-devices"]:
-                raise PayloadError(f"device {device} is outside virtual-devices = {cfg['virtual-devices']}")
-            sections[device] = _train_whole(msg, device_setup(cfg, device, cfg["virtual-devices"]))
+            if not 0 <= device < cfg.fleet.virtual_devices:
+                raise PayloadError(f"device {device} is outside virtual-devices = {cfg.fleet.virtual_devices}")
+            sections[device] = _train_whole(msg, device_setup(cfg, device, cfg.fleet.virtual_devices))
         except Exception as err:  # noqa: BLE001 - reported to the server, which leaves the device out
             sections[device] = RecordDict({"error": ConfigRecord({"reason": f"{type(err).__name__}: {err}"})})
     return Message(bundle(sections), reply_to=msg)
@@ -172,7 +172,7 @@ def _train_own(msg: Message, context: Context, federated_distillation: bool) -> 
     if OWN_MODEL in context.state:
         load_numpy_state(setup.student, {k: v.numpy() for k, v in context.state[OWN_MODEL].items()})
     else:  # the server's initial student: same seed, same weights
-        streams.init_weights(cfg["seed"])
+        streams.init_weights(cfg.train.seed)
         initial = student_for(cfg, test)
         setup.student.load_state_dict(initial.state_dict())
     teacher = None
@@ -219,9 +219,9 @@ def train_fd(msg: Message, context: Context) -> Message:
 def _gkt_models(setup, context: Context) -> nn.ModuleDict:
     """This device's FedGKT extractor (its student blocks up to the cut) and head, from context.state."""
     if setup.gkt is None:
-        streams.init_weights(setup.cfg["seed"])
+        streams.init_weights(setup.cfg.train.seed)
         test = load_dataset(setup.cfg)
-        extractor = student_for(setup.cfg, test).device_part(setup.cfg["cut"])
+        extractor = student_for(setup.cfg, test).device_part(setup.cfg.split.cut)
         with torch.no_grad():
             shape = tuple(extractor(setup.student.example_input()).shape[1:])
         setup.gkt = nn.ModuleDict({"extractor": extractor, "head": device_head(shape, test.num_classes)})
@@ -262,7 +262,7 @@ def evaluate_gkt(msg: Message, context: Context) -> Message:
     """FedGKT: this device's extractor under the server's part, on the test split."""
     setup = _setup(context, msg)
     models = _gkt_models(setup, context)
-    upper = setup.student.server_part(setup.cfg["cut"])
+    upper = setup.student.server_part(setup.cfg.split.cut)
     load_numpy_state(upper, {k: v.numpy() for k, v in msg.content["arrays"].items()})
     test = load_dataset(setup.cfg)
     model = nn.Sequential(models["extractor"], upper)
@@ -286,6 +286,6 @@ def describe(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Split inference: activations and labels of the local validation split."""
     cfg = _config(context)
-    if cfg["virtual-devices"]:
+    if cfg.fleet.virtual_devices:
         return Message(to_bundle(_serve_bundle(msg, context, cfg)), reply_to=msg)
     return Message(to_records(handle_evaluate(from_records(msg.content), _setup(context, msg))), reply_to=msg)

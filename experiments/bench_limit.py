@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from fedsplitkd.config import resolve
+from fedsplitkd.config import RunConfig, resolve
 from fedsplitkd.data.datasets import device_data
 from fedsplitkd.protocol.device import batch_plan
 from fedsplitkd.run.experiment import build, run_inprocess
@@ -44,23 +44,23 @@ def median_round(seconds: list[float]) -> float:
     return statistics.median(seconds[1:])  # round 1 holds the warm-up
 
 
-def plain_loop(cfg: dict, devices: int) -> list[float]:
+def plain_loop(cfg: RunConfig, devices: int) -> list[float]:
     """Seconds per round of centralised KD over the protocol's samples (no split, no messages)."""
     exp = build(cfg)
     student, teacher = copy.deepcopy(exp.student), exp.teacher
     teacher.eval()
-    optimizer = torch.optim.SGD(student.parameters(), lr=cfg["learning-rate"], momentum=cfg["momentum"])
+    optimizer = torch.optim.SGD(student.parameters(), lr=cfg.train.learning_rate, momentum=cfg.train.momentum)
     data = [device_data(cfg, d, devices) for d in range(devices)]
     seconds = []
-    for server_round in range(1, cfg["num-rounds"] + 1):
+    for server_round in range(1, cfg.train.num_rounds + 1):
         start = time.perf_counter()
         for d, local in enumerate(data):
-            for batch in batch_plan(len(local.y_train), cfg["batch-size"], cfg["local-epochs"], cfg["seed"],
+            for batch in batch_plan(len(local.y_train), cfg.train.batch_size, cfg.train.local_epochs, cfg.train.seed,
                                     server_round, d):
                 x, y = torch.from_numpy(local.x_train[batch]), torch.from_numpy(local.y_train[batch])
                 with torch.no_grad():
                     t = teacher(x)
-                loss = kd_loss(student(x), t, y, cfg["kd-alpha"], cfg["kd-temperature"])
+                loss = kd_loss(student(x), t, y, cfg.split.kd_alpha, cfg.split.kd_temperature)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -69,7 +69,7 @@ def plain_loop(cfg: dict, devices: int) -> list[float]:
     return seconds
 
 
-def flower(cfg: dict, devices: int, out: Path, name: str) -> tuple[list[float], float]:
+def flower(cfg: RunConfig, devices: int, out: Path, name: str) -> tuple[list[float], float]:
     """Seconds per round of the Flower simulation (virtual devices on 2 nodes), and its total."""
     started = time.perf_counter()
     with LocalSimulation() as sim:
@@ -80,8 +80,8 @@ def flower(cfg: dict, devices: int, out: Path, name: str) -> tuple[list[float], 
     if not timings.is_file():
         raise SystemExit(f"the Flower run {name} wrote no {timings}")
     rows = [r for r in csv.DictReader(open(timings)) if int(r["round"]) >= 1]
-    if len(rows) != cfg["num-rounds"]:
-        raise SystemExit(f"the Flower run {name} finished {len(rows)} of {cfg['num-rounds']} rounds")
+    if len(rows) != cfg.train.num_rounds:
+        raise SystemExit(f"the Flower run {name} finished {len(rows)} of {cfg.train.num_rounds} rounds")
     return [float(r["wall_s"]) for r in rows], total
 
 
@@ -103,7 +103,7 @@ def main() -> None:
           f"{'flower/plain':>12} {'flower start-up s':>17}")
     ratio = float("nan")
     for name, keys in datasets.items():
-        cfg = dict(resolve({**keys, "num-rounds": rounds, "output-dir": str(out)}))
+        cfg = resolve({**keys, "num-rounds": rounds, "output-dir": str(out)})
         run_inprocess(cfg, args.devices)  # warm the caches (teacher, data) for every side alike
         plain = median_round(plain_loop(cfg, args.devices))
         _, rows = run_inprocess(cfg, args.devices)

@@ -16,6 +16,8 @@ import logging
 from pathlib import Path
 
 from fedsplitkd.tools import bench
+
+
 class NotCached(Exception):
     pass
 

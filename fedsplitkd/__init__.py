@@ -20,5 +20,6 @@ __all__ = sorted(_LIBRARY)
 def __getattr__(name: str):
     if name in _LIBRARY:
         from fedsplitkd import library
+
         return getattr(library, name)
     raise AttributeError(f"module 'fedsplitkd' has no attribute {name!r}")

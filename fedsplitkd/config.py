@@ -1,16 +1,18 @@
-"""Run configuration: every key, its default, and the check that guards it.
+"""Run configuration: typed sections, every key's default and the check that guards it, in one place.
 
-The same keys and defaults stand in ``[tool.flwr.app.config]`` of pyproject.toml (Flower
-needs them there); a test keeps the two equal.
+A run config is what Flower hands the apps: flat ``key = value`` pairs (``[tool.flwr.app.config]``
+of pyproject.toml, which a test keeps equal to the defaults here). ``resolve`` validates it once
+and returns a ``RunConfig``: frozen, typed sections (``cfg.split.kd_alpha``) that the code reads.
+A ``RunConfig`` is also a read-only mapping by run-config key (``dict(cfg)`` is the flat run
+config again), which is how it is saved, hashed and compared.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
-
-from omegaconf import DictConfig, OmegaConf
 
 
 class ConfigError(ValueError):
@@ -60,91 +62,184 @@ def _gpt_size_ok(value: Any) -> bool:
     return True
 
 
-SCHEMA: dict[str, Key] = {
-    "method": _choice("splitkd", "split", "splitfed", "fedavg", "fedprox", "feddf", "fd", "fedgkt", "local",
-                      "central-kd"),
-    "proximal-mu": _float(0.01, 0.0, 1e6),
-    "distill-steps": _int(100, 0),
-    "server-epochs": _int(1, 1),
-    "dataset": _choice("digits", "har", "shakespeare", "shakespeare-lm", "cifar10", "fashion_mnist", "femnist",
-                       "npz", "csv"),
-    "data-path": _str("", "a file path ('' = the dataset's default source)"),
-    "label-column": _str("label", "the label column's name (csv)"),
-    "seq-len": _int(40, 2),
-    "text-stride": _int(40, 1),
-    "partition": _choice("dirichlet", "iid", "pathological", "natural"),
-    "dirichlet-alpha": _float(0.5, 0.0, 1e6, low_open=True),
-    "classes-per-device": _int(2, 1),
-    "public-fraction": _float(0.3, 0.0, 0.9, low_open=True),
-    "holdout-fraction": _float(0.0, 0.0, 0.5),
-    "val-fraction": _float(0.1, 0.0, 0.5),
-    "seed": _int(0, 0),
-    "num-rounds": _int(25, 1),
-    "fraction-train": _float(1.0, 0.0, 1.0, low_open=True),
-    "fraction-evaluate": _float(0.0, 0.0, 1.0),
-    "virtual-devices": _int(0, 0),
-    "min-nodes": Key(0, "an integer >= 0 (0 = wait for every device the nodes declare: num-partitions)",
-                     lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
-    "batch-size": _int(32, 1),
-    "local-epochs": _int(1, 1),
-    "exchange-batches": _int(8, 1),
-    "server-batching": _choice("per-device", "joint"),
+def key(spec: Key, name: str | None = None) -> Any:
+    """A section field for run-config key ``name`` (default: the field's name with '-' for '_')."""
+    return dataclasses.field(default=spec.default, metadata={"key": spec, "name": name})
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """What runs: the method, and the knobs only some baselines have."""
+
+    name: str = key(_choice("splitkd", "split", "splitfed", "fedavg", "fedprox", "feddf", "fd", "fedgkt",
+                            "local", "central-kd"), "method")
+    proximal_mu: float = key(_float(0.01, 0.0, 1e6))
+    distill_steps: int = key(_int(100, 0))
+    server_epochs: int = key(_int(1, 1))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The dataset, where it comes from, the server's splits of it, and how devices share the rest."""
+
+    dataset: str = key(_choice("digits", "har", "shakespeare", "shakespeare-lm", "cifar10", "fashion_mnist",
+                               "femnist", "npz", "csv"))
+    data_path: str = key(_str("", "a file path ('' = the dataset's default source)"))
+    label_column: str = key(_str("label", "the label column's name (csv)"))
+    seq_len: int = key(_int(40, 2))
+    text_stride: int = key(_int(40, 1))
+    partition: str = key(_choice("dirichlet", "iid", "pathological", "natural"))
+    dirichlet_alpha: float = key(_float(0.5, 0.0, 1e6, low_open=True))
+    classes_per_device: int = key(_int(2, 1))
+    public_fraction: float = key(_float(0.3, 0.0, 0.9, low_open=True))
+    holdout_fraction: float = key(_float(0.0, 0.0, 0.5))
+    val_fraction: float = key(_float(0.1, 0.0, 0.5))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Rounds, sampling and the optimiser, the same for every method."""
+
+    seed: int = key(_int(0, 0))
+    num_rounds: int = key(_int(25, 1))
+    fraction_train: float = key(_float(1.0, 0.0, 1.0, low_open=True))
+    fraction_evaluate: float = key(_float(0.0, 0.0, 1.0))
+    batch_size: int = key(_int(32, 1))
+    local_epochs: int = key(_int(1, 1))
     # learning-rate, kd-alpha and kd-temperature default to split-KD's tuned config on digits
     # (the default dataset), from the standard bench preset (experiments/bench-standard/tuned.yaml).
-    "learning-rate": _float(0.0222, 0.0, 10.0, low_open=True),
-    "lr-schedule": _choice("constant", "cosine"),
-    "momentum": _float(0.9, 0.0, 0.999),
-    "kd-alpha": _float(0.278, 0.0, 1.0),
-    "kd-temperature": _float(2.0, 0.0, 100.0, low_open=True),
-    "kd-mode": _choice("standard", "mutual"),
-    "teacher-input": _choice("embedding", "cached"),
-    "teacher-path": _str("", "a checkpoint path ('' = train on the public split)"),
-    "teacher-cache-dir": _str("", "a directory ('' = ~/.cache/fedsplitkd/teachers)"),
-    "teacher-epochs": _int(100, 1),
-    "teacher-augment": _bool(True),
-    "student-model": _choice("auto", "mlp", "cnn1d", "cnn2d", "gpt"),
-    "gpt-student": Key("2x128x4", "layers x width x heads, e.g. '2x128x4' (heads divide width)",
-                       _gpt_size_ok),
-    "gpt-teacher": Key("6x256x8", "layers x width x heads, e.g. '6x256x8' (heads divide width)",
-                       _gpt_size_ok),
-    "torch-device": _choice("cpu", "cuda", "auto"),
-    "hf-student": _str("", "a local Hugging Face checkpoint directory ('' = the built-in GPT)"),
-    "hf-teacher": _str("", "a local Hugging Face checkpoint directory, used as trained ('' = the built-in GPT)"),
-    "cut": _str("default", "a cut-point name of the student ('default' = its first block, "
-                "'adaptive' = chosen per cluster from the cost model)"),
-    "clusters": Key("1", "'1' (no clustering), 'auto' (k by silhouette) or a number of clusters",
-                    lambda v: isinstance(v, str) and (v == "auto" or v.isdigit() and int(v) >= 1)),
-    "cluster-features": Key("compute,link,energy,memory", "a comma list of compute, link, energy, memory",
-                            lambda v: isinstance(v, str) and bool(v) and
-                            set(v.split(",")) <= {"compute", "link", "energy", "memory"}),
-    "recluster-every": _int(0, 0),
-    "energy-weight": _float(1.0, 0.0, 1e9),
-    "bandwidth-allocation": _choice("dedicated", "equal", "minmax"),
-    "server-allocation": _choice("after-all", "pipelined"),
-    "energy-control": _choice("budget", "lyapunov"),
-    "lyapunov-v": _float(0.1, 0.0, 1e9, low_open=True),
-    "device-classes": _str("", "a YAML file of device classes ('' = the bundled one)"),
-    "class-mix": _str("", "class:weight pairs, e.g. 'mcu:1,raspberry_pi:2' ('' = all alike)"),
-    "profile-jitter": _float(0.1, 0.0, 0.9),
-    "profile-file": _str("", "a CSV with one device profile per row ('' = sample from the classes)"),
-    "fading": _bool(False),
-    "deadline-s": _float(0.0, 0.0, 1e9),
-    "straggler-policy": _choice("wait", "drop"),
-    "device-threads": _int(1, 0),
-    "round-timeout": _float(600.0, 0.0, 86400.0, low_open=True),
-    "dropout-rate": _float(0.0, 0.0, 1.0),
-    "dropout-stage": _choice("forward", "backward", "evaluate"),
-    "checkpoint-every": _int(0, 0),
-    "resume": _str("", "a run directory to continue from its last checkpoint ('' = a fresh run)"),
-    "output-dir": _str("outputs"),
-    "run-name": _str("", "a directory name ('' = a timestamp)"),
-}
+    learning_rate: float = key(_float(0.0222, 0.0, 10.0, low_open=True))
+    lr_schedule: str = key(_choice("constant", "cosine"))
+    momentum: float = key(_float(0.9, 0.0, 0.999))
 
-DEFAULTS: dict[str, Any] = {name: key.default for name, key in SCHEMA.items()}
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The student, the teacher, and the torch device the server computes on."""
+
+    student_model: str = key(_choice("auto", "mlp", "cnn1d", "cnn2d", "gpt"))
+    gpt_student: str = key(Key("2x128x4", "layers x width x heads, e.g. '2x128x4' (heads divide width)",
+                               _gpt_size_ok))
+    gpt_teacher: str = key(Key("6x256x8", "layers x width x heads, e.g. '6x256x8' (heads divide width)",
+                               _gpt_size_ok))
+    hf_student: str = key(_str("", "a local Hugging Face checkpoint directory ('' = the built-in GPT)"))
+    hf_teacher: str = key(_str("", "a local Hugging Face checkpoint directory, used as trained "
+                               "('' = the built-in GPT)"))
+    teacher_path: str = key(_str("", "a checkpoint path ('' = train on the public split)"))
+    teacher_cache_dir: str = key(_str("", "a directory ('' = ~/.cache/fedsplitkd/teachers)"))
+    teacher_epochs: int = key(_int(100, 1))
+    teacher_augment: bool = key(_bool(True))
+    torch_device: str = key(_choice("cpu", "cuda", "auto"))
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Split learning and KD: the cut, the exchanges, how the server steps, the KD loss."""
+
+    cut: str = key(_str("default", "a cut-point name of the student ('default' = its first block, "
+                        "'adaptive' = chosen per cluster from the cost model)"))
+    exchange_batches: int = key(_int(8, 1))
+    server_batching: str = key(_choice("per-device", "joint"))
+    kd_alpha: float = key(_float(0.278, 0.0, 1.0))
+    kd_temperature: float = key(_float(2.0, 0.0, 100.0, low_open=True))
+    kd_mode: str = key(_choice("standard", "mutual"))
+    teacher_input: str = key(_choice("embedding", "cached"))
+
+    @property
+    def teacher_mode(self) -> str:
+        """How the teacher's input reaches the server: 'embedding', 'cached' or 'none' (no KD)."""
+        return "none" if self.kd_alpha == 0.0 else self.teacher_input
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """The devices: how many, their profiles, clustering, the cost model and its resource control."""
+
+    virtual_devices: int = key(_int(0, 0))
+    min_nodes: int = key(Key(0, "an integer >= 0 (0 = wait for every device the nodes declare: num-partitions)",
+                             lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0))
+    clusters: str = key(Key("1", "'1' (no clustering), 'auto' (k by silhouette) or a number of clusters",
+                            lambda v: isinstance(v, str) and (v == "auto" or v.isdigit() and int(v) >= 1)))
+    cluster_features: str = key(Key("compute,link,energy,memory", "a comma list of compute, link, energy, memory",
+                                    lambda v: isinstance(v, str) and bool(v) and
+                                    set(v.split(",")) <= {"compute", "link", "energy", "memory"}))
+    recluster_every: int = key(_int(0, 0))
+    energy_weight: float = key(_float(1.0, 0.0, 1e9))
+    bandwidth_allocation: str = key(_choice("dedicated", "equal", "minmax"))
+    server_allocation: str = key(_choice("after-all", "pipelined"))
+    energy_control: str = key(_choice("budget", "lyapunov"))
+    lyapunov_v: float = key(_float(0.1, 0.0, 1e9, low_open=True))
+    device_classes: str = key(_str("", "a YAML file of device classes ('' = the bundled one)"))
+    class_mix: str = key(_str("", "class:weight pairs, e.g. 'mcu:1,raspberry_pi:2' ('' = all alike)"))
+    profile_jitter: float = key(_float(0.1, 0.0, 0.9))
+    profile_file: str = key(_str("", "a CSV with one device profile per row ('' = sample from the classes)"))
+    fading: bool = key(_bool(False))
+    deadline_s: float = key(_float(0.0, 0.0, 1e9))
+    straggler_policy: str = key(_choice("wait", "drop"))
+    device_threads: int = key(_int(1, 0))
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """Timeouts, injected failures, checkpoints and resuming."""
+
+    round_timeout: float = key(_float(600.0, 0.0, 86400.0, low_open=True))
+    dropout_rate: float = key(_float(0.0, 0.0, 1.0))
+    dropout_stage: str = key(_choice("forward", "backward", "evaluate"))
+    checkpoint_every: int = key(_int(0, 0))
+    resume: str = key(_str("", "a run directory to continue from its last checkpoint ('' = a fresh run)"))
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where the results go."""
+
+    output_dir: str = key(_str("outputs"))
+    run_name: str = key(_str("", "a directory name ('' = a timestamp)"))
+
+
+SECTIONS: dict[str, type] = {"method": MethodConfig, "data": DataConfig, "train": TrainConfig,
+                             "model": ModelConfig, "split": SplitConfig, "fleet": FleetConfig,
+                             "faults": FaultConfig, "output": OutputConfig}
+# run-config key -> (section, field), in the order of the sections: the one schema.
+WHERE: dict[str, tuple[str, str]] = {
+    (f.metadata["name"] or f.name.replace("_", "-")): (section, f.name)
+    for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+SCHEMA: dict[str, Key] = {name: next(f.metadata["key"] for f in dataclasses.fields(SECTIONS[s]) if f.name == attr)
+                          for name, (s, attr) in WHERE.items()}
+DEFAULTS: dict[str, Any] = {name: spec.default for name, spec in SCHEMA.items()}
 SPLIT_METHODS = ("splitkd", "split", "splitfed")  # the split protocol (strategies/splitkd.py)
 
 
-def resolve(overrides: Mapping[str, Any] | None = None) -> DictConfig:
+@dataclass(frozen=True)
+class RunConfig(Mapping):
+    """A validated run config in typed sections; also a read-only mapping by run-config key."""
+
+    method: MethodConfig = dataclasses.field(default_factory=MethodConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
+    fleet: FleetConfig = dataclasses.field(default_factory=FleetConfig)
+    faults: FaultConfig = dataclasses.field(default_factory=FaultConfig)
+    output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+
+    def __getitem__(self, name: str) -> Any:
+        section, attr = WHERE[name]
+        return getattr(getattr(self, section), attr)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(WHERE)
+
+    def __len__(self) -> int:
+        return len(WHERE)
+
+    def replace(self, **overrides: Any) -> RunConfig:
+        """A validated copy with some run-config keys changed (``cfg.replace(**{"kd-alpha": 0.0})``)."""
+        return resolve({**self, **overrides})
+
+
+def resolve(overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """Merge ``overrides`` (e.g. Flower's run_config) over the defaults and validate.
 
     Raises ConfigError naming the first bad key and what it accepts.
@@ -158,14 +253,14 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> DictConfig:
         values.update({"kd-alpha": 0.0, "server-batching": "per-device"})
     if values["method"] == "split":  # split learning without KD, one shared server part
         values["kd-alpha"] = 0.0
-    for name, key in SCHEMA.items():
+    for name, spec in SCHEMA.items():
         value = values[name]
         # Flower hands TOML floats such as 1.0 through; an int where a float is
         # expected is fine, a whole float where an int is expected is taken as int.
-        if type(key.default) is int and isinstance(value, float) and value.is_integer():
+        if type(spec.default) is int and isinstance(value, float) and value.is_integer():
             value = values[name] = int(value)
-        if not key.check(value):
-            raise ConfigError(f"run-config '{name}' = {value!r}: must be {key.accepts}")
+        if not spec.check(value):
+            raise ConfigError(f"run-config '{name}' = {value!r}: must be {spec.accepts}")
     # Combinations last: each value is valid by now, so an error names the real conflict.
     if values["virtual-devices"] and values["method"] in ("local", "fd", "fedgkt"):
         raise ConfigError(f"run-config 'virtual-devices': method {values['method']!r} keeps a model per "
@@ -186,4 +281,7 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> DictConfig:
     if (values["checkpoint-every"] or values["resume"]) and values["method"] not in SPLIT_METHODS:
         raise ConfigError(f"run-config 'checkpoint-every'/'resume': checkpoints cover the split methods "
                           f"({', '.join(SPLIT_METHODS)}), not method {values['method']!r}")
-    return OmegaConf.create(values)
+    sections: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for name, (section, attr) in WHERE.items():
+        sections[section][attr] = values[name]
+    return RunConfig(**{s: SECTIONS[s](**fields) for s, fields in sections.items()})

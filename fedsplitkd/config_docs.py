@@ -1,5 +1,6 @@
-"""What each run-config key means: the run-config reference (docs/run-config.md) is generated from
-these and ``config.SCHEMA`` (``python -m fedsplitkd.config_docs``); a test keeps the two in step."""
+"""What each run-config key means, and the files generated from the schema (``config.SECTIONS``):
+the run-config reference (docs/run-config.md) and pyproject.toml's ``[tool.flwr.app.config]``
+table, which Flower reads. ``python -m fedsplitkd.config_docs`` writes both; tests keep them in step."""
 
 from __future__ import annotations
 
@@ -78,16 +79,47 @@ MEANING: dict[str, str] = {
 
 
 def reference() -> str:
-    """The run-config reference table: every key, its default, what it accepts and means."""
-    from fedsplitkd.config import SCHEMA
+    """The run-config reference: a table per section, every key with its default, what it accepts and means."""
+    from fedsplitkd.config import SCHEMA, SECTIONS, WHERE
 
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
 
-    rows = ["| key | default | accepts | meaning |", "|---|---|---|---|"]
-    rows += [f"| `{name}` | `{key.default!r}` | {cell(key.accepts)} | {cell(MEANING[name])} |"
-             for name, key in SCHEMA.items()]
-    return "\n".join(rows) + "\n"
+    parts = []
+    for section, cls in SECTIONS.items():
+        rows = [f"### `{section}`: {cls.__doc__.strip()}", "", "| key | default | accepts | meaning |",
+                "|---|---|---|---|"]
+        rows += [f"| `{name}` | `{SCHEMA[name].default!r}` | {cell(SCHEMA[name].accepts)} | {cell(MEANING[name])} |"
+                 for name, (s, _) in WHERE.items() if s == section]
+        parts.append("\n".join(rows))
+    return "\n\n".join(parts) + "\n"
+
+
+def flwr_table() -> str:
+    """pyproject.toml's ``[tool.flwr.app.config]``: every key at its default, by section."""
+    import json
+
+    from fedsplitkd.config import SCHEMA, SECTIONS, WHERE
+
+    lines = ["[tool.flwr.app.config]",
+             "# Generated from fedsplitkd/config.py by `python -m fedsplitkd.config_docs`; do not edit here."]
+    for section in SECTIONS:
+        lines.append(f"# {section}")
+        for name, (s, _) in WHERE.items():
+            if s == section:
+                value = SCHEMA[name].default
+                text = str(value).lower() if isinstance(value, bool) else json.dumps(value)
+                lines.append(f"{name} = {text}")
+    return "\n".join(lines) + "\n"
+
+
+def write_flwr_table(path: Path) -> None:
+    """Replace pyproject.toml's ``[tool.flwr.app.config]`` table (its last) with the generated one."""
+    text = path.read_text()
+    head, marker, _ = text.partition("[tool.flwr.app.config]")
+    if not marker:
+        raise SystemExit(f"{path}: no [tool.flwr.app.config] table")
+    path.write_text(head + flwr_table())
 
 
 START, END = "<!-- run-config:reference -->", "<!-- /run-config:reference -->"
@@ -103,6 +135,9 @@ def write(path: Path) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Write the run-config reference into a Markdown file")
+    parser = argparse.ArgumentParser(description="Write the run-config reference and pyproject's run-config table")
     parser.add_argument("path", nargs="?", default="docs/run-config.md")
-    write(Path(parser.parse_args().path))
+    parser.add_argument("--pyproject", default="pyproject.toml")
+    args = parser.parse_args()
+    write(Path(args.path))
+    write_flwr_table(Path(args.pyproject))

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedsplitkd.config import DEFAULTS, ConfigError, resolve
+from fedsplitkd.config import DEFAULTS, ConfigError, RunConfig, resolve
 from fedsplitkd.fleet.costs import CostModel
 from fedsplitkd.data.datasets import DeviceData
 from fedsplitkd.protocol.device import DeviceSetup
@@ -71,10 +71,10 @@ class SplitKDConfig:
         names = {f.name.replace("_", "-"): f.name for f in dataclasses.fields(cls)}
         return cls(**{names[k]: v for k, v in run_config.items() if k in names}).checked()
 
-    def run_config(self) -> dict:
+    def run_config(self) -> RunConfig:
         """The full resolved run config these settings stand for (the protocol code reads it)."""
         values = {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
-        return dict(resolve({**values, "method": "splitkd" if self.kd_alpha > 0 else "split"}))
+        return resolve({**values, "method": "splitkd" if self.kd_alpha > 0 else "split"})
 
     def checked(self) -> SplitKDConfig:
         self.run_config()  # raises ConfigError naming the bad key
@@ -164,7 +164,7 @@ class SplitDevice:
         dtype = torch.float32 if self.x_train.dtype == np.float32 else torch.int64
         self.model = split_model(self.student, self.x_train.shape[1:], dtype)
         self.cfg = self.config.run_config()
-        if self.cfg["kd-alpha"] > 0 and self.teacher_embedding is None:
+        if self.cfg.split.kd_alpha > 0 and self.teacher_embedding is None:
             raise ConfigError("SplitDevice 'teacher_embedding': kd_alpha > 0 needs the teacher's embedding "
                               "module on the device (or kd_alpha = 0: split learning without KD)")
 
@@ -172,7 +172,7 @@ class SplitDevice:
         """The protocol's view of this device (``fedsplitkd.protocol.device.handle_train`` serves it)."""
         data = DeviceData(self.x_train, self.y_train, self.x_val, self.y_val)
         embedding = None
-        if self.cfg["kd-alpha"] > 0:  # named as the server's teacher names it, so its weights load
+        if self.cfg.split.kd_alpha > 0:  # named as the server's teacher names it, so its weights load
             embedding = nn.Sequential(OrderedDict([(TEACHER_EMBEDDING, self.teacher_embedding)]))
         return DeviceSetup(self.cfg, device_id, data, self.model, embedding)
 
@@ -190,13 +190,13 @@ def edge_server(student: Blocks, input_shape: tuple[int, ...], teacher: nn.Modul
     """
     cfg = (config or SplitKDConfig()).run_config()  # raises ConfigError naming a bad key
     model = split_model(student, input_shape, input_dtype)
-    kd = cfg["kd-alpha"] > 0
+    kd = cfg.split.kd_alpha > 0
     if kd and (teacher is None or teacher_embedding is None):
         raise ConfigError("edge_server 'teacher'/'teacher_embedding': kd_alpha > 0 needs both (the devices "
                           "run the embedding so raw inputs never leave them), or kd_alpha = 0")
     split_teacher = teacher_model(teacher, teacher_embedding, input_shape, input_dtype) if kd else None
     num_classes = model.block_stats()[-1].out_shape[-1]
-    cut = "default" if cfg["cut"] == "adaptive" else cfg["cut"]  # adaptive: the scheduler moves it
+    cut = "default" if cfg.split.cut == "adaptive" else cfg.split.cut  # adaptive: the scheduler moves it
     model.cut_index(cut)  # fail early, naming the cut points, on a bad cut
     return SplitKDServer(model, split_teacher, cfg, num_classes,
                          costs if costs is not None else CostModel.from_config(cfg), cut, optimizer)

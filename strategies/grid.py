@@ -23,6 +23,7 @@ from fedsplitkd.fleet.costs import DeviceTraffic
 from fedsplitkd.run.experiment import sample_devices
 from fedsplitkd.protocol.payload import PayloadError
 from fedsplitkd import streams
+
 POLL_S = 0.005  # the first pulls' interval
 POLL_MAX_S = 0.1  # the longest: a reply late by seconds is pulled every 0.1 s
 

@@ -23,7 +23,7 @@ class Recorder:
               extra: dict | None = None, holdout: tuple[float, float] | None = None) -> MetricRecord:
         """Record a round. ``holdout`` is (accuracy, loss) on the server's holdout split; by
         default the global student's (methods with a model per device pass their devices' mean)."""
-        row = metrics_row(server_round, self.cfg["method"], accuracy, loss, stats,
+        row = metrics_row(server_round, self.cfg.method.name, accuracy, loss, stats,
                           time.perf_counter() - self.clock if server_round else 0.0,
                           holdout if holdout is not None else self.exp.evaluate_holdout())
         row.update(extra or {})
@@ -36,7 +36,7 @@ class Recorder:
                 {"device": key, "stage": stage, "kind": kind, "reason": reason}
                 for key, stage, kind, reason in stats.drops])
             log(INFO, "[round %d/%d] %s test acc %.4f loss %.4f%s | up %.2f MB down %.2f MB | %d/%d devices | "
-                "sim %.1f s, %.2f J | %.2f s", server_round, self.cfg["num-rounds"], self.cfg["method"],
+                "sim %.1f s, %.2f J | %.2f s", server_round, self.cfg.train.num_rounds, self.cfg.method.name,
                 accuracy, loss, self._teacher(), stats.bytes_up / 1e6, stats.bytes_down / 1e6, stats.completed,
                 stats.devices, row["sim_time_s"], row["device_energy_j"], row["wall_s"])
         self.clock = time.perf_counter()

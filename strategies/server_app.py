@@ -25,14 +25,14 @@ def run_split(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
     """splitkd, split and splitfed: the split protocol under Flower's own Strategy.start loop,
     from round 1 or from the checkpoint ``resume`` names."""
     cfg = exp.cfg
-    strategy = SplitKD(exp.scheduler, cfg["fraction-train"], cfg["fraction-evaluate"], cfg["min-nodes"],
-                       cfg["round-timeout"], seed=cfg["seed"], virtual_devices=cfg["virtual-devices"])
+    strategy = SplitKD(exp.scheduler, cfg.train.fraction_train, cfg.train.fraction_evaluate, cfg.fleet.min_nodes,
+                       cfg.faults.round_timeout, seed=cfg.train.seed, virtual_devices=cfg.fleet.virtual_devices)
     rngs = {"train": strategy.train_rng, "evaluate": strategy.evaluate_rng}
     done = checkpoint.resume(exp, rngs)
     if done:
         recorder.writer.restart_from(done)
         strategy.round_offset = done[-1]["round"]
-        log(INFO, "fedsplitkd: resumed from the checkpoint of round %d in %s", strategy.round_offset, cfg["resume"])
+        log(INFO, "fedsplitkd: resumed from the checkpoint of round %d in %s", strategy.round_offset, cfg.faults.resume)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0 and done:
@@ -46,7 +46,7 @@ def run_split(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
         return record
 
     strategy.start(grid, ArrayRecord(torch_state_dict=exp.student.state_dict()),
-                   num_rounds=cfg["num-rounds"] - strategy.round_offset, timeout=cfg["round-timeout"],
+                   num_rounds=cfg.train.num_rounds - strategy.round_offset, timeout=cfg.faults.round_timeout,
                    evaluate_fn=evaluate_fn)
 
 
@@ -58,10 +58,10 @@ METHODS = {"splitkd": run_split, "split": run_split, "splitfed": run_split, "fed
 
 def run(grid: Grid, cfg) -> Path:
     """Run the method ``cfg`` names over ``grid`` and write its results; returns their directory."""
-    directory = Path(cfg["resume"]).expanduser() if cfg["resume"] else run_dir(cfg)
+    directory = Path(cfg.faults.resume).expanduser() if cfg.faults.resume else run_dir(cfg)
     writer = ResultsWriter(cfg, directory)
     exp = build(cfg)
-    METHODS[cfg["method"]](grid, exp, Recorder(exp, writer))
+    METHODS[cfg.method.name](grid, exp, Recorder(exp, writer))
     writer.write_json("clusters.json", exp.scheduler.history)
     if exp.dataset.vocab is not None:  # token ids -> characters, for whoever uses the student
         writer.write_json("tokenizer.json", CharTokenizer(exp.dataset.vocab).to_json())
@@ -69,7 +69,7 @@ def run(grid: Grid, cfg) -> Path:
     teacher = {"teacher_test_accuracy": exp.teacher_accuracy,
                "gap_to_teacher": exp.teacher_accuracy - last["test_accuracy"]}
     summary = writer.finish(exp.student.cpu(), exp.server.cut, teacher)  # saved models load on any machine
-    log(INFO, "fedsplitkd: %s final test accuracy %.4f (teacher %.4f); results in %s", cfg["method"],
+    log(INFO, "fedsplitkd: %s final test accuracy %.4f (teacher %.4f); results in %s", cfg.method.name,
         summary["test_accuracy"], exp.teacher_accuracy, directory)
     return directory
 

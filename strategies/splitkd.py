@@ -25,6 +25,8 @@ from fedsplitkd.fleet.schedule import Scheduler
 from fedsplitkd.strategies.grid import NodeMap, discover, poll_delay
 from fedsplitkd.protocol.server import RoundStats, SplitKDServer, exchange
 from fedsplitkd import streams
+
+
 class GridTransport:
     """Carries protocol payloads as Flower Messages over a Grid, polling for replies.
 
@@ -219,7 +221,7 @@ class SplitKD(Strategy):
         log(INFO, "\t├──> Sampling: fraction train %.2f | evaluate %.2f | min nodes %d",
             self.fraction_train, self.fraction_evaluate, self.min_nodes)
         log(INFO, "\t└──> Cut '%s', teacher input '%s', exchange-batches %d",
-            self.server.cut, self.server.mode, self.server.cfg["exchange-batches"])
+            self.server.cut, self.server.mode, self.server.cfg.split.exchange_batches)
 
     def _sample(self, grid: Grid, fraction: float, rng: np.random.Generator) -> tuple[list[int], dict[int, int]]:
         """Sample device ids (so runs repeat whatever ids the nodes get) and the node serving each."""

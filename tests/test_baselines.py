@@ -63,6 +63,7 @@ def test_the_in_process_grid_repeats_the_flower_run(results, method, tmp_path):
     """The benchmark tunes on InProcessGrid: every method's ServerApp code and the real ClientApp
     handlers in one process. It must compute what `flwr run` computed, round by round."""
     from fedsplitkd.strategies.inprocess import run_app
+
     rows, common = results
     directory = run_app({**common, "method": method, "output-dir": str(tmp_path), "run-name": method}, DEVICES)
     local = list(csv.DictReader(open(directory / "metrics.csv")))

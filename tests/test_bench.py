@@ -8,6 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from fedsplitkd.tools import bench
+
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = """
 devices: 3

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
-from omegaconf import DictConfig
 
-from fedsplitkd.config import DEFAULTS, SCHEMA, ConfigError, resolve
+from fedsplitkd.config import DEFAULTS, SCHEMA, SECTIONS, WHERE, ConfigError, RunConfig, resolve
 
 from conftest import tiny
 
@@ -25,7 +25,7 @@ def flwr_config() -> dict:
 
 def test_defaults_resolve():
     cfg = resolve()
-    assert isinstance(cfg, DictConfig)
+    assert isinstance(cfg, RunConfig)
     assert dict(cfg) == DEFAULTS
     assert resolve({}) == resolve(None) == cfg
     assert cfg["exchange-batches"] == 8 and cfg["teacher-input"] == "embedding"
@@ -38,6 +38,29 @@ def test_the_default_job_runs_split_kd_as_the_bench_tuned_it_on_digits():
     chosen = tuned[DEFAULTS["dataset"]]["dirichlet-" + str(DEFAULTS["dirichlet-alpha"])]["splitkd"]
     for key in ("learning-rate", "kd-alpha", "kd-temperature"):
         assert DEFAULTS[key] == float(f"{chosen[key]:.3g}"), key
+
+
+def test_sections_are_typed_and_read_the_same_values_as_the_keys():
+    cfg = resolve({"kd-alpha": 0.5, "dataset": "har", "virtual-devices": 7, "method": "fedprox"})
+    assert (cfg.split.kd_alpha, cfg.data.dataset, cfg.fleet.virtual_devices, cfg.method.name) == \
+        (0.5, "har", 7, "fedprox")
+    assert [name for name, (section, _) in WHERE.items() if section == "faults"] == \
+        ["round-timeout", "dropout-rate", "dropout-stage", "checkpoint-every", "resume"]
+    for name, (section, attr) in WHERE.items():  # every key is one field of one section
+        assert getattr(getattr(cfg, section), attr) == cfg[name]
+        assert dataclasses.fields(SECTIONS[section])[[f.name for f in dataclasses.fields(SECTIONS[section])]
+                                                     .index(attr)].type in ("str", "int", "float", "bool")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.split.kd_alpha = 0.1  # validated once: nothing changes it afterwards
+    assert cfg.split.teacher_mode == "embedding" and resolve({"method": "split"}).split.teacher_mode == "none"
+    assert hash(cfg) == hash(resolve(dict(cfg))) and cfg == resolve(dict(cfg))
+
+
+def test_replace_validates_the_changed_keys():
+    cfg = resolve()
+    assert cfg.replace(**{"num-rounds": 3}).train.num_rounds == 3
+    with pytest.raises(ConfigError, match="'num-rounds'"):
+        cfg.replace(**{"num-rounds": 0})
 
 
 def test_tiny_overrides_resolve():
@@ -162,6 +185,13 @@ def test_first_bad_key_in_schema_order_is_reported_and_defaults_untouched():
 def test_combinations_the_methods_cannot_run_are_refused_naming_the_key(overrides, key):
     with pytest.raises(ConfigError, match=f"'{key}"):
         resolve(overrides)
+
+
+def test_the_pyproject_table_is_generated_from_the_schema():
+    from fedsplitkd.config_docs import flwr_table
+
+    assert flwr_table() in PYPROJECT.read_text(), \
+        "pyproject.toml's [tool.flwr.app.config] is stale: python -m fedsplitkd.config_docs"
 
 
 def test_the_run_config_reference_is_generated_from_the_schema():

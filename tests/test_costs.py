@@ -165,6 +165,7 @@ def test_stragglers_past_the_deadline_are_dropped_or_waited_for():
 def test_fading_is_repeatable_and_unit_mean():
     cfg = resolve({"fading": True})
     from fedsplitkd.fleet.costs import CostModel
+
     model = CostModel.from_config(cfg)
     draws = []
     for r in range(1, 400):
@@ -210,6 +211,7 @@ def test_feddf_distillation_is_priced_as_server_compute():
     from fedsplitkd.baselines.accounting import round_stats, whole_flops
     from fedsplitkd.baselines.feddf import distill_flops
     from fedsplitkd.fleet.costs import CostModel
+
     cfg = resolve(tiny())
     student = build_student("auto", (1, 8, 8), 10)
     forward = sum(s.forward_flops for s in student.block_stats())

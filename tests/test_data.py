@@ -225,6 +225,7 @@ def test_a_partition_read_lazily_in_any_order_is_the_same(scheme):
 def test_device_splits_are_disjoint_from_each_other_and_the_servers_splits(holdout):
     """Devices, the public split (the teacher's) and the holdout split (model selection) share no sample."""
     from fedsplitkd.data.datasets import holdout_data, server_splits
+
     c = cfg(partition="dirichlet", **{"holdout-fraction": holdout})
     ds = load_dataset(c)
     seen = []
@@ -282,8 +283,9 @@ def test_a_device_left_without_samples_is_an_error_naming_the_sizes():
 # ---- large datasets: memory-mapped from the cache ---------------------------------------
 def test_a_large_dataset_is_memory_mapped_from_the_cache(tmp_path, monkeypatch):
     from fedsplitkd.data import datasets as data_lib
+
     monkeypatch.setenv("FEDSPLITKD_CACHE", str(tmp_path / "cache"))
-    cfg = dict(resolve({"dataset": "npz", "data-path": str(HAR_NPZ), "partition": "dirichlet"}))
+    cfg = resolve({"dataset": "npz", "data-path": str(HAR_NPZ), "partition": "dirichlet"})
     _load.cache_clear()
     in_memory = load_dataset(cfg)
     expected = [device_data(cfg, d, 5) for d in (0, 3)]

@@ -162,6 +162,7 @@ def test_malformed_packed_records_raise_payload_errors(name):
 
     from fedsplitkd.clients.records import from_records
     from fedsplitkd.protocol.payload import PayloadError
+
     records, reason = PACKED_CASES[name]
     if records is None:
         records = RecordDict({"packed": ConfigRecord({"layout": "{not json", "data": b""})})
@@ -171,6 +172,7 @@ def test_malformed_packed_records_raise_payload_errors(name):
 
 def test_packed_records_round_trip_every_wire_dtype():
     from fedsplitkd.clients.records import from_records, to_records
+
     payload = {"f": np.arange(6, dtype=np.float32).reshape(2, 3), "i": np.array([1, -2], np.int64),
                "b": np.array([True, False]), "empty": np.zeros((0, 4), np.float32), "round": 3, "cut": "fc1"}
     back = from_records(to_records(payload))

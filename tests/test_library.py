@@ -78,7 +78,7 @@ def test_bad_inputs_are_named():
 def test_the_library_round_is_the_config_apps_round():
     """The same student, teacher and device data, built by the user or by the config app: one
     protocol round trains them to the same weights."""
-    cfg = dict(resolve(tiny()))
+    cfg = resolve(tiny())
     exp = build(cfg)
     ours = copy.deepcopy(exp.student)
     embedding = copy.deepcopy(exp.teacher[0])

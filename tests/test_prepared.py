@@ -12,15 +12,15 @@ import pytest
 
 from fedsplitkd.data import prepared
 from fedsplitkd.clients.client_app import _cache_dir
-from fedsplitkd.config import resolve
+from fedsplitkd.config import RunConfig, resolve
 from fedsplitkd.data.datasets import device_data, load_dataset
 from fedsplitkd.protocol.device import device_setup
 
 HAR = "../shared/datasets/uci_har_subset.npz"
 
 
-def _cfg(**overrides) -> dict:
-    return dict(resolve({"partition": "dirichlet", **overrides}))
+def _cfg(**overrides) -> RunConfig:
+    return resolve({"partition": "dirichlet", **overrides})
 
 
 def _same(a, b) -> None:
@@ -92,7 +92,8 @@ def test_a_fresh_device_process_imports_only_what_its_message_needs(tmp_path):
         from fedsplitkd.protocol.device import device_setup, handle_train
         from fedsplitkd.protocol.payload import TEACHER, WEIGHTS, pack
         from fedsplitkd.protocol.runtime import state_to_numpy
-        cfg = dict(resolve({{"partition": "dirichlet", "exchange-batches": 1000}}))
+
+        cfg = resolve({{"partition": "dirichlet", "exchange-batches": 1000}})
         setup = device_setup(cfg, 2, 3, {str(tmp_path)!r})
         request = {{"round": 1, "kind": "forward", **pack(WEIGHTS, state_to_numpy(setup.student.device_part(cfg["cut"]))),
                    **pack(TEACHER, state_to_numpy(setup.embedding))}}

@@ -121,6 +121,7 @@ def test_final_student_loads_and_matches_the_reported_accuracy(runs):
     student = load_student(out / "good")
     cfg = resolve({**common, "run-name": "good"})
     from fedsplitkd.data.datasets import load_dataset
+
     ds = load_dataset(cfg)
     accuracy, _ = evaluate(student, ds.x_test, ds.y_test)
     assert accuracy == pytest.approx(float(read_metrics(out / "good")[-1]["test_accuracy"]))

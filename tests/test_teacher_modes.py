@@ -38,6 +38,7 @@ def test_the_teachers_augmentation_shifts_images_and_leaves_other_inputs_alone()
     import torch
 
     from fedsplitkd.models.teacher import augment
+
     generator = torch.Generator().manual_seed(0)
     for shape in ((4, 3, 16), (4, 64)):
         x = torch.randn(shape)

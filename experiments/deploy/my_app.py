@@ -31,8 +31,8 @@ server_app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     cfg = resolve(context.run_config)  # every key the run config leaves out takes its default
     exp = build(cfg)  # data, pre-trained teacher, student, edge server (upper part + KD loss)
-    strategy = SplitKD(exp.scheduler, fraction_train=cfg["fraction-train"], min_nodes=cfg["min-nodes"],
-                       round_timeout=cfg["round-timeout"], seed=cfg["seed"])
+    strategy = SplitKD(exp.scheduler, fraction_train=cfg.train.fraction_train, min_nodes=cfg.fleet.min_nodes,
+                       round_timeout=cfg.faults.round_timeout, seed=cfg.train.seed)
 
     def test(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         load_numpy_state(exp.student, {k: v.numpy() for k, v in arrays.items()})
@@ -40,8 +40,8 @@ def main(grid: Grid, context: Context) -> None:
         return MetricRecord({"test_accuracy": accuracy, "test_loss": loss})
 
     result = strategy.start(grid, ArrayRecord(torch_state_dict=exp.student.state_dict()),
-                            num_rounds=cfg["num-rounds"], timeout=cfg["round-timeout"], evaluate_fn=test)
-    out = Path(cfg["output-dir"]).expanduser()
+                            num_rounds=cfg.train.num_rounds, timeout=cfg.faults.round_timeout, evaluate_fn=test)
+    out = Path(cfg.output.output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     torch.save(result.arrays.to_torch_state_dict(), out / "my_student.pt")  # the whole student
 

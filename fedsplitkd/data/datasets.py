@@ -23,6 +23,8 @@ import numpy as np
 from fedsplitkd.data import sources
 from fedsplitkd.data.sources import DataError
 from fedsplitkd import streams
+from fedsplitkd.config import DataConfig
+
 __all__ = ["DataError", "Dataset", "DeviceData", "load_dataset", "public_split", "server_splits", "holdout_data",
            "Partition", "partition", "device_data", "take"]
 
@@ -202,7 +204,7 @@ def _read(name: str, path: str, seq_len: int, stride: int, label_column: str) ->
 
 def load_dataset(cfg) -> Dataset:
     """The dataset a run config names, loaded once per process."""
-    return _load(cfg["dataset"], cfg["data-path"], cfg["seq-len"], cfg["text-stride"], cfg["label-column"])
+    return _load(cfg.data.dataset, cfg.data.data_path, cfg.data.seq_len, cfg.data.text_stride, cfg.data.label_column)
 
 
 def server_splits(num_train: int, public_fraction: float, holdout_fraction: float,
@@ -227,7 +229,7 @@ def holdout_data(cfg) -> tuple[np.ndarray, np.ndarray]:
     """The server's holdout split (``holdout-fraction`` of the training data): validation
     data for model selection, disjoint from the public split and from every device."""
     ds = load_dataset(cfg)
-    _, holdout, _ = server_splits(len(ds.y_train), cfg["public-fraction"], cfg["holdout-fraction"], cfg["seed"])
+    _, holdout, _ = server_splits(len(ds.y_train), cfg.data.public_fraction, cfg.data.holdout_fraction, cfg.train.seed)
     return take(ds.x_train, holdout), ds.y_train[holdout]
 
 
@@ -312,16 +314,15 @@ def partition(labels: np.ndarray, num_partitions: int, scheme: str, alpha: float
 
 
 @functools.lru_cache(maxsize=8)
-def _device_partition(cfg_items: tuple, num_partitions: int) -> tuple[np.ndarray, Partition]:
+def _device_partition(data: DataConfig, seed: int, num_partitions: int) -> tuple[np.ndarray, Partition]:
     """The devices' pool and its partition, once per process; devices are read from it lazily."""
-    cfg = dict(cfg_items)
-    ds = load_dataset(cfg)
-    _, pool = public_split(len(ds.y_train), cfg["public-fraction"], cfg["seed"], cfg["holdout-fraction"])
+    ds = _load(data.dataset, data.data_path, data.seq_len, data.text_stride, data.label_column)
+    _, pool = public_split(len(ds.y_train), data.public_fraction, seed, data.holdout_fraction)
     ids = ds.ids_train[pool] if ds.ids_train is not None else None
     # Label-skewed partitions need one label per sample: a sequence's last next token.
     labels = ds.y_train[pool] if ds.y_train.ndim == 1 else ds.y_train[pool, -1]
-    return pool, Partition(labels, num_partitions, cfg["partition"], cfg["dirichlet-alpha"],
-                           cfg["seed"], cfg["classes-per-device"], ids)
+    return pool, Partition(labels, num_partitions, data.partition, data.dirichlet_alpha, seed,
+                           data.classes_per_device, ids)
 
 
 DATA_KEYS = ("dataset", "data-path", "seq-len", "text-stride", "label-column", "public-fraction",
@@ -333,9 +334,9 @@ def device_data(cfg, partition_id: int, num_partitions: int) -> DeviceData:
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} out of range for {num_partitions} partitions")
     ds = load_dataset(cfg)
-    pool, parts = _device_partition(tuple((k, cfg[k]) for k in DATA_KEYS), num_partitions)
+    pool, parts = _device_partition(cfg.data, cfg.train.seed, num_partitions)
     index = pool[parts[partition_id]]
-    train, val = local_split(index, cfg["val-fraction"], cfg["seed"], partition_id)
+    train, val = local_split(index, cfg.data.val_fraction, cfg.train.seed, partition_id)
     return DeviceData(take(ds.x_train, train), ds.y_train[train], take(ds.x_train, val), ds.y_train[val])
 
 

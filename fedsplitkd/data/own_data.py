@@ -95,8 +95,8 @@ def device_file(node_config, cfg, device: int) -> tuple[DeviceData, ModelShape]:
     file = Path(path).expanduser()
     mtime = file.stat().st_mtime if file.is_file() else 0.0
     classes = node_config.get("num-classes")
-    return load(path, cfg["label-column"], None if classes is None else int(classes), cfg["val-fraction"],
-                cfg["seed"], device, mtime)
+    return load(path, cfg.data.label_column, None if classes is None else int(classes), cfg.data.val_fraction,
+                cfg.train.seed, device, mtime)
 
 
 def write_device_files(cfg, devices: int, out: Path) -> list[Path]:

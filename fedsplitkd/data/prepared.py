@@ -37,7 +37,7 @@ def default_directory() -> Path:
 def key(cfg, device: int, num_devices: int) -> str:
     """The cache key of device ``device`` of ``num_devices`` under run config ``cfg``."""
     parts = {"settings": {k: cfg[k] for k in KEYS}, "device": device, "devices": num_devices,
-             "source": fingerprint(cfg["dataset"], cfg["data-path"]), "code": code_digest(*CODE)}
+             "source": fingerprint(cfg.data.dataset, cfg.data.data_path), "code": code_digest(*CODE)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 

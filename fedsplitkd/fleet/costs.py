@@ -22,6 +22,8 @@ from dataclasses import dataclass, replace
 from fedsplitkd.models.zoo import SplitModel
 from fedsplitkd.fleet.profiles import DeviceProfile, EdgeServer, Fleet, channel_gain, rate_bps
 from fedsplitkd import streams
+
+
 @dataclass
 class DeviceTraffic:
     """What one device sent, received and had trained in a round (the cost model's input)."""
@@ -177,9 +179,9 @@ class CostModel:
     @classmethod
     def from_config(cls, cfg) -> CostModel:
         fleet = Fleet(cfg)
-        deadline = cfg["deadline-s"] or math.inf
-        return cls(fleet, fleet.server, cfg["fading"], deadline, cfg["straggler-policy"] == "drop",
-                   cfg["seed"], cfg["bandwidth-allocation"], cfg["server-allocation"])
+        deadline = cfg.fleet.deadline_s or math.inf
+        return cls(fleet, fleet.server, cfg.fleet.fading, deadline, cfg.fleet.straggler_policy == "drop",
+                   cfg.train.seed, cfg.fleet.bandwidth_allocation, cfg.fleet.server_allocation)
 
     def delay(self, costs: list[DeviceCost], deadline_s: float = math.inf) -> float:
         """``group_delay`` under this model's server allocation."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from fedsplitkd import streams
+
 BUNDLED_CLASSES = Path(__file__).with_name("device_classes.yaml")
 NOISE_W_PER_HZ = 10 ** (-174 / 10) / 1000  # thermal noise, -174 dBm/Hz
 
@@ -120,10 +121,10 @@ class Fleet:
     """Profiles by device (partition) id: from a CSV, or sampled on demand from the classes."""
 
     def __init__(self, cfg):
-        self.classes, self.server = load_classes(cfg["device-classes"])
-        self.fixed = load_profile_csv(cfg["profile-file"]) if cfg["profile-file"] else None
-        self.mix = parse_mix(cfg["class-mix"], self.classes)
-        self.jitter, self.seed = cfg["profile-jitter"], cfg["seed"]
+        self.classes, self.server = load_classes(cfg.fleet.device_classes)
+        self.fixed = load_profile_csv(cfg.fleet.profile_file) if cfg.fleet.profile_file else None
+        self.mix = parse_mix(cfg.fleet.class_mix, self.classes)
+        self.jitter, self.seed = cfg.fleet.profile_jitter, cfg.train.seed
         self._sampled: dict[int, DeviceProfile] = {}
 
     def __getitem__(self, device: int) -> DeviceProfile:

@@ -79,7 +79,7 @@ def predicted_traffic(server: SplitKDServer, samples: int) -> DeviceTraffic:
     act = int(np.prod(server.act_shape)) * 4
     emb = int(np.prod(server.emb_shape)) * 4 if server.mode != "none" else 0
     labels = int(np.prod(server.label_shape, dtype=np.int64)) * 8
-    epochs, batch_size = server.cfg["local-epochs"], server.cfg["batch-size"]
+    epochs, batch_size = server.cfg.train.local_epochs, server.cfg.train.batch_size
     batches = epochs * -(-(samples // epochs) // batch_size)
     params = sum(p.numel() for p in server.device_part.parameters()) * 4
     return DeviceTraffic(bytes_up=samples * (act + emb + labels) + 8 * batches + params,
@@ -119,7 +119,7 @@ def cut_table(server: SplitKDServer, costs: CostModel, devices: list[Hashable],
     for cut in server.student.cut_points:
         at_cut = server.at_cut(cut)
         predicted[cut] = costs.costs({d: predicted_traffic(at_cut, samples[d]) for d in devices}, at_cut.flops)
-        memory = memory_needed(at_cut, server.cfg["batch-size"])
+        memory = memory_needed(at_cut, server.cfg.train.batch_size)
         violations[cut] = sum(max(0.0, memory / costs.profiles[int(d)].memory_bytes - 1) for d in devices)
     delays = {cut: costs.delay(list(p.values())) for cut, p in predicted.items()}
     best = max(min(delays.values()), 1e-12)
@@ -162,13 +162,13 @@ class Scheduler:
     def plan(self, devices: list[Hashable], server_round: int) -> list[tuple[str, list[Hashable]]]:
         """(cut, devices) per cluster, clustering and choosing cuts when due."""
         cfg, costs = self.cfg, self.server.costs
-        every = cfg["recluster-every"]
+        every = cfg.fleet.recluster_every
         due = self.clusters is None or (every and (server_round - 1) % every == 0)
-        if cfg["clusters"] != "1" and (due or any(d not in self.clusters.labels for d in devices)):
+        if cfg.fleet.clusters != "1" and (due or any(d not in self.clusters.labels for d in devices)):
             known = set(self.clusters.labels) if self.clusters and not due else set()
             fleet = {d: costs.profiles[int(d)] for d in sorted(known | set(devices))}
-            k = cfg["clusters"] if cfg["clusters"] == "auto" else int(cfg["clusters"])
-            self.clusters = cluster_devices(fleet, cfg["cluster-features"].split(","), k, cfg["seed"])
+            k = cfg.fleet.clusters if cfg.fleet.clusters == "auto" else int(cfg.fleet.clusters)
+            self.clusters = cluster_devices(fleet, cfg.fleet.cluster_features.split(","), k, cfg.train.seed)
             self.cuts = {}
         labels = self.clusters.labels if self.clusters else {d: 0 for d in devices}
         groups: dict[int, list[Hashable]] = {}
@@ -176,15 +176,15 @@ class Scheduler:
             groups.setdefault(labels[d], []).append(d)
         plan = []
         for c in sorted(groups):
-            if cfg["cut"] != "adaptive":
-                cut = cfg["cut"]
+            if cfg.split.cut != "adaptive":
+                cut = cfg.split.cut
             else:
-                lyapunov = cfg["energy-control"] == "lyapunov"
+                lyapunov = cfg.fleet.energy_control == "lyapunov"
                 if c not in self.cuts or due or lyapunov:  # the queues move every round
                     guess = max(1, self.pool_samples // max(1, self.fleet_size))
                     samples = {d: self.samples.get(d, guess) for d in groups[c]}
-                    self.cuts[c] = pick_cut(cut_table(self.server, costs, groups[c], samples, cfg["energy-weight"],
-                                                      self.queues if lyapunov else None, cfg["lyapunov-v"]))
+                    self.cuts[c] = pick_cut(cut_table(self.server, costs, groups[c], samples, cfg.fleet.energy_weight,
+                                                      self.queues if lyapunov else None, cfg.fleet.lyapunov_v))
                 cut = self.cuts[c]
             plan.append((cut, groups[c]))
         self.history.append({"round": server_round, "clusters": {int(c): g for c, g in groups.items()},
@@ -197,7 +197,7 @@ class Scheduler:
         for cut, group in self.plan(devices, server_round):
             stats = self.server.at_cut(cut).run_round(transport, group, server_round)
             self.samples.update({d: t.samples for d, t in stats.traffic.items() if t.samples})
-            if self.cfg["energy-control"] == "lyapunov":
+            if self.cfg.fleet.energy_control == "lyapunov":
                 profiles = self.server.costs.profiles
                 update_queues(self.queues, {r["device"]: r["energy_j"] for r in stats.device_costs},
                               {r["device"]: profiles[int(r["device"])].energy_budget_j for r in stats.device_costs})

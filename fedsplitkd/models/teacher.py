@@ -20,6 +20,7 @@ from fedsplitkd.models.zoo import SplitModel, family_of, teacher_for
 from fedsplitkd.protocol.runtime import device_of, evaluate, torch_device
 from fedsplitkd import streams
 from fedsplitkd.data import sources
+
 log = logging.getLogger("fedsplitkd")
 
 CACHE_VERSION = 3  # 2: cosine learning rate and augmentation; 3: images only
@@ -77,17 +78,17 @@ def cache_key(family: str, input_shape: tuple, num_classes: int, x: np.ndarray, 
 def get_teacher(cfg, dataset, x_public: np.ndarray, y_public: np.ndarray) -> SplitModel:
     """The teacher from ``teacher-path``, the disk cache, or fresh training on the public split,
     on the run's torch device."""
-    streams.init_weights(cfg["seed"])
+    streams.init_weights(cfg.train.seed)
     input_shape, num_classes = dataset.input_shape, dataset.num_classes
     family = family_of(cfg, dataset)
     if family == "gpt":  # the size is part of what determines the teacher
-        family = f"gpt-{cfg['gpt-teacher']}"
-    device = torch_device(cfg["torch-device"])
+        family = f"gpt-{cfg.model.gpt_teacher}"
+    device = torch_device(cfg.model.torch_device)
     teacher = teacher_for(cfg, dataset).to(device)
-    if cfg["hf-teacher"]:  # a Hugging Face checkpoint is a trained teacher: used as is
+    if cfg.model.hf_teacher:  # a Hugging Face checkpoint is a trained teacher: used as is
         return teacher
-    if cfg["teacher-path"]:
-        path = Path(cfg["teacher-path"]).expanduser()
+    if cfg.model.teacher_path:
+        path = Path(cfg.model.teacher_path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"teacher-path '{path}': no such file")
         try:
@@ -96,15 +97,15 @@ def get_teacher(cfg, dataset, x_public: np.ndarray, y_public: np.ndarray) -> Spl
             raise ValueError(f"teacher-path '{path}' does not fit the teacher for input "
                              f"{input_shape}: {str(err).splitlines()[0]}") from err
         return teacher
-    cache_dir = Path(cfg["teacher-cache-dir"]).expanduser() if cfg["teacher-cache-dir"] else default_cache_dir()
+    cache_dir = Path(cfg.model.teacher_cache_dir).expanduser() if cfg.model.teacher_cache_dir else default_cache_dir()
     key = cache_key(family, input_shape, num_classes, x_public, y_public,
-                    cfg["teacher-epochs"], cfg["seed"], cfg["teacher-augment"])
+                    cfg.model.teacher_epochs, cfg.train.seed, cfg.model.teacher_augment)
     path = cache_dir / f"teacher-{key}.pt"
     if path.is_file():
         teacher.load_state_dict(torch.load(path, weights_only=True, map_location=device))
         log.info("teacher loaded from cache %s", path)
         return teacher
-    train_teacher(teacher, x_public, y_public, cfg["teacher-epochs"], cfg["seed"], augmented=cfg["teacher-augment"])
+    train_teacher(teacher, x_public, y_public, cfg.model.teacher_epochs, cfg.train.seed, augmented=cfg.model.teacher_augment)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save(teacher.state_dict(), tmp)

@@ -134,7 +134,7 @@ def family_of(cfg, dataset) -> str:
     """The run's model family: ``student-model``, or picked from the dataset; one that cannot
     fit the dataset's targets is refused naming the key."""
     sequence = getattr(dataset, "sequence", False)
-    family = cfg["student-model"]
+    family = cfg.model.student_model
     if family == "auto":
         return family_for(dataset.input_shape, dataset.tokens, sequence)
     if (family == "gpt") != sequence:

@@ -25,14 +25,11 @@ from fedsplitkd.models.zoo import SplitModel, student_for, teacher_for
 from fedsplitkd.protocol.payload import TEACHER, WEIGHTS, Payload, PayloadError, pack, unpack
 from fedsplitkd.protocol.runtime import DeviceRuntime, load_numpy_state, round_lr, set_lr
 from fedsplitkd import streams
+from fedsplitkd.config import RunConfig
+
 # A training request names its kind: ``forward`` starts the round from the global device part,
 # ``backward`` carries a chunk's cut-layer gradients.
 FORWARD_KIND, BACKWARD_KIND = "forward", "backward"
-
-
-def teacher_mode(cfg) -> str:
-    """How the teacher's input reaches the server: 'embedding', 'cached' or 'none' (no KD)."""
-    return "none" if cfg["kd-alpha"] == 0.0 else cfg["teacher-input"]
 
 
 class DeviceDropout(RuntimeError):
@@ -45,9 +42,9 @@ def check_dropout(cfg, server_round: int, device_key: int, stage: str) -> None:
     The pick is a pure function of (seed, round, device), so the in-process and the Flower
     run lose the same devices, and a stage sees the same losses whatever the other settings.
     """
-    rate = cfg["dropout-rate"]
-    if rate and cfg["dropout-stage"] == stage and \
-            streams.dropout(cfg["seed"], server_round, device_key).random() < rate:
+    rate = cfg.faults.dropout_rate
+    if rate and cfg.faults.dropout_stage == stage and \
+            streams.dropout(cfg.train.seed, server_round, device_key).random() < rate:
         raise DeviceDropout(f"device {device_key} dropped out at stage '{stage}' of round {server_round}")
 
 
@@ -77,46 +74,45 @@ class DeviceSetup:
 
     def runtime(self, cut: str | None = None) -> DeviceRuntime:
         """The runtime for a cut (the server may move the cut between rounds)."""
-        cut = cut or self.cfg["cut"]
+        cut = cut or self.cfg.split.cut
         if cut not in self.runtimes:
-            self.runtimes[cut] = DeviceRuntime(self.student, cut, self.cfg["learning-rate"],
-                                               self.cfg["momentum"], self.embedding)
+            self.runtimes[cut] = DeviceRuntime(self.student, cut, self.cfg.train.learning_rate,
+                                               self.cfg.train.momentum, self.embedding)
         return self.runtimes[cut]
 
 
 @functools.lru_cache(maxsize=4)
-def _models(cfg_items: tuple, shape=None) -> tuple[SplitModel, nn.Module | None, dict]:
+def _models(cfg: RunConfig, shape=None) -> tuple[SplitModel, nn.Module | None, dict]:
     """The student, the teacher's embedding module and the runtimes, once per process: every
     device has the same architecture, and every request loads its weights (and optimizer
     state) before use, so the devices a process serves share them. Building the teacher per
     device cost most of a simulated split message. ``shape``: a device's own file's
     (``own_data.ModelShape``); None reads it from the run config's dataset."""
-    cfg = dict(cfg_items)
     dataset = shape if shape is not None else data_lib.load_dataset(cfg)
     embedding = None
-    if teacher_mode(cfg) != "none":
+    if cfg.split.teacher_mode != "none":
         teacher = teacher_for(cfg, dataset)
         embedding = teacher.device_part(teacher.cut_points[0])
     return student_for(cfg, dataset), embedding, {}
 
 
 @functools.lru_cache(maxsize=256)
-def _setup(cfg_items: tuple, partition_id: int, num_partitions: int, cache_dir: str | None) -> DeviceSetup:
-    cfg = dict(cfg_items)
+def _setup(cfg: RunConfig, partition_id: int, num_partitions: int, cache_dir: str | None) -> DeviceSetup:
     if cache_dir:  # a fresh process per message: the prepared data, without partitioning the dataset
         from fedsplitkd.data import prepared
+
         local, shape = prepared.device_data(cfg, partition_id, num_partitions, cache_dir)
-        student, embedding, runtimes = _models(cfg_items, shape)
+        student, embedding, runtimes = _models(cfg, shape)
     else:
         local = data_lib.device_data(cfg, partition_id, num_partitions)
-        student, embedding, runtimes = _models(cfg_items)
+        student, embedding, runtimes = _models(cfg)
     return DeviceSetup(cfg, partition_id, local, student, embedding, runtimes)
 
 
 def device_setup(cfg, partition_id: int, num_partitions: int, cache_dir: str | None = None) -> DeviceSetup:
     """Device ``partition_id`` of ``num_partitions`` in this process. ``cache_dir``: keep its
     prepared data there (``fedsplitkd.data.prepared``); the same data, without the partitioning."""
-    return _setup(tuple(sorted(dict(cfg).items())), partition_id, num_partitions,
+    return _setup(cfg, partition_id, num_partitions,
                   str(cache_dir) if cache_dir else None)
 
 
@@ -125,8 +121,8 @@ def own_device_setup(cfg, node_config, partition_id: int) -> DeviceSetup:
     from fedsplitkd.data.own_data import device_file
 
     local, shape = device_file(node_config, cfg, partition_id)
-    student, embedding, runtimes = _models(tuple(sorted(dict(cfg).items())), shape)
-    return DeviceSetup(dict(cfg), partition_id, local, student, embedding, runtimes)
+    student, embedding, runtimes = _models(cfg, shape)
+    return DeviceSetup(cfg, partition_id, local, student, embedding, runtimes)
 
 
 def handle_train(request: Payload, state: Payload, setup: DeviceSetup) -> tuple[Payload, Payload]:
@@ -142,7 +138,7 @@ def handle_train(request: Payload, state: Payload, setup: DeviceSetup) -> tuple[
             raise PayloadError(f"a {FORWARD_KIND!r} request for round {server_round} carries no weights")
         state = {k: v for k, v in state.items() if k.startswith(TEACHER) or k == "teacher-sent"}
         state.update({k: v for k, v in request.items() if k.startswith((WEIGHTS, TEACHER))})
-        cut = str(request.get("cut", cfg["cut"]))
+        cut = str(request.get("cut", cfg.split.cut))
         if cut != "default" and cut not in setup.student.cut_points:
             raise PayloadError(f"field 'cut' = {cut!r} is not a cut point: {setup.student.cut_points}")
         state.update({"round": server_round, "cursor": 0, "optimizer": b"", "cut": cut})
@@ -152,9 +148,9 @@ def handle_train(request: Payload, state: Payload, setup: DeviceSetup) -> tuple[
     runtime = setup.runtime(state["cut"])
     runtime.load(unpack(WEIGHTS, state), state["optimizer"])
     set_lr(runtime.optimizer, round_lr(cfg, server_round))
-    plan = batch_plan(len(local.y_train), cfg["batch-size"], cfg["local-epochs"], cfg["seed"],
+    plan = batch_plan(len(local.y_train), cfg.train.batch_size, cfg.train.local_epochs, cfg.train.seed,
                       server_round, setup.device_key)
-    mode = teacher_mode(cfg)
+    mode = cfg.split.teacher_mode
     if mode == "cached" and "teacher-sent" not in state:
         state["teacher-sent"] = np.zeros(len(local.y_train), dtype=bool)
 
@@ -181,7 +177,7 @@ def handle_train(request: Payload, state: Payload, setup: DeviceSetup) -> tuple[
         return {"round": server_round, "num-examples": examples, **pack(WEIGHTS, weights)}, state
 
     cursor = state["cursor"]
-    chunk = plan[cursor:cursor + cfg["exchange-batches"]]
+    chunk = plan[cursor:cursor + cfg.split.exchange_batches]
     ids = np.concatenate(chunk)
     x = local.x_train[ids]
     reply: Payload = {

@@ -64,9 +64,9 @@ def make_optimizer(params, lr: float, momentum: float) -> torch.optim.Optimizer:
 def round_lr(cfg, server_round: int) -> float:
     """The learning rate of a round: ``learning-rate``, or under ``lr-schedule = cosine``
     decayed over the run's rounds (round 1 at the full rate) so the last rounds settle."""
-    lr = cfg["learning-rate"]
-    if cfg["lr-schedule"] == "cosine":
-        lr *= 0.5 * (1.0 + math.cos(math.pi * (max(server_round, 1) - 1) / cfg["num-rounds"]))
+    lr = cfg.train.learning_rate
+    if cfg.train.lr_schedule == "cosine":
+        lr *= 0.5 * (1.0 + math.cos(math.pi * (max(server_round, 1) - 1) / cfg.train.num_rounds))
     return lr
 
 

@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from fedsplitkd.fleet.costs import CostModel, DeviceTraffic, SplitFlops
-from fedsplitkd.protocol.device import BACKWARD_KIND, FORWARD_KIND, DeviceSetup, handle_train, teacher_mode
+from fedsplitkd.protocol.device import BACKWARD_KIND, FORWARD_KIND, DeviceSetup, handle_train
 from fedsplitkd.models.zoo import SplitModel
 from fedsplitkd.protocol.payload import (TEACHER, WEIGHTS, Payload, PayloadError, pack, payload_bytes,
                                 require_array, require_int, require_keys, require_labels, require_weights)
@@ -94,13 +94,13 @@ class SplitKDServer:
                  optimizer: OptimizerFactory | None = None):
         self.student, self.teacher, self.cfg = student, teacher, cfg
         self.optimizer_factory = optimizer  # a factory of the server part's optimizer; None: SGD from cfg
-        self.cut = cut or cfg["cut"]
-        self.mode = teacher_mode(cfg)
+        self.cut = cut or cfg.split.cut
+        self.mode = cfg.split.teacher_mode
         self.num_classes = num_classes
-        mutual = cfg["kd-mode"] == "mutual"
+        mutual = cfg.split.kd_mode == "mutual"
         self.edge = EdgeRuntime(student, self.cut, teacher if self.mode != "none" else None,
-                                cfg["kd-alpha"], cfg["kd-temperature"], cfg["learning-rate"],
-                                cfg["momentum"], mutual, optimizer)
+                                cfg.split.kd_alpha, cfg.split.kd_temperature, cfg.train.learning_rate,
+                                cfg.train.momentum, mutual, optimizer)
         self.device_part = student.device_part(self.cut)
         self.flops = SplitFlops.of(student, self.cut, teacher if self.mode != "none" else None, mutual)
         stats = student.block_stats()
@@ -110,13 +110,13 @@ class SplitKDServer:
             embedding = teacher.device_part(teacher.cut_points[0])
             self.teacher_weights = state_to_numpy(embedding)
             self.emb_shape = teacher.block_stats()[0].out_shape
-        self.max_chunk = cfg["exchange-batches"] * cfg["batch-size"]
+        self.max_chunk = cfg.split.exchange_batches * cfg.train.batch_size
         self.has_teacher: set[Hashable] = set()   # devices holding the teacher embedding
         self.teacher_cache: dict[Hashable, dict[int, np.ndarray]] = {}
         self.costs = costs  # prices each round; its deadline may keep stragglers out
         # SplitFed V1: each device trains its own copy of the server part (with its own
         # optimizer), and the copies are averaged by samples at the round's end.
-        self.per_device_server = cfg["method"] == "splitfed"
+        self.per_device_server = cfg.method.name == "splitfed"
         self.copies: dict[Hashable, tuple[dict, dict]] = {}
         self.siblings: dict[str, SplitKDServer] = {self.cut: self}
 
@@ -145,7 +145,7 @@ class SplitKDServer:
             raise PayloadError(f"field 'activations' has {n} rows, expected 1..{self.max_chunk}")
         require_labels(reply, "labels", n, self.num_classes, self.label_shape)
         sizes = require_array(reply, "batch-sizes", np.int64, (None,))
-        if not 0 < len(sizes) <= self.cfg["exchange-batches"] or sizes.min() < 1 or sizes.sum() != n:
+        if not 0 < len(sizes) <= self.cfg.split.exchange_batches or sizes.min() < 1 or sizes.sum() != n:
             raise PayloadError(f"field 'batch-sizes' {sizes.tolist()[:8]} does not split {n} rows")
         require_int(reply, "remaining", 0)
         if self.mode == "embedding":
@@ -204,7 +204,7 @@ class SplitKDServer:
             t = np.split(teacher[key], bounds) if teacher[key] is not None else [None] * (len(bounds) + 1)
             batches.append(list(zip([key] * (len(bounds) + 1), np.split(reply["activations"], bounds),
                                     np.split(reply["labels"], bounds), t)))
-        if self.cfg["server-batching"] == "joint" and not self.per_device_server:
+        if self.cfg.split.server_batching == "joint" and not self.per_device_server:
             steps = [[b[j] for b in batches if j < len(b)] for j in range(max(map(len, batches)))]
         else:
             steps = [[minibatch] for device_batches in batches for minibatch in device_batches]
@@ -295,7 +295,7 @@ class SplitKDServer:
         ready: dict[Hashable, Payload] = {}  # next requests computed but not sent yet
         while order:
             stats.exchanges += 1
-            groups = [order] if self.cfg["server-batching"] == "joint" else [[k] for k in order]
+            groups = [order] if self.cfg.split.server_batching == "joint" else [[k] for k in order]
             order = []
             for group in groups:
                 waited = time.perf_counter()

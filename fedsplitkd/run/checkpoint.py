@@ -56,7 +56,7 @@ def capture(exp, server_round: int, rngs: dict[str, np.random.Generator], rows: 
         "round": server_round,
         "config": dict(exp.cfg),
         "student": exp.student.state_dict(),
-        "teacher": {"path": exp.cfg["teacher-path"], "sha256": teacher_digest(exp.teacher)},
+        "teacher": {"path": exp.cfg.model.teacher_path, "sha256": teacher_digest(exp.teacher)},
         "server_optimizers": {cut: s.edge.optimizer.state_dict() for cut, s in exp.server.siblings.items()},
         "scheduler": {
             "clusters": None if clusters is None else {
@@ -98,13 +98,13 @@ def check_config(state: dict, cfg) -> None:
     for key, value in state["config"].items():
         if key not in FREE_KEYS and cfg.get(key) != value:
             raise ConfigError(f"run-config '{key}' = {cfg.get(key)!r}, but the checkpoint in "
-                              f"'{cfg['resume']}' was made with {value!r}")
-    if cfg["lr-schedule"] != "constant" and cfg["num-rounds"] != state["config"]["num-rounds"]:
-        raise ConfigError(f"run-config 'num-rounds' = {cfg['num-rounds']}: lr-schedule "
-                          f"{cfg['lr-schedule']!r} decays over the checkpointed run's "
+                              f"'{cfg.faults.resume}' was made with {value!r}")
+    if cfg.train.lr_schedule != "constant" and cfg.train.num_rounds != state["config"]["num-rounds"]:
+        raise ConfigError(f"run-config 'num-rounds' = {cfg.train.num_rounds}: lr-schedule "
+                          f"{cfg.train.lr_schedule!r} decays over the checkpointed run's "
                           f"{state['config']['num-rounds']} rounds; keep that number")
-    if cfg["num-rounds"] <= state["round"]:
-        raise ConfigError(f"run-config 'num-rounds' = {cfg['num-rounds']}: the checkpoint is at round "
+    if cfg.train.num_rounds <= state["round"]:
+        raise ConfigError(f"run-config 'num-rounds' = {cfg.train.num_rounds}: the checkpoint is at round "
                           f"{state['round']} already")
 
 
@@ -139,11 +139,11 @@ def restore(exp, state: dict, rngs: dict[str, np.random.Generator]) -> list[dict
 
 def resume(exp, rngs: dict[str, np.random.Generator]) -> list[dict]:
     """The metrics rows of the checkpoint ``resume`` names, its state put into ``exp``; [] if fresh."""
-    return restore(exp, load(exp.cfg["resume"]), rngs) if exp.cfg["resume"] else []
+    return restore(exp, load(exp.cfg.faults.resume), rngs) if exp.cfg.faults.resume else []
 
 
 def maybe_save(exp, server_round: int, rngs: dict[str, np.random.Generator], rows: list[dict],
                directory: Path | None) -> None:
-    every = exp.cfg["checkpoint-every"]
-    if directory is not None and every and (server_round % every == 0 or server_round == exp.cfg["num-rounds"]):
+    every = exp.cfg.faults.checkpoint_every
+    if directory is not None and every and (server_round % every == 0 or server_round == exp.cfg.train.num_rounds):
         save(directory, capture(exp, server_round, rngs, rows))

@@ -19,13 +19,14 @@ import numpy as np
 from fedsplitkd import config as config_lib
 from fedsplitkd.fleet.costs import CostModel
 from fedsplitkd.data.datasets import Dataset, load_dataset, server_splits, take
-from fedsplitkd.protocol.device import device_setup, teacher_mode
+from fedsplitkd.protocol.device import device_setup
 from fedsplitkd.models.zoo import SplitModel, student_for
 from fedsplitkd.protocol.runtime import evaluate, torch_device
 from fedsplitkd.fleet.schedule import Scheduler
 from fedsplitkd.protocol.server import InProcessTransport, RoundStats, SplitKDServer
 from fedsplitkd.models.teacher import get_teacher
 from fedsplitkd import streams
+
 log = logging.getLogger("fedsplitkd")
 
 
@@ -58,26 +59,26 @@ class Experiment:
 def build(cfg) -> Experiment:
     """Load the data, get the teacher, initialise the student and the edge server."""
     dataset = load_dataset(cfg)
-    if dataset.sequence and cfg["method"] in ("fd", "fedgkt"):
-        raise ValueError(f"run-config 'method' = {cfg['method']!r} shares per-class logits and has no "
+    if dataset.sequence and cfg.method.name in ("fd", "fedgkt"):
+        raise ValueError(f"run-config 'method' = {cfg.method.name!r} shares per-class logits and has no "
                          f"form for dataset '{dataset.name}' (a next token per position)")
-    public, holdout, _ = server_splits(len(dataset.y_train), cfg["public-fraction"], cfg["holdout-fraction"],
-                                       cfg["seed"])
+    public, holdout, _ = server_splits(len(dataset.y_train), cfg.data.public_fraction, cfg.data.holdout_fraction,
+                                       cfg.train.seed)
     teacher = None
-    if teacher_mode(cfg) != "none":
+    if cfg.split.teacher_mode != "none":
         teacher = get_teacher(cfg, dataset, take(dataset.x_train, public), dataset.y_train[public])
-    streams.init_weights(cfg["seed"])
+    streams.init_weights(cfg.train.seed)
     # The server holds the whole student (its upper part trains there) on the run's torch
     # device; devices and payloads stay on the CPU.
-    student = student_for(cfg, dataset).to(torch_device(cfg["torch-device"]))
-    cut = "default" if cfg["cut"] == "adaptive" else cfg["cut"]
+    student = student_for(cfg, dataset).to(torch_device(cfg.model.torch_device))
+    cut = "default" if cfg.split.cut == "adaptive" else cfg.split.cut
     student.cut_index(cut)  # fail early, naming the cut points, on a bad 'cut'
     server = SplitKDServer(student, teacher, cfg, dataset.num_classes, CostModel.from_config(cfg), cut)
     # Training samples all devices together put through the split in a round: the scheduler's
     # guess for a device it has not seen yet is this over the fleet size.
-    pool = len(dataset.y_train) * (1 - cfg["public-fraction"] - cfg["holdout-fraction"]) * (1 - cfg["val-fraction"]) \
-        * cfg["local-epochs"]
-    exp = Experiment(dict(cfg), dataset, student, teacher, server, Scheduler(server, cfg, int(pool)),
+    pool = len(dataset.y_train) * (1 - cfg.data.public_fraction - cfg.data.holdout_fraction) * (1 - cfg.data.val_fraction) \
+        * cfg.train.local_epochs
+    exp = Experiment(cfg, dataset, student, teacher, server, Scheduler(server, cfg, int(pool)),
                      holdout=(take(dataset.x_train, holdout), dataset.y_train[holdout]))
     exp.teacher_accuracy  # the pre-trained teacher's, before mutual learning moves it
     return exp
@@ -124,18 +125,19 @@ def run_inprocess(overrides: dict | None, num_devices: int,
     from one, and the rows returned are then the checkpoint's followed by the new ones.
     """
     from fedsplitkd.run import checkpoint
+
     cfg = config_lib.resolve(overrides)
     exp = build(cfg)
     transport = InProcessTransport({i: device_setup(cfg, i, num_devices) for i in range(num_devices)})
     exp.scheduler.fleet_size = num_devices
-    rngs = {"train": streams.sampling(cfg["seed"])}  # the train-sampling stream of SplitKD
-    rows = checkpoint.resume(exp, rngs) or [metrics_row(0, cfg["method"], *exp.evaluate(), None, 0.0,
+    rngs = {"train": streams.sampling(cfg.train.seed)}  # the train-sampling stream of SplitKD
+    rows = checkpoint.resume(exp, rngs) or [metrics_row(0, cfg.method.name, *exp.evaluate(), None, 0.0,
                                                         exp.evaluate_holdout())]
-    for server_round in range(rows[-1]["round"] + 1, cfg["num-rounds"] + 1):
+    for server_round in range(rows[-1]["round"] + 1, cfg.train.num_rounds + 1):
         start = time.perf_counter()
-        keys = sample_devices(list(range(num_devices)), cfg["fraction-train"], rngs["train"])
+        keys = sample_devices(list(range(num_devices)), cfg.train.fraction_train, rngs["train"])
         stats = exp.scheduler.run_round(transport, keys, server_round)
-        rows.append(metrics_row(server_round, cfg["method"], *exp.evaluate(), stats,
+        rows.append(metrics_row(server_round, cfg.method.name, *exp.evaluate(), stats,
                                 time.perf_counter() - start, exp.evaluate_holdout()))
         exp.device_rows += [{"round": server_round, **r} for r in stats.device_costs]
         checkpoint.maybe_save(exp, server_round, rngs, rows, checkpoint_dir)

@@ -27,8 +27,8 @@ ROUND_FILES = ("devices.csv", "dropped.csv")  # per-round detail rows, led by a 
 
 
 def run_dir(cfg) -> Path:
-    name = cfg["run-name"] or time.strftime("%Y%m%d-%H%M%S")
-    return Path(cfg["output-dir"]).expanduser() / name
+    name = cfg.output.run_name or time.strftime("%Y%m%d-%H%M%S")
+    return Path(cfg.output.output_dir).expanduser() / name
 
 
 class ResultsWriter:

@@ -119,10 +119,12 @@ class CachedRunner:
         full = {**config, "output-dir": str(directory.parent), "run-name": directory.name}
         if self.backend == "inprocess":
             from fedsplitkd.strategies.inprocess import run_app
+
             run_app(full, self.devices)
         else:
             if self.sim is None:
                 from fedsplitkd.tools.localsim import LocalSimulation
+
                 self.sim = LocalSimulation().__enter__()
             result = self.sim.run(self.app, full, num_supernodes=self.devices, cpus_per_client=self.cpus)
             if not (directory / "summary.json").is_file():

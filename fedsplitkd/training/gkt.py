@@ -18,6 +18,8 @@ from fedsplitkd.protocol.kd import kd_loss
 from fedsplitkd.training.local import train_whole
 from fedsplitkd.protocol.runtime import make_optimizer, round_lr, set_lr
 from fedsplitkd import streams
+
+
 def device_head(feature_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """The device's own small classifier on its extracted features."""
     return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(feature_shape)), num_classes))
@@ -41,16 +43,16 @@ def extract(extractor: nn.Module, head: nn.Module, x: np.ndarray) -> tuple[np.nd
 def train_server(server_part: nn.Module, optimizer: torch.optim.Optimizer, features: np.ndarray,
                  device_logits: np.ndarray, labels: np.ndarray, cfg, server_round: int) -> float:
     """``server-epochs`` over all devices' features: KD towards the devices' logits + CE."""
-    rng = streams.gkt_batches(cfg["seed"], server_round)
+    rng = streams.gkt_batches(cfg.train.seed, server_round)
     set_lr(optimizer, round_lr(cfg, server_round))
     loss_sum = 0.0
     server_part.train()
-    for _ in range(cfg["server-epochs"]):
+    for _ in range(cfg.method.server_epochs):
         order = rng.permutation(len(labels))
-        for i in range(0, len(order), cfg["batch-size"]):
-            idx = order[i:i + cfg["batch-size"]]
+        for i in range(0, len(order), cfg.train.batch_size):
+            idx = order[i:i + cfg.train.batch_size]
             loss = kd_loss(server_part(torch.from_numpy(features[idx])), torch.from_numpy(device_logits[idx]),
-                           torch.from_numpy(labels[idx]), cfg["kd-alpha"], cfg["kd-temperature"])
+                           torch.from_numpy(labels[idx]), cfg.split.kd_alpha, cfg.split.kd_temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -59,4 +61,4 @@ def train_server(server_part: nn.Module, optimizer: torch.optim.Optimizer, featu
 
 
 def server_optimizer(server_part: nn.Module, cfg) -> torch.optim.Optimizer:
-    return make_optimizer(server_part.parameters(), cfg["learning-rate"], cfg["momentum"])
+    return make_optimizer(server_part.parameters(), cfg.train.learning_rate, cfg.train.momentum)

@@ -25,9 +25,9 @@ def train_whole(model: nn.Module, data: DeviceData, cfg, server_round: int, devi
     order too), cross-entropy, or KD towards ``teacher(indices, x, y)`` logits when given
     (rows of NaN: cross-entropy only), plus FedProx's (mu / 2) ||w - w_start||^2. Returns
     the samples trained on and the summed loss."""
-    optimizer = DeviceSGD(model.parameters(), round_lr(cfg, server_round), cfg["momentum"])
+    optimizer = DeviceSGD(model.parameters(), round_lr(cfg, server_round), cfg.train.momentum)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu else []
-    plan = batch_plan(len(data.y_train), cfg["batch-size"], cfg["local-epochs"], cfg["seed"],
+    plan = batch_plan(len(data.y_train), cfg.train.batch_size, cfg.train.local_epochs, cfg.train.seed,
                       server_round, device_key)
     samples, loss_sum = 0, 0.0
     device = device_of(model)
@@ -42,8 +42,8 @@ def train_whole(model: nn.Module, data: DeviceData, cfg, server_round: int, devi
             known = ~torch.isnan(target).any(-1)  # per label (per token for sequences)
             if known.any():
                 losses = losses.clone()
-                losses[known] = kd_loss(logits[known], target[known], y[known], cfg["kd-alpha"],
-                                        cfg["kd-temperature"], reduction="none")
+                losses[known] = kd_loss(logits[known], target[known], y[known], cfg.split.kd_alpha,
+                                        cfg.split.kd_temperature, reduction="none")
         loss = per_sample(losses).mean()
         objective = loss
         if proximal_mu:
