@@ -20,7 +20,8 @@ from flwr.supercore import log
 
 from fedsplitkd.baselines.accounting import mean_of_devices, round_stats
 from fedsplitkd.fleet.costs import BACKWARD_FACTOR, SplitFlops
-from fedsplitkd.run.experiment import Experiment, sample_devices
+from fedsplitkd.protocol.rounds import sample_devices
+from fedsplitkd.run.experiment import Experiment
 from fedsplitkd.training.gkt import server_optimizer, train_server
 from fedsplitkd.protocol.payload import PayloadError, require_array, require_labels
 from fedsplitkd.strategies.grid import FastGrid, NodeMap, discover

@@ -16,7 +16,8 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from fedsplitkd.baselines.accounting import mean_of_devices, round_stats, whole_flops
-from fedsplitkd.run.experiment import Experiment, sample_devices
+from fedsplitkd.protocol.rounds import sample_devices
+from fedsplitkd.run.experiment import Experiment
 from fedsplitkd.training.local import merge_class_logits
 from fedsplitkd.protocol.payload import PayloadError, require_array
 from fedsplitkd.strategies.grid import FastGrid, NodeMap, discover

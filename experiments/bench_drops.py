@@ -1,6 +1,6 @@
 """Fault-free split-KD runs through Flower must drop no device: a stress run of the transport.
 
-Before one message in flight per node (strategies/splitkd.py, GridTransport), nodes that
+Before one message in flight per node (strategies/transport.py, GridTransport), nodes that
 served several virtual devices could get overlapping messages, lose a device's state and
 drop it at the backward stage. This runs fault-free split-KD through `flwr run` on:
 

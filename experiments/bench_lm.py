@@ -24,11 +24,12 @@ import torch
 from fedsplitkd import config as config_lib
 from fedsplitkd.data.datasets import device_data
 from fedsplitkd.protocol.device import device_setup
-from fedsplitkd.run.experiment import build, sample_devices
+from fedsplitkd.run.experiment import build
 from fedsplitkd.models.gpt import train_flops_per_token
 from fedsplitkd.training.local import train_whole
 from fedsplitkd.protocol.runtime import load_numpy_state, state_to_numpy
-from fedsplitkd.protocol.server import InProcessTransport, average
+from fedsplitkd.protocol.rounds import InProcessTransport, sample_devices
+from fedsplitkd.protocol.server import average
 
 PRESETS = {  # sizes that fit ~5 minutes on 2 CPU cores, and a larger case for a GPU
     "cpu": {"seq-len": 32, "text-stride": 512, "gpt-student": "2x64x4", "gpt-teacher": "4x128x4",

@@ -20,7 +20,7 @@ from flwr.supercore import log
 
 from fedsplitkd.clients.records import DESCRIBE, unbundle
 from fedsplitkd.fleet.costs import DeviceTraffic
-from fedsplitkd.run.experiment import sample_devices
+from fedsplitkd.protocol.rounds import sample_devices
 from fedsplitkd.protocol.payload import PayloadError
 from fedsplitkd import streams
 

@@ -22,12 +22,12 @@ app = ServerApp()
 
 
 def run_split(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
-    """splitkd, split and splitfed: the split protocol under Flower's own Strategy.start loop,
-    from round 1 or from the checkpoint ``resume`` names."""
+    """splitkd, split and splitfed: ``SplitKD.start`` (the round loop of ``fedsplitkd.protocol.rounds``)
+    over the grid, from round 1 or from the checkpoint ``resume`` names."""
     cfg = exp.cfg
     strategy = SplitKD(exp.scheduler, cfg.train.fraction_train, cfg.train.fraction_evaluate, cfg.fleet.min_nodes,
                        cfg.faults.round_timeout, seed=cfg.train.seed, virtual_devices=cfg.fleet.virtual_devices)
-    rngs = {"train": strategy.train_rng, "evaluate": strategy.evaluate_rng}
+    rngs = strategy.rngs
     done = checkpoint.resume(exp, rngs)
     if done:
         recorder.writer.restart_from(done)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedsplitkd.protocol.server import InProcessTransport
+from fedsplitkd.protocol.rounds import InProcessTransport
 
 
 class Tampering(InProcessTransport):

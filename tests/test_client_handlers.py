@@ -17,7 +17,7 @@ from fedsplitkd.clients.records import from_records, to_records
 from fedsplitkd.protocol.device import device_setup
 from fedsplitkd.protocol.payload import TEACHER, WEIGHTS, PayloadError, unpack
 from fedsplitkd.protocol.runtime import state_to_numpy
-from fedsplitkd.protocol.server import InProcessTransport
+from fedsplitkd.protocol.rounds import InProcessTransport
 
 from conftest import tiny
 from malformed import MUTATIONS

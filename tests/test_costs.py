@@ -191,7 +191,7 @@ def test_the_adaptive_cuts_predicted_traffic_is_what_a_round_sends(tmp_path, cas
     from fedsplitkd.protocol.device import device_setup
     from fedsplitkd.protocol.payload import payload_bytes, pack, TEACHER
     from fedsplitkd.fleet.schedule import predicted_traffic
-    from fedsplitkd.protocol.server import InProcessTransport
+    from fedsplitkd.protocol.rounds import InProcessTransport
     from test_lm import lm_run
     overrides = tiny(local_epochs=2) if case == "classifier" else {**lm_run(_play(tmp_path / "play.txt")),
                                                                     "local-epochs": 2}

@@ -11,7 +11,7 @@ from fedsplitkd.protocol.device import DeviceDropout, device_setup, handle_evalu
 from fedsplitkd.run.experiment import build, run_inprocess
 from fedsplitkd.protocol.payload import WEIGHTS, pack
 from fedsplitkd.protocol.runtime import state_to_numpy
-from fedsplitkd.strategies.splitkd import GridTransport
+from fedsplitkd.strategies.transport import GridTransport
 
 from conftest import tiny
 

@@ -21,7 +21,9 @@ from fedsplitkd import config as config_lib
 from fedsplitkd.run import experiment
 from fedsplitkd.clients.client_app import split_backward, split_forward
 from fedsplitkd.protocol.device import device_setup
-from fedsplitkd.strategies.splitkd import BACKWARD, GridTransport
+from fedsplitkd.protocol.rounds import InProcessTransport
+from fedsplitkd.clients.records import BACKWARD
+from fedsplitkd.strategies.transport import GridTransport
 
 from conftest import tiny
 from malformed import FINAL_MUTATIONS, MUTATIONS, Tampering
@@ -286,7 +288,7 @@ def test_no_interleaving_pairs_a_device_with_another_chunks_gradients(exp, monke
     devices = 5
     setups = {k: device_setup(exp.cfg, k, devices) for k in range(devices)}
     reference = copy.deepcopy(exp.server)
-    reference.run_round(experiment.InProcessTransport(setups), list(range(devices)), 1)
+    reference.run_round(InProcessTransport(setups), list(range(devices)), 1)
     server = copy.deepcopy(exp.server)
     grid = RacingGrid({**config_lib.DEFAULTS, **OVERRIDES, "virtual-devices": devices})
     transport = GridTransport(grid, timeout=30, nodes={d: 101 + d % 2 for d in range(devices)}, bundle=True)

@@ -14,7 +14,7 @@ from fedsplitkd.protocol.device import batch_plan, device_setup
 from fedsplitkd.protocol.kd import kd_loss
 from fedsplitkd.models.zoo import build_student, build_teacher
 from fedsplitkd.protocol.runtime import DeviceRuntime, EdgeRuntime, round_lr
-from fedsplitkd.protocol.server import InProcessTransport
+from fedsplitkd.protocol.rounds import InProcessTransport
 
 from conftest import tiny
 

@@ -19,7 +19,7 @@ from fedsplitkd.protocol.device import device_setup
 from fedsplitkd.run.experiment import build
 from fedsplitkd.library import to_arrays
 from fedsplitkd.protocol.runtime import evaluate
-from fedsplitkd.protocol.server import InProcessTransport
+from fedsplitkd.protocol.rounds import InProcessTransport
 from fedsplitkd.strategies import SplitKD
 from fedsplitkd.strategies.inprocess import InProcessGrid, _server_identity
 

@@ -14,7 +14,7 @@ from fedsplitkd.run.experiment import build
 from fedsplitkd.protocol.payload import WEIGHTS, unpack
 from fedsplitkd.fleet.profiles import EdgeServer, load_classes, sample_profile
 from fedsplitkd.fleet.schedule import cluster_devices, cut_table, pick_cut
-from fedsplitkd.protocol.server import InProcessTransport
+from fedsplitkd.protocol.rounds import InProcessTransport
 
 
 def test_kmeans_recovers_planted_device_classes():

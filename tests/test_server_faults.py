@@ -9,7 +9,7 @@ from malformed import Tampering
 from fedsplitkd.config import resolve
 from fedsplitkd.protocol.device import device_setup, handle_train
 from fedsplitkd.run.experiment import build
-from fedsplitkd.protocol.server import InProcessTransport
+from fedsplitkd.protocol.rounds import InProcessTransport
 
 
 def setup(overrides):

@@ -1,7 +1,7 @@
 """The edge-server side of split-KD: one training round over any transport.
 
 A transport sends ``{device key: request}`` and hands back each device's reply, or an
-error string. The Flower strategy's transport sends Messages; ``InProcessTransport``
+error string. The Flower strategy's transport sends Messages; ``rounds.InProcessTransport``
 calls the device handlers directly (the reference the Flower run is measured against).
 The round logic, the payload checks and the accounting are this one piece of code for both.
 """
@@ -111,7 +111,9 @@ class SplitKDServer:
             self.teacher_weights = state_to_numpy(embedding)
             self.emb_shape = teacher.block_stats()[0].out_shape
         self.max_chunk = cfg.split.exchange_batches * cfg.train.batch_size
-        self.has_teacher: set[Hashable] = set()   # devices holding the teacher embedding
+        # Who holds the teacher's embedding: devices, or the nodes serving bundles of virtual
+        # devices (``transport.holder``), which keep one copy for all they serve.
+        self.has_teacher: set[Hashable] = set()
         self.teacher_cache: dict[Hashable, dict[int, np.ndarray]] = {}
         self.costs = costs  # prices each round; its deadline may keep stragglers out
         # SplitFed V1: each device trains its own copy of the server part (with its own
@@ -288,9 +290,10 @@ class SplitKDServer:
             stats.dropped[kind] += 1
             stats.dropped[stage] += 1
             stats.drops.append((key, stage, kind, reason))
-            self.has_teacher.discard(key)
+            self.has_teacher.discard(holder(key))
 
-        send(self.first_requests(keys, server_round, getattr(transport, "holder", None)))
+        holder = getattr(transport, "holder", lambda key: key)
+        send(self.first_requests(keys, server_round, holder))
         order = list(keys)
         ready: dict[Hashable, Payload] = {}  # next requests computed but not sent yet
         while order:
@@ -326,7 +329,7 @@ class SplitKDServer:
                         drop(key, "invalid", str(err), request)
                         continue
                     if any(k.startswith(TEACHER) for k in request):
-                        self.has_teacher.add(key)
+                        self.has_teacher.add(holder(key))
                     stats.bytes_up_activations += reply["activations"].nbytes
                     chunks[key], asked[key] = reply, request
                 if chunks:
@@ -370,14 +373,14 @@ class SplitKDServer:
 
         ``holder`` names who keeps a device's teacher embedding (a node serving several
         devices in one message keeps one copy): only the first device of each holder
-        that lacks it carries it.
+        that lacks it (not in ``has_teacher``) carries it.
         """
         global_weights = pack(WEIGHTS, state_to_numpy(self.device_part))
         requests, given = {}, set()
         for key in keys:
             requests[key] = {"kind": FORWARD_KIND, "round": server_round, "cut": self.cut, **global_weights}
             where = holder(key) if holder else key
-            if self.mode != "none" and key not in self.has_teacher and where not in given:
+            if self.mode != "none" and where not in self.has_teacher and where not in given:
                 requests[key].update(pack(TEACHER, self.teacher_weights))
                 given.add(where)
         return requests
@@ -415,24 +418,3 @@ def average(weights: list[dict[str, np.ndarray]], counts: list[int]) -> dict[str
     total = float(sum(counts))
     return {k: sum(w[k].astype(np.float64) * (n / total) for w, n in zip(weights, counts)).astype(weights[0][k].dtype)
             for k in weights[0]}
-
-
-class InProcessTransport:
-    """Calls the device handlers directly, keeping each device's state in a dict."""
-
-    def __init__(self, setups: dict[Hashable, DeviceSetup]):
-        self.setups = setups
-        self.states: dict[Hashable, Payload] = {key: {} for key in setups}
-        self.replies: dict[Hashable, Payload | str] = {}
-
-    def send(self, requests: dict[Hashable, Payload]) -> None:
-        for key, request in requests.items():
-            try:
-                self.replies[key], self.states[key] = handle_train(request, self.states[key], self.setups[key])
-            except Exception as err:  # a failing device must not stop the round
-                self.replies[key] = f"{type(err).__name__}: {err}"
-
-    def receive(self) -> dict[Hashable, Payload | str]:
-        replies, self.replies = self.replies, {}
-        return replies
-

@@ -1,7 +1,8 @@
 """Assemble a split-KD experiment from a run config, and run it in one process.
 
-The ServerApp and the in-process reference share ``build``, ``sample_devices`` and
-``metrics_row``; they differ only in the transport that carries the requests.
+The ServerApp and the in-process reference share ``build``, the round loop
+(``fedsplitkd.protocol.rounds.train``) and ``metrics_row``; they differ only in the fleet
+that carries the requests.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from fedsplitkd.protocol.device import device_setup
 from fedsplitkd.models.zoo import SplitModel, student_for
 from fedsplitkd.protocol.runtime import evaluate, torch_device
 from fedsplitkd.fleet.schedule import Scheduler
-from fedsplitkd.protocol.server import InProcessTransport, RoundStats, SplitKDServer
+from fedsplitkd.protocol.rounds import Evaluation, InProcessFleet, train
+from fedsplitkd.protocol.server import RoundStats, SplitKDServer
 from fedsplitkd.models.teacher import get_teacher
 from fedsplitkd import streams
 
@@ -84,11 +86,6 @@ def build(cfg) -> Experiment:
     return exp
 
 
-def sample_devices(keys: list[Hashable], fraction: float, rng: np.random.Generator) -> list[Hashable]:
-    count = max(1, int(round(fraction * len(keys))))
-    return [keys[i] for i in sorted(rng.choice(len(keys), size=count, replace=False))]
-
-
 COST_COLUMNS = ("device_flops", "server_flops", "device_energy_j", "round_delay_s", "sim_time_s",
                 "cum_device_energy_j", "stragglers")
 
@@ -119,7 +116,8 @@ def metrics_row(server_round: int, method: str, accuracy: float, loss: float,
 def run_inprocess(overrides: dict | None, num_devices: int,
                   on_round: Callable[[dict], None] | None = None,
                   checkpoint_dir: Path | None = None) -> tuple[Experiment, list[dict]]:
-    """The whole protocol in one process: same math as the Flower run, no messages.
+    """The whole protocol in one process (``rounds.train`` over an ``InProcessFleet``): the same
+    loop and math as the Flower run, no messages.
 
     With ``checkpoint-every``, checkpoints go to ``checkpoint_dir``; ``resume`` continues
     from one, and the rows returned are then the checkpoint's followed by the new ones.
@@ -128,19 +126,27 @@ def run_inprocess(overrides: dict | None, num_devices: int,
 
     cfg = config_lib.resolve(overrides)
     exp = build(cfg)
-    transport = InProcessTransport({i: device_setup(cfg, i, num_devices) for i in range(num_devices)})
-    exp.scheduler.fleet_size = num_devices
-    rngs = {"train": streams.sampling(cfg.train.seed)}  # the train-sampling stream of SplitKD
+    fleet = InProcessFleet({i: device_setup(cfg, i, num_devices) for i in range(num_devices)})
+    # The sampling streams of the SplitKD strategy: the same devices train as in a Flower run.
+    rngs = {"train": streams.sampling(cfg.train.seed), "evaluate": streams.evaluate_sampling(cfg.train.seed)}
     rows = checkpoint.resume(exp, rngs) or [metrics_row(0, cfg.method.name, *exp.evaluate(), None, 0.0,
                                                         exp.evaluate_holdout())]
-    for server_round in range(rows[-1]["round"] + 1, cfg.train.num_rounds + 1):
-        start = time.perf_counter()
-        keys = sample_devices(list(range(num_devices)), cfg.train.fraction_train, rngs["train"])
-        stats = exp.scheduler.run_round(transport, keys, server_round)
-        rows.append(metrics_row(server_round, cfg.method.name, *exp.evaluate(), stats,
-                                time.perf_counter() - start, exp.evaluate_holdout()))
+    started = time.perf_counter()
+
+    def record(server_round: int, stats: RoundStats, evaluation: Evaluation | None) -> None:
+        nonlocal started
+        row = metrics_row(server_round, cfg.method.name, *exp.evaluate(), stats, time.perf_counter() - started,
+                          exp.evaluate_holdout())
+        if evaluation is not None:
+            row.update(val_accuracy=evaluation.accuracy, val_loss=evaluation.loss,
+                       val_bpc=evaluation.loss / math.log(2), dropped_evaluate=evaluation.dropped)
+        rows.append(row)
         exp.device_rows += [{"round": server_round, **r} for r in stats.device_costs]
         checkpoint.maybe_save(exp, server_round, rngs, rows, checkpoint_dir)
         if on_round:
-            on_round(rows[-1])
+            on_round(row)
+        started = time.perf_counter()
+
+    train(exp.scheduler, fleet, range(rows[-1]["round"] + 1, cfg.train.num_rounds + 1), rngs,
+          cfg.train.fraction_train, cfg.train.fraction_evaluate, record)
     return exp, rows
