@@ -178,23 +178,29 @@ class SplitDevice:
 
 
 def edge_server(student: Blocks, input_shape: tuple[int, ...], teacher: nn.Module | None = None,
-                teacher_embedding: nn.Module | None = None, config: SplitKDConfig | None = None,
+                teacher_embedding: nn.Module | None = None, config: SplitKDConfig | RunConfig | None = None,
                 optimizer: OptimizerFactory | None = None, costs: CostModel | None = None,
                 input_dtype: torch.dtype = torch.float32) -> SplitKDServer:
     """The edge server: the student's upper part and the teacher, the KD + CE loss, the cost model.
 
-    ``teacher`` maps the embedding's outputs to logits (pre-trained; frozen). ``optimizer``
-    builds the server part's optimizer from its parameters (default SGD at ``learning_rate`` and
-    ``momentum``, scheduled by ``lr_schedule``; a factory's own rate is left alone). ``costs``
-    prices every round (default: the run config's device classes).
+    ``teacher`` maps the embedding's outputs to logits (pre-trained; frozen), or is a
+    ``SplitModel`` whose first block is the embedding (the zoo's teachers; ``teacher_embedding``
+    is then unused). ``config`` is the protocol's settings, or a whole ``RunConfig`` (the
+    config-driven app builds its server here). ``optimizer`` builds the server part's optimizer
+    from its parameters (default SGD at ``learning_rate`` and ``momentum``, scheduled by
+    ``lr_schedule``; a factory's own rate is left alone). ``costs`` prices every round
+    (default: the run config's device classes).
     """
-    cfg = (config or SplitKDConfig()).run_config()  # raises ConfigError naming a bad key
+    cfg = config if isinstance(config, RunConfig) else (config or SplitKDConfig()).run_config()
     model = split_model(student, input_shape, input_dtype)
     kd = cfg.split.kd_alpha > 0
-    if kd and (teacher is None or teacher_embedding is None):
+    if isinstance(teacher, SplitModel):
+        split_teacher = teacher if kd else None
+    elif kd and (teacher is None or teacher_embedding is None):
         raise ConfigError("edge_server 'teacher'/'teacher_embedding': kd_alpha > 0 needs both (the devices "
                           "run the embedding so raw inputs never leave them), or kd_alpha = 0")
-    split_teacher = teacher_model(teacher, teacher_embedding, input_shape, input_dtype) if kd else None
+    else:
+        split_teacher = teacher_model(teacher, teacher_embedding, input_shape, input_dtype) if kd else None
     num_classes = model.block_stats()[-1].out_shape[-1]
     cut = "default" if cfg.split.cut == "adaptive" else cfg.split.cut  # adaptive: the scheduler moves it
     model.cut_index(cut)  # fail early, naming the cut points, on a bad cut

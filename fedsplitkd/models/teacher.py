@@ -17,7 +17,7 @@ import torch
 
 from fedsplitkd.protocol.kd import kd_loss
 from fedsplitkd.models.zoo import SplitModel, family_of, teacher_for
-from fedsplitkd.protocol.runtime import device_of, evaluate, torch_device
+from fedsplitkd.protocol.runtime import torch_device_of, evaluate, torch_device
 from fedsplitkd import streams
 from fedsplitkd.data import sources
 
@@ -48,7 +48,7 @@ def train_teacher(teacher: SplitModel, x: np.ndarray, y: np.ndarray, epochs: int
     generator = streams.torch_generator(seed)
     optimizer = torch.optim.Adam(teacher.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
-    device = device_of(teacher)
+    torch_dev = torch_device_of(teacher)
     xs, ys = torch.from_numpy(x), torch.from_numpy(y)
     augmented = augmented and xs.is_floating_point() and xs.ndim == 4
     teacher.train()
@@ -57,7 +57,7 @@ def train_teacher(teacher: SplitModel, x: np.ndarray, y: np.ndarray, epochs: int
         for i in range(0, len(xs), batch_size):
             idx = order[i:i + batch_size]
             batch = augment(xs[idx], generator) if augmented else xs[idx]
-            loss = kd_loss(teacher(batch.to(device)), None, ys[idx].to(device), 0.0, 1.0)
+            loss = kd_loss(teacher(batch.to(torch_dev)), None, ys[idx].to(torch_dev), 0.0, 1.0)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -83,8 +83,8 @@ def get_teacher(cfg, dataset, x_public: np.ndarray, y_public: np.ndarray) -> Spl
     family = family_of(cfg, dataset)
     if family == "gpt":  # the size is part of what determines the teacher
         family = f"gpt-{cfg.model.gpt_teacher}"
-    device = torch_device(cfg.model.torch_device)
-    teacher = teacher_for(cfg, dataset).to(device)
+    torch_dev = torch_device(cfg.model.torch_device)
+    teacher = teacher_for(cfg, dataset).to(torch_dev)
     if cfg.model.hf_teacher:  # a Hugging Face checkpoint is a trained teacher: used as is
         return teacher
     if cfg.model.teacher_path:
@@ -92,7 +92,7 @@ def get_teacher(cfg, dataset, x_public: np.ndarray, y_public: np.ndarray) -> Spl
         if not path.is_file():
             raise FileNotFoundError(f"teacher-path '{path}': no such file")
         try:
-            teacher.load_state_dict(torch.load(path, weights_only=True, map_location=device))
+            teacher.load_state_dict(torch.load(path, weights_only=True, map_location=torch_dev))
         except RuntimeError as err:
             raise ValueError(f"teacher-path '{path}' does not fit the teacher for input "
                              f"{input_shape}: {str(err).splitlines()[0]}") from err
@@ -102,7 +102,7 @@ def get_teacher(cfg, dataset, x_public: np.ndarray, y_public: np.ndarray) -> Spl
                     cfg.model.teacher_epochs, cfg.train.seed, cfg.model.teacher_augment)
     path = cache_dir / f"teacher-{key}.pt"
     if path.is_file():
-        teacher.load_state_dict(torch.load(path, weights_only=True, map_location=device))
+        teacher.load_state_dict(torch.load(path, weights_only=True, map_location=torch_dev))
         log.info("teacher loaded from cache %s", path)
         return teacher
     train_teacher(teacher, x_public, y_public, cfg.model.teacher_epochs, cfg.train.seed, augmented=cfg.model.teacher_augment)

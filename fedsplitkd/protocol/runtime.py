@@ -43,7 +43,7 @@ def torch_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def device_of(module: nn.Module) -> torch.device:
+def torch_device_of(module: nn.Module) -> torch.device:
     """Where ``module``'s parameters live (CPU for a module without any)."""
     param = next(module.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
@@ -154,7 +154,7 @@ class EdgeRuntime:
         self.mutual = mutual and rest is not None
         self.teacher_rest = rest if self.mutual or rest is None else freeze(rest)
         self.alpha, self.temperature = alpha, temperature
-        self.device = device_of(self.part)  # the server's torch device; payloads stay numpy
+        self.torch_dev = torch_device_of(self.part)  # the server's torch device; payloads stay numpy
         build = optimizer or (lambda params: make_optimizer(params, lr, momentum))
         self.optimizer = build(self.part.parameters())
         self.teacher_optimizer = build(rest.parameters()) if self.mutual else None
@@ -167,7 +167,7 @@ class EdgeRuntime:
     @torch.no_grad()
     def teacher_logits(self, teacher_input: np.ndarray) -> np.ndarray:
         assert self.teacher_rest is not None
-        return self.teacher_rest(torch.from_numpy(teacher_input).to(self.device)).cpu().numpy()
+        return self.teacher_rest(torch.from_numpy(teacher_input).to(self.torch_dev)).cpu().numpy()
 
     def train_step(self, activations: list[np.ndarray], labels: list[np.ndarray],
                    teacher_logits: list[np.ndarray | None]) -> tuple[list[np.ndarray], float]:
@@ -181,9 +181,9 @@ class EdgeRuntime:
         the summed per-sample loss.
         """
         sizes = [len(a) for a in activations]
-        acts = torch.from_numpy(np.concatenate(activations)).to(self.device).requires_grad_(True)
-        y = torch.from_numpy(np.concatenate(labels)).to(self.device)
-        t = None if self.alpha == 0.0 else torch.from_numpy(np.concatenate(teacher_logits)).to(self.device)
+        acts = torch.from_numpy(np.concatenate(activations)).to(self.torch_dev).requires_grad_(True)
+        y = torch.from_numpy(np.concatenate(labels)).to(self.torch_dev)
+        t = None if self.alpha == 0.0 else torch.from_numpy(np.concatenate(teacher_logits)).to(self.torch_dev)
         if self.mutual:
             t_logits = self.teacher_rest(t)
             t = t_logits.detach()
@@ -219,11 +219,11 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1
     """Accuracy and mean cross-entropy (nats) of ``model`` on (x, y), per label: per token
     when y holds a label per position (loss / ln 2 is then bits per character)."""
     model.eval()
-    device = device_of(model)
+    torch_dev = torch_device_of(model)
     correct, loss = 0, 0.0
     for i in range(0, len(x), batch_size):
-        logits = model(torch.from_numpy(x[i:i + batch_size]).to(device))
-        target = torch.from_numpy(y[i:i + batch_size]).to(device)
+        logits = model(torch.from_numpy(x[i:i + batch_size]).to(torch_dev))
+        target = torch.from_numpy(y[i:i + batch_size]).to(torch_dev)
         loss += float(nn.functional.cross_entropy(logits.reshape(target.numel(), -1), target.reshape(-1),
                                                   reduction="sum"))
         correct += int((logits.argmax(-1) == target).sum())

@@ -24,6 +24,7 @@ from fedsplitkd.protocol.device import device_setup
 from fedsplitkd.models.zoo import SplitModel, student_for
 from fedsplitkd.protocol.runtime import evaluate, torch_device
 from fedsplitkd.fleet.schedule import Scheduler
+from fedsplitkd.library import edge_server
 from fedsplitkd.protocol.rounds import Evaluation, InProcessFleet, train
 from fedsplitkd.protocol.server import RoundStats, SplitKDServer
 from fedsplitkd.models.teacher import get_teacher
@@ -73,9 +74,9 @@ def build(cfg) -> Experiment:
     # The server holds the whole student (its upper part trains there) on the run's torch
     # device; devices and payloads stay on the CPU.
     student = student_for(cfg, dataset).to(torch_device(cfg.model.torch_device))
-    cut = "default" if cfg.split.cut == "adaptive" else cfg.split.cut
-    student.cut_index(cut)  # fail early, naming the cut points, on a bad 'cut'
-    server = SplitKDServer(student, teacher, cfg, dataset.num_classes, CostModel.from_config(cfg), cut)
+    # The edge server as a library user builds it (fedsplitkd.library.edge_server): the zoo's
+    # student and teacher are SplitModels already.
+    server = edge_server(student, student.input_shape, teacher, config=cfg, costs=CostModel.from_config(cfg))
     # Training samples all devices together put through the split in a round: the scheduler's
     # guess for a device it has not seen yet is this over the fleet size.
     pool = len(dataset.y_train) * (1 - cfg.data.public_fraction - cfg.data.holdout_fraction) * (1 - cfg.data.val_fraction) \

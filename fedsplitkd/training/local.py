@@ -11,7 +11,7 @@ from torch import nn
 from fedsplitkd.data.datasets import DeviceData
 from fedsplitkd.protocol.device import batch_plan
 from fedsplitkd.protocol.kd import kd_loss
-from fedsplitkd.protocol.runtime import device_of, per_sample, round_lr
+from fedsplitkd.protocol.runtime import torch_device_of, per_sample, round_lr
 from fedsplitkd.protocol.sgd import DeviceSGD
 
 # KD targets for a batch, from its sample indices, inputs and labels.
@@ -30,10 +30,10 @@ def train_whole(model: nn.Module, data: DeviceData, cfg, server_round: int, devi
     plan = batch_plan(len(data.y_train), cfg.train.batch_size, cfg.train.local_epochs, cfg.train.seed,
                       server_round, device_key)
     samples, loss_sum = 0, 0.0
-    device = device_of(model)
+    torch_dev = torch_device_of(model)
     model.train()
     for batch in plan:
-        x, y = (torch.from_numpy(a[batch]).to(device) for a in (data.x_train, data.y_train))
+        x, y = (torch.from_numpy(a[batch]).to(torch_dev) for a in (data.x_train, data.y_train))
         logits = model(x)
         losses = kd_loss(logits, None, y, 0.0, 1.0, reduction="none")  # cross-entropy per label
         if teacher is not None:
