@@ -58,6 +58,11 @@ def local_split(seed: int, device: int) -> Generator:
     return np.random.default_rng([seed, device])
 
 
+def csv_test_split() -> Generator:
+    """The fixed train/test split of a single CSV file (not the run's seed: the data is the data)."""
+    return np.random.default_rng(0)
+
+
 def torch_generator(seed: int) -> torch.Generator:
     """Torch-side shuffling (the teacher's and FedDF's batches)."""
     return torch.Generator().manual_seed(seed)

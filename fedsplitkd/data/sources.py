@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedsplitkd import streams
+
 
 class DataError(ValueError):
     """A dataset file or partition request is unusable; the message says why."""
@@ -179,7 +181,7 @@ def csv(path: str, label_column: str) -> dict:
         if bad:
             raise DataError(f"'{file}': feature columns must be numeric, not {bad[:5]}")
     if len(frames) == 1:
-        order = np.random.default_rng(0).permutation(len(frames[0]))
+        order = streams.csv_test_split().permutation(len(frames[0]))
         cut = int(0.8 * len(order))
         frames = [frames[0].iloc[order[:cut]], frames[0].iloc[order[cut:]]]
     labels = sorted(set(frames[0][label_column]) | set(frames[1][label_column]), key=str)
