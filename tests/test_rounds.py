@@ -60,3 +60,15 @@ def test_flowers_one_shot_hooks_refuse_and_name_start():
         strategy.configure_train(1, ArrayRecord(), None, None)
     with pytest.raises(NotImplementedError, match="SplitKD.start"):
         strategy.aggregate_evaluate(1, [])
+
+
+def test_a_finished_runs_student_loads_from_its_directory(tmp_path):
+    """config.yaml holds the flat run config; load_student resolves it into the typed one again."""
+    from fedsplitkd.run.results import load_student
+    from fedsplitkd.protocol.runtime import evaluate
+
+    directory = run_app({**tiny(), "output-dir": str(tmp_path), "run-name": "done"}, 2)
+    student = load_student(directory)
+    last = list(csv.DictReader(open(directory / "metrics.csv")))[-1]
+    exp = build(resolve(tiny()))
+    assert evaluate(student, exp.dataset.x_test, exp.dataset.y_test)[0] == pytest.approx(float(last["test_accuracy"]))

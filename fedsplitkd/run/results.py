@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from fedsplitkd.config import resolve
 from fedsplitkd.data.datasets import load_dataset
 from fedsplitkd.models.zoo import SplitModel, student_for
 
@@ -128,7 +129,7 @@ def plot_accuracy(rows: list[dict], directory: Path) -> None:
 def load_student(directory: str | Path) -> SplitModel:
     """Rebuild the merged final student of a finished run, ready for inference."""
     directory = Path(directory)
-    cfg = OmegaConf.load(directory / "config.yaml")
+    cfg = resolve(OmegaConf.to_container(OmegaConf.load(directory / "config.yaml")))
     dataset = load_dataset(cfg)
     student = student_for(cfg, dataset)
     student.load_state_dict(torch.load(directory / "student.pt", weights_only=True))
