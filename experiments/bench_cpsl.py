@@ -32,6 +32,8 @@ from fedsplitkd.fleet.profiles import BUNDLED_CLASSES
 
 VARIANTS = {
     "fixed cut, no clustering": {"clusters": "1", "cut": "default", "bandwidth-allocation": "equal"},
+    "min-max bandwidth, no clustering": {"clusters": "1", "cut": "default", "bandwidth-allocation": "minmax"},
+    "adaptive cut + min-max, no clustering": {"clusters": "1", "cut": "adaptive", "bandwidth-allocation": "minmax"},
     "clustering": {"clusters": "auto", "cut": "default", "bandwidth-allocation": "equal"},
     "clustering + adaptive cut": {"clusters": "auto", "cut": "adaptive", "bandwidth-allocation": "equal"},
     "+ min-max bandwidth": {"clusters": "auto", "cut": "adaptive", "bandwidth-allocation": "minmax"},
@@ -85,7 +87,7 @@ def main() -> None:
             "class-mix": args.class_mix, "teacher-input": args.teacher_input, "profile-jitter": 0.2}
     print(f"HAR, {args.devices} devices ({args.class_mix}), {args.rounds} rounds, teacher input "
           f"{args.teacher_input}; delay and energy are per-round means")
-    print(f"{'variant':<30} {'delay s':>9} {'vs fixed':>9} {'energy J':>9} {'final acc':>9} {'over budget':>11} "
+    print(f"{'variant':<38} {'delay s':>9} {'vs fixed':>9} {'energy J':>9} {'final acc':>9} {'over budget':>11} "
           f"{'cuts':>16}")
     reference, last = None, None
 
@@ -97,7 +99,7 @@ def main() -> None:
         reference = reference or delay
         cuts = sorted({cut for h in exp.scheduler.history for cut in h["cuts"].values()})
         budget = f"{over_budget(exp)}/{args.devices}" if "device-classes" in overrides else "-"
-        print(f"{name:<30} {delay:>9.3f} {delay / reference - 1:>+9.1%} {energy:>9.3f} "
+        print(f"{name:<38} {delay:>9.3f} {delay / reference - 1:>+9.1%} {energy:>9.3f} "
               f"{rows[-1]['test_accuracy']:>9.4f} {budget:>11} {','.join(cuts):>16}", flush=True)
         last = exp
 
