@@ -13,7 +13,7 @@ run: setup
 	$(FLWR) run . --stream --federation-config "num-supernodes=20 client-resources-num-cpus=1"
 
 test: setup
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=15
 
 test-fast: setup
 	$(PYTHON) -m pytest -q -m "not integration"
