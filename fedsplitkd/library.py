@@ -30,7 +30,7 @@ from fedsplitkd.config import DEFAULTS, ConfigError, RunConfig, resolve
 from fedsplitkd.fleet.costs import CostModel
 from fedsplitkd.data.datasets import DeviceData
 from fedsplitkd.protocol.device import DeviceSetup
-from fedsplitkd.models.zoo import SplitModel
+from fedsplitkd.models.splitmodel import Part, SplitModel
 from fedsplitkd.protocol.runtime import OptimizerFactory
 from fedsplitkd.protocol.server import SplitKDServer
 
@@ -144,37 +144,46 @@ def to_arrays(data: Iterable, keys: tuple[str, str] = ("img", "label"), what: st
 class SplitDevice:
     """One IoT device: the student's lower part trains here on ``train``; ``val`` serves split evaluation.
 
-    ``teacher_embedding`` is the teacher's first module, needed when ``config.kd_alpha > 0``: its
-    architecture only, since the server sends its weights once. Data is read once, on creation.
+    ``train`` is a DataLoader or any iterable of ``(x, y)`` or dict batches (read once, on
+    creation), or a ``DeviceData`` with the arrays already split (``val`` is then unused).
+    ``teacher_embedding`` is the teacher's first module, needed when kd_alpha > 0: its
+    architecture only, since the server sends its weights once; a ``Part`` of a ``SplitModel``
+    teacher (the zoo's) keeps the teacher's block names. ``config`` is the protocol's settings,
+    or a whole ``RunConfig`` (the config-driven app builds its devices here).
     """
 
     student: Blocks
-    train: Iterable
+    train: Iterable | DeviceData
     val: Iterable | None = None
     teacher_embedding: nn.Module | None = None
-    config: SplitKDConfig = dataclasses.field(default_factory=SplitKDConfig)
+    config: SplitKDConfig | RunConfig = dataclasses.field(default_factory=SplitKDConfig)
     keys: tuple[str, str] = ("img", "label")
 
     def __post_init__(self) -> None:
-        self.x_train, self.y_train = to_arrays(self.train, self.keys, "train data")
-        if self.val is None:
-            self.x_val, self.y_val = self.x_train[:0], self.y_train[:0]
+        if isinstance(self.train, DeviceData):
+            self.data = self.train
         else:
-            self.x_val, self.y_val = to_arrays(self.val, self.keys, "validation data")
-        dtype = torch.float32 if self.x_train.dtype == np.float32 else torch.int64
-        self.model = split_model(self.student, self.x_train.shape[1:], dtype)
-        self.cfg = self.config.run_config()
-        if self.cfg.split.kd_alpha > 0 and self.teacher_embedding is None:
-            raise ConfigError("SplitDevice 'teacher_embedding': kd_alpha > 0 needs the teacher's embedding "
-                              "module on the device (or kd_alpha = 0: split learning without KD)")
+            x_train, y_train = to_arrays(self.train, self.keys, "train data")
+            x_val, y_val = (x_train[:0], y_train[:0]) if self.val is None else \
+                to_arrays(self.val, self.keys, "validation data")
+            self.data = DeviceData(x_train, y_train, x_val, y_val)
+        dtype = torch.float32 if self.data.x_train.dtype == np.float32 else torch.int64
+        self.model = split_model(self.student, self.data.x_train.shape[1:], dtype)
+        self.cfg = self.config if isinstance(self.config, RunConfig) else self.config.run_config()
+        self.embedding = None
+        if self.cfg.split.kd_alpha > 0:
+            if self.teacher_embedding is None:
+                raise ConfigError("SplitDevice 'teacher_embedding': kd_alpha > 0 needs the teacher's embedding "
+                                  "module on the device (or kd_alpha = 0: split learning without KD)")
+            # Named as the server's teacher names it, so the weights it sends load.
+            self.embedding = self.teacher_embedding if isinstance(self.teacher_embedding, Part) else \
+                nn.Sequential(OrderedDict([(TEACHER_EMBEDDING, self.teacher_embedding)]))
 
-    def setup(self, device_id: int) -> DeviceSetup:
-        """The protocol's view of this device (``fedsplitkd.protocol.device.handle_train`` serves it)."""
-        data = DeviceData(self.x_train, self.y_train, self.x_val, self.y_val)
-        embedding = None
-        if self.cfg.split.kd_alpha > 0:  # named as the server's teacher names it, so its weights load
-            embedding = nn.Sequential(OrderedDict([(TEACHER_EMBEDDING, self.teacher_embedding)]))
-        return DeviceSetup(self.cfg, device_id, data, self.model, embedding)
+    def setup(self, device_id: int, runtimes: dict | None = None) -> DeviceSetup:
+        """The protocol's view of this device (``fedsplitkd.protocol.device.handle_train`` serves it).
+        ``runtimes``: cut -> runtime, shared by devices of one architecture in a process."""
+        return DeviceSetup(self.cfg, device_id, self.data, self.model, self.embedding,
+                           runtimes if runtimes is not None else {})
 
 
 def edge_server(student: Blocks, input_shape: tuple[int, ...], teacher: nn.Module | None = None,

@@ -153,3 +153,20 @@ def test_split_kd_trains_a_users_model_in_their_own_flower_app():
     assert strategy.last_evaluation["val_accuracy"] > 0.9  # split evaluation on the devices' own val data
     assert seen_lrs == [0.05] and strategy.server.edge.optimizer.param_groups[0]["momentum"] == 0.5
     assert trained == [1000]  # the app's own handler still serves plain train messages
+
+
+def test_the_config_apps_devices_are_split_devices_built_from_the_zoo():
+    """device_setup builds a SplitDevice from the partition's arrays (no copy) and the zoo
+    teacher's embedding part, whose block names are the teacher's: its weights load."""
+    cfg = resolve(tiny())
+    exp = build(cfg)
+    setup = device_setup(cfg, 1, 4)
+    embedding = exp.teacher.device_part(exp.teacher.cut_points[0])
+    device = SplitDevice(setup.student, setup.data, teacher_embedding=embedding, config=cfg)
+    assert device.data is setup.data and device.embedding is embedding
+    assert list(device.embedding.state_dict()) == list(setup.embedding.state_dict()) == \
+        list(embedding.state_dict())
+    # a user's plain module is named 'embedding', as edge_server names the teacher's first block
+    plain = SplitDevice(setup.student, setup.data, teacher_embedding=nn.Linear(3, 3), config=cfg)
+    assert all(k.startswith("embedding.") for k in plain.embedding.state_dict())
+    assert device.setup(1).cfg is cfg

@@ -26,6 +26,11 @@ class BlockStats:
     forward_flops: int
 
 
+class Part(nn.Sequential):
+    """The blocks of a ``SplitModel`` on one side of a cut, under the model's own block names
+    (so a part's state dict loads into the model's, and the model's into the part's)."""
+
+
 class SplitModel(nn.Sequential):
     """A sequential model whose blocks are named candidate cut points.
 
@@ -57,11 +62,11 @@ class SplitModel(nn.Sequential):
             raise ValueError(f"cut '{cut}' is not a cut point of this model: {self.cut_points}")
         return self.block_names.index(cut) + 1
 
-    def device_part(self, cut: str) -> nn.Sequential:
-        return nn.Sequential(OrderedDict(list(self._modules.items())[: self.cut_index(cut)]))
+    def device_part(self, cut: str) -> Part:
+        return Part(OrderedDict(list(self._modules.items())[: self.cut_index(cut)]))
 
-    def server_part(self, cut: str) -> nn.Sequential:
-        return nn.Sequential(OrderedDict(list(self._modules.items())[self.cut_index(cut):]))
+    def server_part(self, cut: str) -> Part:
+        return Part(OrderedDict(list(self._modules.items())[self.cut_index(cut):]))
 
     def block_stats(self) -> list[BlockStats]:
         """Parameters, output size and forward FLOPs per sample of every block."""

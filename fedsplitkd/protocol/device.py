@@ -96,17 +96,23 @@ def _models(cfg: RunConfig, shape=None) -> tuple[SplitModel, nn.Module | None, d
     return student_for(cfg, dataset), embedding, {}
 
 
+def _device(cfg: RunConfig, device_key: int, local: data_lib.DeviceData, shape=None) -> DeviceSetup:
+    """The config app's device as a library user builds one (``fedsplitkd.library.SplitDevice``):
+    the zoo's student, the device's arrays, the zoo teacher's embedding part, the run config."""
+    from fedsplitkd.library import SplitDevice  # the library builds on this module: import on use
+
+    student, embedding, runtimes = _models(cfg, shape)
+    return SplitDevice(student, local, teacher_embedding=embedding, config=cfg).setup(device_key, runtimes)
+
+
 @functools.lru_cache(maxsize=256)
 def _setup(cfg: RunConfig, partition_id: int, num_partitions: int, cache_dir: str | None) -> DeviceSetup:
     if cache_dir:  # a fresh process per message: the prepared data, without partitioning the dataset
         from fedsplitkd.data import prepared
 
         local, shape = prepared.device_data(cfg, partition_id, num_partitions, cache_dir)
-        student, embedding, runtimes = _models(cfg, shape)
-    else:
-        local = data_lib.device_data(cfg, partition_id, num_partitions)
-        student, embedding, runtimes = _models(cfg)
-    return DeviceSetup(cfg, partition_id, local, student, embedding, runtimes)
+        return _device(cfg, partition_id, local, shape)
+    return _device(cfg, partition_id, data_lib.device_data(cfg, partition_id, num_partitions))
 
 
 def device_setup(cfg, partition_id: int, num_partitions: int, cache_dir: str | None = None) -> DeviceSetup:
@@ -121,8 +127,7 @@ def own_device_setup(cfg, node_config, partition_id: int) -> DeviceSetup:
     from fedsplitkd.data.own_data import device_file
 
     local, shape = device_file(node_config, cfg, partition_id)
-    student, embedding, runtimes = _models(cfg, shape)
-    return DeviceSetup(cfg, partition_id, local, student, embedding, runtimes)
+    return _device(cfg, partition_id, local, shape)
 
 
 def handle_train(request: Payload, state: Payload, setup: DeviceSetup) -> tuple[Payload, Payload]:
