@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from fedsplitkd.fleet.costs import CostModel, DeviceTraffic, SplitFlops
-from fedsplitkd.protocol.device import BACKWARD_KIND, FORWARD_KIND, DeviceSetup, handle_train
+from fedsplitkd.protocol.device import BACKWARD_KIND, FORWARD_KIND
 from fedsplitkd.models.zoo import SplitModel
 from fedsplitkd.protocol.payload import (TEACHER, WEIGHTS, Payload, PayloadError, pack, payload_bytes,
                                 require_array, require_int, require_keys, require_labels, require_weights)
