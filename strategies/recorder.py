@@ -11,6 +11,7 @@ from flwr.supercore import log
 
 from fedsplitkd.run.experiment import Experiment, metrics_row
 from fedsplitkd.run.results import ResultsWriter
+from fedsplitkd.protocol.rounds import Evaluation
 from fedsplitkd.protocol.server import RoundStats
 
 
@@ -20,15 +21,13 @@ class Recorder:
         self.clock = time.perf_counter()
 
     def round(self, server_round: int, accuracy: float, loss: float, stats: RoundStats | None,
-              extra: dict | None = None, holdout: tuple[float, float] | None = None) -> MetricRecord:
-        """Record a round. ``holdout`` is (accuracy, loss) on the server's holdout split; by
-        default the global student's (methods with a model per device pass their devices' mean)."""
+              evaluation: Evaluation | None = None, holdout: tuple[float, float] | None = None) -> MetricRecord:
+        """Record a round. ``evaluation`` is the devices' split evaluation, if they did one;
+        ``holdout`` is (accuracy, loss) on the server's holdout split, by default the global
+        student's (methods with a model per device pass their devices' mean)."""
         row = metrics_row(server_round, self.cfg.method.name, accuracy, loss, stats,
                           time.perf_counter() - self.clock if server_round else 0.0,
-                          holdout if holdout is not None else self.exp.evaluate_holdout())
-        row.update(extra or {})
-        if "val_loss" in (extra or {}):
-            row["val_bpc"] = row["val_loss"] / math.log(2)
+                          holdout if holdout is not None else self.exp.evaluate_holdout(), evaluation)
         self.writer.append(row)
         if stats is not None:
             self.writer.append_round_rows("devices.csv", server_round, stats.device_costs)

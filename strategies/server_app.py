@@ -38,10 +38,8 @@ def run_split(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
         if server_round == 0 and done:
             return None  # the checkpoint's round 0 is in metrics.csv already
         server_round += strategy.round_offset
-        stats = strategy.last_stats if server_round else None
-        extra = dict(strategy.last_evaluation.items()) if server_round and strategy.last_evaluation else {}
-        record = recorder.round(server_round, *exp.evaluate(), stats,
-                                {k: v for k, v in extra.items() if k.startswith("val_") or k == "dropped_evaluate"})
+        stats, evaluation = (strategy.last_stats, strategy.evaluation) if server_round else (None, None)
+        record = recorder.round(server_round, *exp.evaluate(), stats, evaluation)
         checkpoint.maybe_save(exp, server_round, rngs, recorder.writer.rows, recorder.writer.dir)
         return record
 

@@ -77,7 +77,7 @@ class SplitKD(Strategy):
         self.rngs = {"train": streams.sampling(seed), "evaluate": streams.evaluate_sampling(seed)}
         self.nodes = NodeMap()  # device (partition) id -> node id
         self.last_stats: RoundStats | None = None
-        self.last_evaluation: MetricRecord | None = None
+        self.evaluation: Evaluation | None = None  # the last round's split evaluation, if any
         # Rounds done before this run (a resumed run): ``start`` counts from 1 again, as Flower does.
         self.round_offset = 0
         self.virtual_devices = virtual_devices
@@ -127,10 +127,10 @@ class SplitKD(Strategy):
         def on_round(server_round: int, stats: RoundStats, evaluation: Evaluation | None) -> None:
             current = server_round - self.round_offset  # Flower's count, from 1
             log(INFO, "[ROUND %s/%s]", current, num_rounds)
-            self.last_stats, self.last_evaluation = stats, _evaluation_record(evaluation)
+            self.last_stats, self.evaluation = stats, evaluation
             result.arrays = ArrayRecord(torch_state_dict=self.server.student.state_dict())
             result.train_metrics_clientapp[current] = _train_record(stats)
-            if self.last_evaluation is not None:
+            if evaluation is not None:
                 result.evaluate_metrics_clientapp[current] = self.last_evaluation
             if evaluate_fn and (record := evaluate_fn(current, result.arrays)) is not None:
                 result.evaluate_metrics_serverapp[current] = record
@@ -141,6 +141,14 @@ class SplitKD(Strategy):
         for line in io.StringIO(str(result)):
             log(INFO, "\t%s", line.strip("\n"))
         return result
+
+    @property
+    def last_evaluation(self) -> MetricRecord | None:
+        """The last round's split evaluation as Flower's record (what ``Result`` holds)."""
+        if self.evaluation is None:
+            return None
+        return MetricRecord({"val_accuracy": self.evaluation.accuracy, "val_loss": self.evaluation.loss,
+                             "num-examples": self.evaluation.samples, "dropped_evaluate": self.evaluation.dropped})
 
     # Flower's one-shot hooks: a split round is not one message per node, so ``start`` never
     # calls them, and a caller that drives them by hand gets told so.
@@ -167,10 +175,3 @@ _HOOKS = ("SplitKD rounds are many exchanges per device, not one message per nod
 def _train_record(stats: RoundStats) -> MetricRecord:
     return MetricRecord({"train_loss": stats.train_loss, "bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down,
                          "devices": stats.devices, "completed": stats.completed, "num-examples": stats.samples})
-
-
-def _evaluation_record(evaluation: Evaluation | None) -> MetricRecord | None:
-    if evaluation is None:
-        return None
-    return MetricRecord({"val_accuracy": evaluation.accuracy, "val_loss": evaluation.loss,
-                         "num-examples": evaluation.samples, "dropped_evaluate": evaluation.dropped})

@@ -35,7 +35,7 @@ log = logging.getLogger("fedsplitkd")
 
 @dataclass
 class Experiment:
-    cfg: dict
+    cfg: config_lib.RunConfig
     dataset: Dataset
     student: SplitModel
     teacher: SplitModel | None
@@ -93,10 +93,12 @@ COST_COLUMNS = ("device_flops", "server_flops", "device_energy_j", "round_delay_
 
 def metrics_row(server_round: int, method: str, accuracy: float, loss: float,
                 stats: RoundStats | None, wall_s: float,
-                holdout: tuple[float, float] = (float("nan"), float("nan"))) -> dict:
-    """One row of metrics.csv; ``holdout`` is (accuracy, loss) on the server's holdout split."""
+                holdout: tuple[float, float] = (float("nan"), float("nan")),
+                evaluation: Evaluation | None = None) -> dict:
+    """One row of metrics.csv; ``holdout`` is (accuracy, loss) on the server's holdout split,
+    ``evaluation`` the devices' split evaluation of the round (the val_ columns)."""
     stats = stats or RoundStats()
-    return {
+    row = {
         "round": server_round, "method": method, "test_accuracy": accuracy, "test_loss": loss,
         "bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down,
         "bytes_up_activations": stats.bytes_up_activations, "train_loss": stats.train_loss,
@@ -112,6 +114,10 @@ def metrics_row(server_round: int, method: str, accuracy: float, loss: float,
         "test_bpc": loss / math.log(2), "val_bpc": float("nan"),
         "holdout_accuracy": holdout[0], "holdout_loss": holdout[1],
     }
+    if evaluation is not None:
+        row.update(val_accuracy=evaluation.accuracy, val_loss=evaluation.loss,
+                   val_bpc=evaluation.loss / math.log(2), dropped_evaluate=evaluation.dropped)
+    return row
 
 
 def run_inprocess(overrides: dict | None, num_devices: int,
@@ -137,10 +143,7 @@ def run_inprocess(overrides: dict | None, num_devices: int,
     def record(server_round: int, stats: RoundStats, evaluation: Evaluation | None) -> None:
         nonlocal started
         row = metrics_row(server_round, cfg.method.name, *exp.evaluate(), stats, time.perf_counter() - started,
-                          exp.evaluate_holdout())
-        if evaluation is not None:
-            row.update(val_accuracy=evaluation.accuracy, val_loss=evaluation.loss,
-                       val_bpc=evaluation.loss / math.log(2), dropped_evaluate=evaluation.dropped)
+                          exp.evaluate_holdout(), evaluation)
         rows.append(row)
         exp.device_rows += [{"round": server_round, **r} for r in stats.device_costs]
         checkpoint.maybe_save(exp, server_round, rngs, rows, checkpoint_dir)
