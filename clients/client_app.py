@@ -85,7 +85,7 @@ def _train(msg: Message, context: Context) -> Message:
     return Message(to_records(reply), reply_to=msg)
 
 
-def _serve_bundle(msg: Message, context: Context, cfg: dict) -> dict[int, Payload]:
+def _serve_bundle(msg: Message, context: Context, cfg: RunConfig) -> dict[int, Payload]:
     """Serve every virtual device a bundle names, each on its own: one device's failure
     is its own error section. The teacher's embedding is kept once per node."""
     replies: dict[int, Payload] = {}

@@ -201,12 +201,12 @@ class OutputConfig:
 SECTIONS: dict[str, type] = {"method": MethodConfig, "data": DataConfig, "train": TrainConfig,
                              "model": ModelConfig, "split": SplitConfig, "fleet": FleetConfig,
                              "faults": FaultConfig, "output": OutputConfig}
-# run-config key -> (section, field), in the order of the sections: the one schema.
-WHERE: dict[str, tuple[str, str]] = {
-    (f.metadata["name"] or f.name.replace("_", "-")): (section, f.name)
+# run-config key -> (section, its field), in the order of the sections: the one schema.
+_FIELDS: dict[str, tuple[str, dataclasses.Field]] = {
+    (f.metadata["name"] or f.name.replace("_", "-")): (section, f)
     for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
-SCHEMA: dict[str, Key] = {name: next(f.metadata["key"] for f in dataclasses.fields(SECTIONS[s]) if f.name == attr)
-                          for name, (s, attr) in WHERE.items()}
+WHERE: dict[str, tuple[str, str]] = {name: (section, f.name) for name, (section, f) in _FIELDS.items()}
+SCHEMA: dict[str, Key] = {name: f.metadata["key"] for name, (_, f) in _FIELDS.items()}
 DEFAULTS: dict[str, Any] = {name: spec.default for name, spec in SCHEMA.items()}
 SPLIT_METHODS = ("splitkd", "split", "splitfed")  # the split protocol (strategies/splitkd.py)
 

@@ -78,19 +78,27 @@ MEANING: dict[str, str] = {
 }
 
 
+def _sections() -> list[tuple[str, type, list[str]]]:
+    """Each section of the schema: its name, its dataclass and its run-config keys, in order."""
+    from fedsplitkd.config import SECTIONS, WHERE
+
+    return [(section, cls, [name for name, (s, _) in WHERE.items() if s == section])
+            for section, cls in SECTIONS.items()]
+
+
 def reference() -> str:
     """The run-config reference: a table per section, every key with its default, what it accepts and means."""
-    from fedsplitkd.config import SCHEMA, SECTIONS, WHERE
+    from fedsplitkd.config import SCHEMA
 
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
 
     parts = []
-    for section, cls in SECTIONS.items():
+    for section, cls, names in _sections():
         rows = [f"### `{section}`: {cls.__doc__.strip()}", "", "| key | default | accepts | meaning |",
                 "|---|---|---|---|"]
         rows += [f"| `{name}` | `{SCHEMA[name].default!r}` | {cell(SCHEMA[name].accepts)} | {cell(MEANING[name])} |"
-                 for name, (s, _) in WHERE.items() if s == section]
+                 for name in names]
         parts.append("\n".join(rows))
     return "\n\n".join(parts) + "\n"
 
@@ -99,17 +107,16 @@ def flwr_table() -> str:
     """pyproject.toml's ``[tool.flwr.app.config]``: every key at its default, by section."""
     import json
 
-    from fedsplitkd.config import SCHEMA, SECTIONS, WHERE
+    from fedsplitkd.config import SCHEMA
 
     lines = ["[tool.flwr.app.config]",
              "# Generated from fedsplitkd/config.py by `python -m fedsplitkd.config_docs`; do not edit here."]
-    for section in SECTIONS:
+    for section, _, names in _sections():
         lines.append(f"# {section}")
-        for name, (s, _) in WHERE.items():
-            if s == section:
-                value = SCHEMA[name].default
-                text = str(value).lower() if isinstance(value, bool) else json.dumps(value)
-                lines.append(f"{name} = {text}")
+        for name in names:
+            value = SCHEMA[name].default
+            text = str(value).lower() if isinstance(value, bool) else json.dumps(value)
+            lines.append(f"{name} = {text}")
     return "\n".join(lines) + "\n"
 
 

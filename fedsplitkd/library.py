@@ -81,6 +81,11 @@ class SplitKDConfig:
         return self
 
 
+def _run_config(config: SplitKDConfig | RunConfig | None) -> RunConfig:
+    """The whole run config: a ``RunConfig`` as given, the protocol's settings resolved into one."""
+    return config if isinstance(config, RunConfig) else (config or SplitKDConfig()).run_config()
+
+
 def split_model(student: Blocks, input_shape: tuple[int, ...], input_dtype: torch.dtype = torch.float32
                 ) -> SplitModel:
     """The student as a ``SplitModel``: the same modules (and state-dict keys), cut points by name."""
@@ -169,7 +174,7 @@ class SplitDevice:
             self.data = DeviceData(x_train, y_train, x_val, y_val)
         dtype = torch.float32 if self.data.x_train.dtype == np.float32 else torch.int64
         self.model = split_model(self.student, self.data.x_train.shape[1:], dtype)
-        self.cfg = self.config if isinstance(self.config, RunConfig) else self.config.run_config()
+        self.cfg = _run_config(self.config)
         self.embedding = None
         if self.cfg.split.kd_alpha > 0:
             if self.teacher_embedding is None:
@@ -200,7 +205,7 @@ def edge_server(student: Blocks, input_shape: tuple[int, ...], teacher: nn.Modul
     ``lr_schedule``; a factory's own rate is left alone). ``costs`` prices every round
     (default: the run config's device classes).
     """
-    cfg = config if isinstance(config, RunConfig) else (config or SplitKDConfig()).run_config()
+    cfg = _run_config(config)  # raises ConfigError naming a bad key
     model = split_model(student, input_shape, input_dtype)
     kd = cfg.split.kd_alpha > 0
     if isinstance(teacher, SplitModel):

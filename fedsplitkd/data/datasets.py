@@ -204,7 +204,11 @@ def _read(name: str, path: str, seq_len: int, stride: int, label_column: str) ->
 
 def load_dataset(cfg) -> Dataset:
     """The dataset a run config names, loaded once per process."""
-    return _load(cfg.data.dataset, cfg.data.data_path, cfg.data.seq_len, cfg.data.text_stride, cfg.data.label_column)
+    return _dataset(cfg.data)
+
+
+def _dataset(data: DataConfig) -> Dataset:
+    return _load(data.dataset, data.data_path, data.seq_len, data.text_stride, data.label_column)
 
 
 def server_splits(num_train: int, public_fraction: float, holdout_fraction: float,
@@ -316,7 +320,7 @@ def partition(labels: np.ndarray, num_partitions: int, scheme: str, alpha: float
 @functools.lru_cache(maxsize=8)
 def _device_partition(data: DataConfig, seed: int, num_partitions: int) -> tuple[np.ndarray, Partition]:
     """The devices' pool and its partition, once per process; devices are read from it lazily."""
-    ds = _load(data.dataset, data.data_path, data.seq_len, data.text_stride, data.label_column)
+    ds = _dataset(data)
     _, pool = public_split(len(ds.y_train), data.public_fraction, seed, data.holdout_fraction)
     ids = ds.ids_train[pool] if ds.ids_train is not None else None
     # Label-skewed partitions need one label per sample: a sequence's last next token.

@@ -63,7 +63,7 @@ def batch_plan(num_samples: int, batch_size: int, epochs: int, seed: int, server
 class DeviceSetup:
     """A device in this process: its data, and the models and runtimes it shares with the others."""
 
-    cfg: dict
+    cfg: RunConfig
     device_key: int
     data: data_lib.DeviceData
     student: SplitModel
