@@ -40,6 +40,12 @@ def tensor_bytes(content: RecordDict) -> int:
                for a in record.values())
 
 
+def deal(devices: list[int], online: list[int], nodes: dict[int, int]) -> dict[int, int]:
+    """Virtual devices dealt round-robin to the online nodes (``online``: the device ids the
+    nodes declared, ``nodes``: device id -> node id): device -> the node serving it."""
+    return {d: nodes[online[i % len(online)]] for i, d in enumerate(devices)}
+
+
 class NodeMap(dict):
     """Device (partition) id -> node id, and how many devices the nodes say there are."""
 
@@ -164,8 +170,9 @@ class FastGrid(Grid):
         if not self.virtual_devices:
             return [(addressed[self.nodes[d]], [d]) for d in sample_devices(online, self.fraction, self.rng)]
         shares: dict[int, list[int]] = {}
-        for i, d in enumerate(sample_devices(list(range(self.virtual_devices)), self.fraction, self.rng)):
-            shares.setdefault(self.nodes[online[i % len(online)]], []).append(int(d))
+        dealt = deal(sample_devices(list(range(self.virtual_devices)), self.fraction, self.rng), online, self.nodes)
+        for d, node in dealt.items():
+            shares.setdefault(node, []).append(int(d))
         assigned = []
         for node, devices in shares.items():
             template = addressed[node].content

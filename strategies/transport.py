@@ -21,7 +21,7 @@ from fedsplitkd.clients.records import (BACKWARD, FORWARD, SPLIT_EVALUATE, from_
 from fedsplitkd.protocol.device import BACKWARD_KIND
 from fedsplitkd.protocol.payload import Payload, PayloadError
 from fedsplitkd.protocol.rounds import sample_devices
-from fedsplitkd.strategies.grid import NodeMap, discover, poll_delay
+from fedsplitkd.strategies.grid import NodeMap, deal, discover, poll_delay
 
 
 class GridTransport:
@@ -175,8 +175,7 @@ class GridFleet:
             self.served_by = self.nodes
             return sample_devices(online, fraction, rng)
         devices = sample_devices(list(range(self.virtual_devices)), fraction, rng)
-        # Dealt round-robin: a node serves its share of the devices in one message per exchange.
-        self.served_by = {d: self.nodes[online[i % len(online)]] for i, d in enumerate(devices)}
+        self.served_by = deal(devices, online, self.nodes)  # a node serves its share in one message
         return devices
 
     def transport(self, devices: list[Hashable], evaluate: bool = False) -> GridTransport:
