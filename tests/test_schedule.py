@@ -126,6 +126,41 @@ def test_bandwidth_allocation_equal_and_minmax():
     assert allocate_bandwidth(profiles, server, flops, traffic, ones, "dedicated") == profiles
 
 
+def test_minmax_bandwidth_keeps_each_device_within_its_energy_budget():
+    """A fast device's transfers cost it energy: plain min-max starves it of bandwidth to speed up
+    the slow ones and it overspends; with a budget it keeps the least band that meets it, the
+    slowest device is still faster than under the equal split, and the whole band is used."""
+    classes, _ = load_classes()
+    server = EdgeServer(flops=1e12, downlink_power_w=20.0, bandwidth_hz=4e7)
+    profiles = [sample_profile(i, classes, {"mcu": 0.5, "smartphone": 0.5}, 0.3, seed=1) for i in range(6)]
+    traffic = [DeviceTraffic(bytes_up=200_000 * (i + 1), bytes_down=50_000, samples=100) for i in range(6)]
+    flops, ones = SplitFlops(1e5, 1e6, 0, 0), [1.0] * 6
+
+    def costs(allocated):
+        return [device_cost(p, server, flops, t) for p, t in zip(allocated, traffic)]
+
+    equal = costs(allocate_bandwidth(profiles, server, flops, traffic, ones, "equal"))
+    plain = costs(allocate_bandwidth(profiles, server, flops, traffic, ones, "minmax"))
+    starved = min(range(6), key=lambda i: equal[i].energy_j - plain[i].energy_j)
+    assert plain[starved].energy_j > equal[starved].energy_j  # min-max alone costs this device energy
+    budgets = [c.energy_j if i == starved else math.inf for i, c in enumerate(equal)]
+    budgeted = [replace(p, energy_budget_j=b) for p, b in zip(profiles, budgets)]
+    bands = allocate_bandwidth(budgeted, server, flops, traffic, ones, "minmax")
+    capped = costs(bands)
+    assert capped[starved].energy_j <= budgets[starved] * (1 + 1e-6)
+    assert bands[starved].uplink_hz > allocate_bandwidth(profiles, server, flops, traffic, ones,
+                                                         "minmax")[starved].uplink_hz
+    assert sum(p.uplink_hz for p in bands) == pytest.approx(4e7, rel=1e-6)
+    assert max(c.time_s for c in plain) <= max(c.time_s for c in capped) < max(c.time_s for c in equal)
+    # Budgets 0.1 % under the equal split's energies: the band cannot meet them all, and the
+    # least worst overspend is the equal split's, every device 0.1 % over.
+    tight = [replace(p, energy_budget_j=c.energy_j * 0.999) for p, c in zip(profiles, equal)]
+    squeezed = allocate_bandwidth(tight, server, flops, traffic, ones, "minmax")
+    assert all(p.uplink_hz == pytest.approx(4e7 / 6, rel=1e-4) for p in squeezed)
+    assert all(c.energy_j / p.energy_budget_j == pytest.approx(1 / 0.999, rel=1e-5)
+               for c, p in zip(costs(squeezed), tight))
+
+
 def test_lyapunov_queues_keep_the_energy_budget_on_average_at_less_delay():
     """A device whose fastest cut overspends its budget: ``budget`` never takes that cut, ASL's
     energy-deficit queue takes it while the device is in credit, so its energy is within budget

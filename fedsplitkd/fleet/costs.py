@@ -122,33 +122,59 @@ def allocate_bandwidth(profiles: list[DeviceProfile], server: EdgeServer, flops:
     """The profiles with the edge's bandwidth shared among devices served at once.
 
     ``dedicated``: each keeps its own link. ``equal``: B / n each, up and down. ``minmax``:
-    the split of B that minimises the slowest device's time (bisection on that time).
+    the split of B that minimises the slowest device's time (bisection on that time) while
+    every device stays within its per-round energy budget. A device's transfers cost it
+    less energy the more bandwidth it gets, so each budget asks for a least bandwidth; a
+    budget that the whole band cannot meet asks for none (no split meets it, the cut must),
+    and where the budgets together ask for more than B the floors keep the worst relative
+    overspend least (the cost model's ``over_budget`` rows then show who is over).
     """
     if policy == "dedicated" or not profiles:
         return profiles
-    total = server.bandwidth_hz
+    total, n = server.bandwidth_hz, len(profiles)
 
     def with_band(p: DeviceProfile, hz: float) -> DeviceProfile:
         return replace(p, uplink_hz=hz, downlink_hz=hz)
 
-    def time_at(i: int, hz: float) -> float:
-        return device_cost(with_band(profiles[i], hz), server, flops, traffics[i], fadings[i]).time_s
+    def cost_at(i: int, hz: float) -> DeviceCost:
+        return device_cost(with_band(profiles[i], hz), server, flops, traffics[i], fadings[i])
 
     if policy == "equal":
-        return [with_band(p, total / len(profiles)) for p in profiles]
+        return [with_band(p, total / n) for p in profiles]
 
-    def band_for(i: int, deadline: float) -> float:  # least bandwidth meeting the deadline
+    def least_band(meets) -> float:  # least bandwidth with meets(band), given meets(total)
         low, high = total * 1e-9, total
-        if time_at(i, high) > deadline:
-            return math.inf
         for _ in range(60):
             mid = (low + high) / 2
-            low, high = (mid, high) if time_at(i, mid) > deadline else (low, mid)
+            low, high = (low, mid) if meets(mid) else (mid, high)
         return high
 
-    n = len(profiles)
-    low = max(time_at(i, total) for i in range(n))             # nobody beats having it all
-    high = max(time_at(i, total / n) for i in range(n))         # the equal split is feasible
+    budgets = [p.energy_budget_j for p in profiles]
+    # Budgets a split can meet: finite, and met with the whole band.
+    capped = [i for i in range(n) if math.isfinite(budgets[i]) and cost_at(i, total).energy_j <= budgets[i]]
+
+    def floors_at(excess: float) -> list[float]:  # least bands keeping each device within excess x budget
+        floors = [0.0] * n
+        for i in capped:
+            floors[i] = least_band(lambda hz: cost_at(i, hz).energy_j <= excess * budgets[i])
+        return floors
+
+    floors = floors_at(1.0)
+    if sum(floors) > total:  # the band cannot meet every budget: the least worst overspend
+        low, high = 1.0, max([cost_at(i, total / n).energy_j / budgets[i] for i in capped] + [1.0])
+        for _ in range(40):
+            mid = (low + high) / 2
+            low, high = (mid, high) if sum(floors_at(mid)) > total else (low, mid)
+        floors = floors_at(high)
+
+    def band_for(i: int, deadline: float) -> float:  # least bandwidth meeting the deadline and the budget
+        if cost_at(i, total).time_s > deadline:
+            return math.inf
+        return max(floors[i], least_band(lambda hz: cost_at(i, hz).time_s <= deadline))
+
+    share = (total - sum(floors)) / n  # the floors plus an equal share of the rest is feasible
+    low = max(cost_at(i, total).time_s for i in range(n))             # nobody beats having it all
+    high = max(cost_at(i, floors[i] + share).time_s for i in range(n))
     for _ in range(60):
         mid = (low + high) / 2
         low, high = (mid, high) if sum(band_for(i, mid) for i in range(n)) > total else (low, mid)
