@@ -7,11 +7,13 @@ devices and seed in one process (the Flower run gives the same metrics, see
 bench_protocol.py); the figures are the cost model's simulated delay and device energy.
 
 The last variants give every device a per-round energy budget: ``--budget-fraction`` of
-the mean energy per round its class spent under the unbudgeted "+ pipelined server"
-variant. ``budget`` makes a cut over any device's budget infeasible in every round;
-``lyapunov`` (ASL) lets a device overspend while its energy-deficit queue allows, keeping
-the budget on average. "over budget" counts the devices whose mean energy per round
-exceeds their budget.
+its own mean energy per round under the fixed cut (plain split learning), so at 1.0 no
+device may spend more than split learning made it spend. The budgets go in a
+``profile-file`` (the same profiles, each with its budget). ``budget`` makes a cut over
+any device's budget infeasible and min-max bandwidth keeps each device the band its budget
+needs, in every round; ``lyapunov`` (ASL) lets a device overspend while its energy-deficit
+queue allows, keeping the budget on average. "over budget" counts the devices whose mean
+energy per round exceeds their budget, "worst" is the largest such excess.
 
     python experiments/bench_cpsl.py --data-path ../shared/datasets/uci_har_subset.npz
 """
@@ -19,16 +21,15 @@ exceeds their budget.
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import statistics
 import tempfile
 from collections import defaultdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from fedsplitkd.run.experiment import run_inprocess
-from fedsplitkd.fleet.profiles import BUNDLED_CLASSES
 
 VARIANTS = {
     "fixed cut, no clustering": {"clusters": "1", "cut": "default", "bandwidth-allocation": "equal"},
@@ -41,36 +42,38 @@ VARIANTS = {
                            "server-allocation": "pipelined"},
 }
 BUDGETED = {
-    "+ energy budget (per round)": {"energy-control": "budget"},
-    "+ Lyapunov queue, V 0.1": {"energy-control": "lyapunov", "lyapunov-v": 0.1},
-    "+ Lyapunov queue, V 0.01": {"energy-control": "lyapunov", "lyapunov-v": 0.01},
+    "min-max bandwidth, no clustering": {"clusters": "1", "cut": "default", "bandwidth-allocation": "minmax"},
+    "all of the above, budget per round": {"energy-control": "budget"},
+    "Lyapunov queue, V 0.1": {"energy-control": "lyapunov", "lyapunov-v": 0.1},
+    "Lyapunov queue, V 0.01": {"energy-control": "lyapunov", "lyapunov-v": 0.01},
 }
 
 
-def class_energy(exp) -> dict[str, float]:
-    """Mean energy per device per round, by device class."""
+def device_energy(exp) -> dict[int, float]:
+    """Mean energy per round, by device."""
     spent = defaultdict(list)
     for row in exp.device_rows:
-        spent[row["class"]].append(row["energy_j"])
-    return {c: statistics.mean(e) for c, e in spent.items()}
+        spent[int(row["device"])].append(row["energy_j"])
+    return {d: statistics.mean(e) for d, e in spent.items()}
 
 
-def over_budget(exp) -> int:
-    """Devices whose mean energy per round exceeds their budget."""
-    spent = defaultdict(list)
-    for row in exp.device_rows:
-        spent[row["device"]].append(row["energy_j"])
+def over_budget(exp) -> tuple[int, float]:
+    """Devices whose mean energy per round exceeds their budget, and the worst relative overspend."""
     profiles = exp.server.costs.profiles
-    return sum(statistics.mean(e) > profiles[int(d)].energy_budget_j for d, e in spent.items())
+    ratios = [energy / profiles[d].energy_budget_j for d, energy in device_energy(exp).items()]
+    return sum(r > 1 for r in ratios), max(ratios) - 1
 
 
-def budgeted_classes(energy: dict[str, float], fraction: float, directory: Path) -> Path:
-    """The bundled device classes with ``energy_budget_j`` = fraction x each class's energy."""
-    spec = OmegaConf.to_container(OmegaConf.load(BUNDLED_CLASSES))
-    for name, values in spec["classes"].items():
-        values["energy_budget_j"] = fraction * energy.get(name, math.inf)
-    path = directory / "budgeted_classes.yaml"
-    OmegaConf.save(OmegaConf.create(spec), path)
+def budgeted_profiles(exp, devices: int, fraction: float, directory: Path) -> Path:
+    """A profile-file of the run's device profiles, each budgeted fraction x its energy per round."""
+    energy = device_energy(exp)
+    profiles = [replace(exp.server.costs.profiles[d], energy_budget_j=fraction * energy.get(d, math.inf))
+                for d in range(devices)]
+    path = directory / "budgeted_profiles.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(profiles[0])))
+        writer.writeheader()
+        writer.writerows(asdict(p) for p in profiles)
     return path
 
 
@@ -81,35 +84,38 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--class-mix", default="mcu:1,raspberry_pi:1,jetson_nano:1,smartphone:1")
     parser.add_argument("--teacher-input", default="cached")
-    parser.add_argument("--budget-fraction", type=float, default=0.8)
+    parser.add_argument("--budget-fractions", default="1.0,0.8")
     args = parser.parse_args()
     base = {"dataset": "har", "data-path": args.data_path, "num-rounds": args.rounds,
             "class-mix": args.class_mix, "teacher-input": args.teacher_input, "profile-jitter": 0.2}
     print(f"HAR, {args.devices} devices ({args.class_mix}), {args.rounds} rounds, teacher input "
           f"{args.teacher_input}; delay and energy are per-round means")
     print(f"{'variant':<38} {'delay s':>9} {'vs fixed':>9} {'energy J':>9} {'final acc':>9} {'over budget':>11} "
-          f"{'cuts':>16}")
-    reference, last = None, None
+          f"{'worst':>7} {'cuts':>16}")
+    reference = None
 
     def report(name: str, overrides: dict) -> None:
-        nonlocal reference, last
+        nonlocal reference, fixed
         exp, rows = run_inprocess({**base, **overrides}, args.devices)
         delay = statistics.mean(r["round_delay_s"] for r in rows[1:])
         energy = statistics.mean(r["device_energy_j"] for r in rows[1:])
         reference = reference or delay
         cuts = sorted({cut for h in exp.scheduler.history for cut in h["cuts"].values()})
-        budget = f"{over_budget(exp)}/{args.devices}" if "device-classes" in overrides else "-"
+        over, worst = over_budget(exp) if "profile-file" in overrides else (None, None)
+        budget = f"{f'{over}/{args.devices}':>11} {worst:>+7.1%}" if over is not None else f"{'-':>11} {'-':>7}"
         print(f"{name:<38} {delay:>9.3f} {delay / reference - 1:>+9.1%} {energy:>9.3f} "
-              f"{rows[-1]['test_accuracy']:>9.4f} {budget:>11} {','.join(cuts):>16}", flush=True)
-        last = exp
+              f"{rows[-1]['test_accuracy']:>9.4f} {budget} {','.join(cuts):>16}", flush=True)
+        fixed = fixed or exp
 
+    fixed = None
     for name, variant in VARIANTS.items():
         report(name, variant)
-    with tempfile.TemporaryDirectory() as tmp:
-        classes = budgeted_classes(class_energy(last), args.budget_fraction, Path(tmp))
-        print(f"budgets: {args.budget_fraction:g} x each class's energy per round under '+ pipelined server'")
-        for name, variant in BUDGETED.items():
-            report(name, {**VARIANTS["+ pipelined server"], **variant, "device-classes": str(classes)})
+    for fraction in map(float, args.budget_fractions.split(",")):
+        with tempfile.TemporaryDirectory() as tmp:
+            profiles = budgeted_profiles(fixed, args.devices, fraction, Path(tmp))
+            print(f"budgets: {fraction:g} x each device's energy per round under the fixed cut")
+            for name, variant in BUDGETED.items():
+                report(name, {**VARIANTS["+ pipelined server"], **variant, "profile-file": str(profiles)})
 
 
 if __name__ == "__main__":

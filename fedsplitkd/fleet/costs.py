@@ -125,9 +125,10 @@ def allocate_bandwidth(profiles: list[DeviceProfile], server: EdgeServer, flops:
     the split of B that minimises the slowest device's time (bisection on that time) while
     every device stays within its per-round energy budget. A device's transfers cost it
     less energy the more bandwidth it gets, so each budget asks for a least bandwidth; a
-    budget that the whole band cannot meet asks for none (no split meets it, the cut must),
-    and where the budgets together ask for more than B the floors keep the worst relative
-    overspend least (the cost model's ``over_budget`` rows then show who is over).
+    budget that the whole band cannot meet asks for the equal share B / n (no split keeps
+    it within budget; min-max shall not push it further over). The budgets together claim
+    at most their devices' equal shares of B; where they ask for more, the floors keep the
+    worst relative overspend least (the cost model's ``over_budget`` rows show who is over).
     """
     if policy == "dedicated" or not profiles:
         return profiles
@@ -150,21 +151,25 @@ def allocate_bandwidth(profiles: list[DeviceProfile], server: EdgeServer, flops:
         return high
 
     budgets = [p.energy_budget_j for p in profiles]
-    # Budgets a split can meet: finite, and met with the whole band.
-    capped = [i for i in range(n) if math.isfinite(budgets[i]) and cost_at(i, total).energy_j <= budgets[i]]
+    budgeted = [i for i in range(n) if math.isfinite(budgets[i])]
+    reachable = {i for i in budgeted if cost_at(i, total).energy_j <= budgets[i]}
 
     def floors_at(excess: float) -> list[float]:  # least bands keeping each device within excess x budget
         floors = [0.0] * n
-        for i in capped:
-            floors[i] = least_band(lambda hz: cost_at(i, hz).energy_j <= excess * budgets[i])
+        for i in budgeted:  # over budget whatever the split: no less than the equal share
+            floors[i] = (least_band(lambda hz: cost_at(i, hz).energy_j <= excess * budgets[i])
+                         if i in reachable else total / n)
         return floors
 
+    # The budgets claim at most their devices' equal shares, so that the unbudgeted devices
+    # keep a share (the slowest device's time would otherwise grow without bound).
+    claim = total * len(budgeted) / n
     floors = floors_at(1.0)
-    if sum(floors) > total:  # the band cannot meet every budget: the least worst overspend
-        low, high = 1.0, max([cost_at(i, total / n).energy_j / budgets[i] for i in capped] + [1.0])
+    if sum(floors) > claim:  # the least worst relative overspend that fits the claim
+        low, high = 1.0, max([cost_at(i, total / n).energy_j / budgets[i] for i in reachable] + [1.0])
         for _ in range(40):
             mid = (low + high) / 2
-            low, high = (mid, high) if sum(floors_at(mid)) > total else (low, mid)
+            low, high = (mid, high) if sum(floors_at(mid)) > claim * (1 + 1e-12) else (low, mid)
         floors = floors_at(high)
 
     def band_for(i: int, deadline: float) -> float:  # least bandwidth meeting the deadline and the budget
@@ -195,6 +200,9 @@ class CostModel:
         self.server_round = 0
         self.sim_time_s = 0.0
         self.energy_j = 0.0
+        # energy-control = lyapunov: each device's energy deficit (J), which the bandwidth
+        # allocation takes off its budget so that the device pays it back
+        self.deficits: dict[Hashable, float] = {}
 
     def fading_of(self, device: int) -> float:
         """Rayleigh fading power gain, redrawn every round (1 without fading)."""
@@ -217,8 +225,12 @@ class CostModel:
         """Each device's cost, the edge's bandwidth shared among them per the allocation policy."""
         devices = list(traffic)
         fadings = [self.fading_of(int(d)) for d in devices]
-        profiles = allocate_bandwidth([self.profiles[int(d)] for d in devices], self.server, flops,
-                                      [traffic[d] for d in devices], fadings, self.bandwidth)
+        budgeted = [self.profiles[int(d)] for d in devices]
+        if self.deficits:
+            budgeted = [replace(p, energy_budget_j=max(0.0, p.energy_budget_j - self.deficits.get(d, 0.0)))
+                        for d, p in zip(devices, budgeted)]
+        profiles = allocate_bandwidth(budgeted, self.server, flops, [traffic[d] for d in devices], fadings,
+                                      self.bandwidth)
         return {d: device_cost(p, self.server, flops, traffic[d], f) for d, p, f in zip(devices, profiles, fadings)}
 
     def stragglers(self, traffic: dict[Hashable, DeviceTraffic], flops: SplitFlops) -> set[Hashable]:

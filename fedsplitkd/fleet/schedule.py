@@ -157,7 +157,8 @@ class Scheduler:
         self.clusters: Clusters | None = None
         self.cuts: dict[int, str] = {}
         self.history: list[dict] = []  # per round: assignments, centres, cuts
-        self.queues: dict[Hashable, float] = {}  # energy-control = lyapunov: each device's energy deficit (J)
+        # energy-control = lyapunov: each device's energy deficit (J), shared with the cost model
+        self.queues: dict[Hashable, float] = server.costs.deficits if server.costs is not None else {}
 
     def plan(self, devices: list[Hashable], server_round: int) -> list[tuple[str, list[Hashable]]]:
         """(cut, devices) per cluster, clustering and choosing cuts when due."""

@@ -122,7 +122,8 @@ def restore(exp, state: dict, rngs: dict[str, np.random.Generator]) -> list[dict
         c = saved["clusters"]
         scheduler.clusters = Clusters(c["labels"], np.array(c["centres"]), c["features"])
     scheduler.cuts, scheduler.samples, scheduler.history = saved["cuts"], saved["samples"], saved["history"]
-    scheduler.queues = dict(saved.get("queues", {}))  # absent in checkpoints written before the queues
+    scheduler.queues.clear()  # in place: the cost model reads the same queues
+    scheduler.queues.update(saved.get("queues", {}))  # absent in checkpoints written before the queues
     costs = exp.server.costs
     profiles = {d: DeviceProfile(**p) for d, p in state["profiles"].items()}
     changed = [d for d, p in profiles.items() if p != costs.profiles[d]]
