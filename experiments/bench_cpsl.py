@@ -42,10 +42,11 @@ VARIANTS = {
                            "server-allocation": "pipelined"},
 }
 BUDGETED = {
-    "min-max bandwidth, no clustering": {"clusters": "1", "cut": "default", "bandwidth-allocation": "minmax"},
-    "all of the above, budget per round": {"energy-control": "budget"},
-    "Lyapunov queue, V 0.1": {"energy-control": "lyapunov", "lyapunov-v": 0.1},
-    "Lyapunov queue, V 0.01": {"energy-control": "lyapunov", "lyapunov-v": 0.01},
+    "min-max, no clustering, budget/round": {"clusters": "1", "cut": "default", "bandwidth-allocation": "minmax"},
+    "min-max, no clustering, Lyapunov V 0.1": {"clusters": "1", "cut": "default", "bandwidth-allocation": "minmax",
+                                               "energy-control": "lyapunov", "lyapunov-v": 0.1},
+    "+ pipelined server, budget/round": {"energy-control": "budget"},
+    "+ pipelined server, Lyapunov V 0.1": {"energy-control": "lyapunov", "lyapunov-v": 0.1},
 }
 
 
