@@ -12,6 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+# The shared datasets beside the checkout (../shared/datasets): tests that read them skip
+# where a checkout has none beside it, wherever the tests are run from.
+SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+HAR_NPZ = SHARED_DATASETS / "uci_har_subset.npz"
+SHAKESPEARE = SHARED_DATASETS / "tiny_shakespeare.txt"
+needs_shared = pytest.mark.skipif(not SHARED_DATASETS.is_dir(), reason="../shared/datasets is not beside the checkout")
+
 # A tiny run: the digits dataset, one short round, a quickly trained teacher.
 TINY = {
     "dataset": "digits",

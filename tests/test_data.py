@@ -8,14 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import HAR_NPZ, SHAKESPEARE, needs_shared
 from fedsplitkd.data import sources
 from fedsplitkd.config import resolve
 from fedsplitkd.data.datasets import DataError, Partition, _load, device_data, group_ids, load_dataset, partition
 from fedsplitkd.models.zoo import build_student, family_for
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-HAR_NPZ, SHAKESPEARE = SHARED / "uci_har_subset.npz", SHARED / "tiny_shakespeare.txt"
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/datasets is not beside the checkout")
 
 
 def cfg(**overrides):
@@ -281,6 +279,7 @@ def test_a_device_left_without_samples_is_an_error_naming_the_sizes():
 
 
 # ---- large datasets: memory-mapped from the cache ---------------------------------------
+@needs_shared
 def test_a_large_dataset_is_memory_mapped_from_the_cache(tmp_path, monkeypatch):
     from fedsplitkd.data import datasets as data_lib
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import SHAKESPEARE, needs_shared
 from fedsplitkd.data import sources
 from fedsplitkd.config import ConfigError, resolve
 from fedsplitkd.data.datasets import _load, device_data, load_dataset
@@ -23,7 +24,6 @@ from fedsplitkd.models.zoo import build_student, build_teacher, student_for
 from fedsplitkd.protocol.runtime import DeviceRuntime, EdgeRuntime, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAKESPEARE = ROOT.parent / "shared" / "datasets" / "tiny_shakespeare.txt"
 VOCAB, T = 11, 12
 
 
@@ -175,7 +175,7 @@ def test_fifty_role_devices_get_text(tmp_path):
         student_for(resolve({**cfg, "student-model": "mlp"}), ds)
 
 
-@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="../shared/datasets is not beside the checkout")
+@needs_shared
 def test_tiny_shakespeare_has_enough_roles_for_fifty_devices():
     ds = load_dataset(resolve({"dataset": "shakespeare-lm", "data-path": str(SHAKESPEARE), "seq-len": 64,
                                "text-stride": 64}))

@@ -10,13 +10,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from conftest import HAR_NPZ, needs_shared
 from fedsplitkd.data import prepared
 from fedsplitkd.clients.client_app import _cache_dir
 from fedsplitkd.config import RunConfig, resolve
 from fedsplitkd.data.datasets import device_data, load_dataset
 from fedsplitkd.protocol.device import device_setup
 
-HAR = "../shared/datasets/uci_har_subset.npz"
+HAR = str(HAR_NPZ)
 
 
 def _cfg(**overrides) -> RunConfig:
@@ -29,7 +30,8 @@ def _same(a, b) -> None:
         assert getattr(a, name).dtype == getattr(b, name).dtype
 
 
-@pytest.mark.parametrize("overrides", [{}, {"dataset": "npz", "data-path": HAR, "dirichlet-alpha": 0.1}],
+@pytest.mark.parametrize("overrides", [{}, pytest.param({"dataset": "npz", "data-path": HAR, "dirichlet-alpha": 0.1},
+                                                          marks=needs_shared)],
                          ids=["digits", "har-npz"])
 def test_cached_data_equals_the_partitioned_data(tmp_path, overrides):
     cfg = _cfg(**overrides)
@@ -56,6 +58,7 @@ def test_a_cached_device_is_served_from_its_file(tmp_path, monkeypatch):
     _same(local, device_data(cfg, 1, 3))
 
 
+@needs_shared
 def test_the_key_follows_what_the_data_depends_on(tmp_path):
     cfg = _cfg()
     base = prepared.key(cfg, 0, 3)
