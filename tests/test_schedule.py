@@ -223,4 +223,8 @@ def test_lyapunov_deficit_comes_off_the_budget_in_the_bandwidth_allocation():
     costs.server_round = costs.rounds - 1  # two rounds left: half of it is due
     halfway = costs.costs(traffic, server.flops)
     assert paying[starved].energy_j < halfway[starved].energy_j < within[starved].energy_j
+    costs.participation = 0.5  # fraction-train 0.5: it trains in 1.5 of the two rounds left, 2/3 is due
+    sampled = costs.costs(traffic, server.flops)
+    assert paying[starved].energy_j < sampled[starved].energy_j < halfway[starved].energy_j
     assert exp.scheduler.queues is costs.deficits  # the queues the scheduler updates
+    assert build(resolve(tiny(fraction_train=0.5))).server.costs.participation == 0.5

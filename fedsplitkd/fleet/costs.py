@@ -193,7 +193,7 @@ class CostModel:
 
     def __init__(self, profiles: Fleet, server: EdgeServer, fading: bool, deadline_s: float,
                  drop_stragglers: bool, seed: int, bandwidth: str = "dedicated",
-                 server_allocation: str = "after-all", rounds: int = 1):
+                 server_allocation: str = "after-all", rounds: int = 1, participation: float = 1.0):
         self.profiles, self.server = profiles, server
         self.fading, self.deadline_s, self.drop_stragglers, self.seed = fading, deadline_s, drop_stragglers, seed
         self.bandwidth, self.server_allocation = bandwidth, server_allocation
@@ -201,10 +201,11 @@ class CostModel:
         self.sim_time_s = 0.0
         self.energy_j = 0.0
         # energy-control = lyapunov: each device's energy deficit (J), which the bandwidth
-        # allocation takes off its budget, spread over the rounds left, so that the device
-        # pays it back by the end of the run without giving up the min-max split at once
+        # allocation takes off its budget, spread over the rounds left that the device is
+        # expected to train in (this one and a fraction-train share of the later ones), so
+        # that it pays it back by the end of the run without giving up the min-max split at once
         self.deficits: dict[Hashable, float] = {}
-        self.rounds = rounds
+        self.rounds, self.participation = rounds, participation
 
     def fading_of(self, device: int) -> float:
         """Rayleigh fading power gain, redrawn every round (1 without fading)."""
@@ -217,7 +218,8 @@ class CostModel:
         fleet = Fleet(cfg)
         deadline = cfg.fleet.deadline_s or math.inf
         return cls(fleet, fleet.server, cfg.fleet.fading, deadline, cfg.fleet.straggler_policy == "drop",
-                   cfg.train.seed, cfg.fleet.bandwidth_allocation, cfg.fleet.server_allocation, cfg.train.num_rounds)
+                   cfg.train.seed, cfg.fleet.bandwidth_allocation, cfg.fleet.server_allocation, cfg.train.num_rounds,
+                   cfg.train.fraction_train)
 
     def delay(self, costs: list[DeviceCost], deadline_s: float = math.inf) -> float:
         """``group_delay`` under this model's server allocation."""
@@ -229,7 +231,7 @@ class CostModel:
         fadings = [self.fading_of(int(d)) for d in devices]
         budgeted = [self.profiles[int(d)] for d in devices]
         if self.deficits:
-            left = max(1, self.rounds - self.server_round + 1)
+            left = 1 + self.participation * max(0, self.rounds - self.server_round)
             budgeted = [replace(p, energy_budget_j=max(0.0, p.energy_budget_j - self.deficits.get(d, 0.0) / left))
                         for d, p in zip(devices, budgeted)]
         profiles = allocate_bandwidth(budgeted, self.server, flops, [traffic[d] for d in devices], fadings,
