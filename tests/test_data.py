@@ -15,7 +15,6 @@ from fedsplitkd.data.datasets import DataError, Partition, _load, device_data, g
 from fedsplitkd.models.zoo import build_student, family_for
 
 
-
 def cfg(**overrides):
     return resolve({k.replace("_", "-"): v for k, v in overrides.items()})
 
