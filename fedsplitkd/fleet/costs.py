@@ -117,9 +117,10 @@ def round_delay(groups: list[list[DeviceCost]], server: EdgeServer, deadline_s: 
     return sum(group_delay(g, server, deadline_s, allocation) for g in groups)
 
 
-def allocate_bandwidth(profiles: list[DeviceProfile], server: EdgeServer, flops: SplitFlops,
+def allocate_bandwidth(profiles: list[DeviceProfile], server: EdgeServer, flops: SplitFlops | list[SplitFlops],
                        traffics: list[DeviceTraffic], fadings: list[float], policy: str) -> list[DeviceProfile]:
-    """The profiles with the edge's bandwidth shared among devices served at once.
+    """The profiles with the edge's bandwidth shared among devices served at once (``flops``:
+    one split for all, or each device's own, when they train at different cuts).
 
     ``dedicated``: each keeps its own link. ``equal``: B / n each, up and down. ``minmax``:
     the split of B that minimises the slowest device's time (bisection on that time) while
@@ -133,12 +134,13 @@ def allocate_bandwidth(profiles: list[DeviceProfile], server: EdgeServer, flops:
     if policy == "dedicated" or not profiles:
         return profiles
     total, n = server.bandwidth_hz, len(profiles)
+    splits = flops if isinstance(flops, list) else [flops] * n
 
     def with_band(p: DeviceProfile, hz: float) -> DeviceProfile:
         return replace(p, uplink_hz=hz, downlink_hz=hz)
 
     def cost_at(i: int, hz: float) -> DeviceCost:
-        return device_cost(with_band(profiles[i], hz), server, flops, traffics[i], fadings[i])
+        return device_cost(with_band(profiles[i], hz), server, splits[i], traffics[i], fadings[i])
 
     if policy == "equal":
         return [with_band(p, total / n) for p in profiles]
@@ -225,20 +227,25 @@ class CostModel:
         """``group_delay`` under this model's server allocation."""
         return group_delay(costs, self.server, deadline_s, self.server_allocation)
 
-    def costs(self, traffic: dict[Hashable, DeviceTraffic], flops: SplitFlops) -> dict[Hashable, DeviceCost]:
-        """Each device's cost, the edge's bandwidth shared among them per the allocation policy."""
+    def costs(self, traffic: dict[Hashable, DeviceTraffic], flops: SplitFlops | dict[Hashable, SplitFlops]
+              ) -> dict[Hashable, DeviceCost]:
+        """Each device's cost, the edge's bandwidth shared among them per the allocation policy;
+        ``flops`` is one split for all devices or, where they train at different cuts, each one's."""
         devices = list(traffic)
+        splits = [flops[d] for d in devices] if isinstance(flops, dict) else [flops] * len(devices)
         fadings = [self.fading_of(int(d)) for d in devices]
         budgeted = [self.profiles[int(d)] for d in devices]
         if self.deficits:
             left = 1 + self.participation * max(0, self.rounds - self.server_round)
             budgeted = [replace(p, energy_budget_j=max(0.0, p.energy_budget_j - self.deficits.get(d, 0.0) / left))
                         for d, p in zip(devices, budgeted)]
-        profiles = allocate_bandwidth(budgeted, self.server, flops, [traffic[d] for d in devices], fadings,
+        profiles = allocate_bandwidth(budgeted, self.server, splits, [traffic[d] for d in devices], fadings,
                                       self.bandwidth)
-        return {d: device_cost(p, self.server, flops, traffic[d], f) for d, p, f in zip(devices, profiles, fadings)}
+        return {d: device_cost(p, self.server, split, traffic[d], f)
+                for d, p, split, f in zip(devices, profiles, splits, fadings)}
 
-    def stragglers(self, traffic: dict[Hashable, DeviceTraffic], flops: SplitFlops) -> set[Hashable]:
+    def stragglers(self, traffic: dict[Hashable, DeviceTraffic], flops: SplitFlops | dict[Hashable, SplitFlops]
+                   ) -> set[Hashable]:
         """Devices past the deadline that the drop policy keeps out of the average."""
         if not self.drop_stragglers:
             return set()
@@ -252,7 +259,7 @@ class CostModel:
                 "round_delay_s": delay, "sim_time_s": self.sim_time_s, "cum_device_energy_j": self.energy_j,
                 "stragglers": 0}
 
-    def account(self, traffic: dict[Hashable, DeviceTraffic], flops: SplitFlops,
+    def account(self, traffic: dict[Hashable, DeviceTraffic], flops: SplitFlops | dict[Hashable, SplitFlops],
                 server_flops: float = 0.0) -> tuple[dict, list[dict]]:
         """Totals (metrics.csv columns) and per-device rows of devices served in parallel,
         plus ``server_flops`` of server work after them that no device waits on (FedDF's

@@ -249,7 +249,27 @@ class SplitKDServer:
         self.copies[key] = (state_to_numpy(self.edge.part), copy.deepcopy(self.edge.optimizer.state_dict()))
 
     def run_round(self, transport: Transport, keys: list[Hashable], server_round: int) -> RoundStats:
-        """One round: chunk exchanges with every device until each returns its device part.
+        """One round at this cut: ``train_round``, then the devices are priced (stragglers
+        past the deadline dropped) and their parts averaged."""
+        stats, finals = self.train_round(transport, keys, server_round)
+        if self.costs is not None:
+            for key in self.costs.stragglers(stats.traffic, self.flops) & set(finals):
+                del finals[key]
+                stats.dropped["straggler"] += 1
+            stats.costs, stats.device_costs = self.costs.account(stats.traffic, self.flops)
+        stats.completed = len(finals)
+        stats.completed_keys = list(finals)
+        self.aggregate(list(finals.values()))
+        if self.per_device_server:  # SplitFed V1: the completed devices' server copies, averaged
+            kept = [(self.copies[k][0], n) for k, (_, n) in finals.items() if k in self.copies]
+            load_numpy_state(self.edge.part, average([w for w, _ in kept], [n for _, n in kept])
+                             if kept else self.round_start)
+        return stats
+
+    def train_round(self, transport: Transport, keys: list[Hashable], server_round: int
+                    ) -> tuple[RoundStats, dict[Hashable, tuple[dict[str, np.ndarray], int]]]:
+        """Chunk exchanges with every device until each returns its device part: the round's
+        stats (not priced yet) and, per device that completed, its part and sample count.
 
         Replies are handled in the order of ``keys`` within each exchange, and exchange j
         before exchange j+1, so the server's steps run in the same order whatever the
@@ -353,19 +373,7 @@ class SplitKDServer:
                 stats.server_s += time.perf_counter() - computed
             send(ready)
             ready = {}
-        if self.costs is not None:
-            for key in self.costs.stragglers(stats.traffic, self.flops) & set(finals):
-                del finals[key]
-                stats.dropped["straggler"] += 1
-            stats.costs, stats.device_costs = self.costs.account(stats.traffic, self.flops)
-        stats.completed = len(finals)
-        stats.completed_keys = list(finals)
-        self.aggregate(list(finals.values()))
-        if self.per_device_server:  # SplitFed V1: the completed devices' server copies, averaged
-            kept = [(self.copies[k][0], seen[k]) for k in finals if k in self.copies]
-            load_numpy_state(self.edge.part, average([w for w, _ in kept], [n for _, n in kept])
-                             if kept else self.round_start)
-        return stats
+        return stats, finals
 
     def first_requests(self, keys: list[Hashable], server_round: int,
                        holder: Callable[[Hashable], Hashable] | None = None) -> dict[Hashable, Payload]:
