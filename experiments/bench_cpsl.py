@@ -1,5 +1,5 @@
 """Clustering, adaptive cut, bandwidth and server-compute allocation and ASL's energy queue
-against fixed-cut split learning.
+against fixed-cut split learning, and a cut per device (ASL) with all devices in parallel.
 
 HAR on a heterogeneous fleet; the edge's spectrum is shared by the devices it serves at
 once (``equal`` shares unless the variant allocates). Every variant runs the same data,
@@ -41,13 +41,18 @@ VARIANTS = {
     "+ min-max bandwidth": {"clusters": "auto", "cut": "adaptive", "bandwidth-allocation": "minmax"},
     "+ pipelined server": {"clusters": "auto", "cut": "adaptive", "bandwidth-allocation": "minmax",
                            "server-allocation": "pipelined"},
+    "per-device cut + min-max + pipelined": {"clusters": "1", "cut": "per-device", "bandwidth-allocation": "minmax",
+                                             "server-allocation": "pipelined"},
 }
+PER_DEVICE = VARIANTS["per-device cut + min-max + pipelined"]
 BUDGETED = {
     "min-max, no clustering, budget/round": {"clusters": "1", "cut": "default", "bandwidth-allocation": "minmax"},
     "min-max, no clustering, Lyapunov V 0.1": {"clusters": "1", "cut": "default", "bandwidth-allocation": "minmax",
                                                "energy-control": "lyapunov", "lyapunov-v": 0.1},
     "+ pipelined server, budget/round": {"energy-control": "budget"},
     "+ pipelined server, Lyapunov V 0.1": {"energy-control": "lyapunov", "lyapunov-v": 0.1},
+    "per-device cut, budget/round": {**PER_DEVICE, "energy-control": "budget"},
+    "per-device cut, Lyapunov V 0.1": {**PER_DEVICE, "energy-control": "lyapunov", "lyapunov-v": 0.1},
 }
 
 
@@ -93,7 +98,7 @@ def main() -> None:
             "class-mix": args.class_mix, "teacher-input": args.teacher_input, "profile-jitter": 0.2}
     print(f"HAR, {args.devices} devices ({args.class_mix}), {args.rounds} rounds, teacher input "
           f"{args.teacher_input}; delay and energy are per-round means")
-    print(f"{'variant':<38} {'delay s':>9} {'vs fixed':>9} {'energy J':>9} {'final acc':>9} {'over budget':>11} "
+    print(f"{'variant':<40} {'delay s':>9} {'vs fixed':>9} {'energy J':>9} {'final acc':>9} {'over budget':>11} "
           f"{'worst':>7} {'cuts':>16}")
     reference = None
 
@@ -103,10 +108,11 @@ def main() -> None:
         delay = statistics.mean(r["round_delay_s"] for r in rows[1:])
         energy = statistics.mean(r["device_energy_j"] for r in rows[1:])
         reference = reference or delay
-        cuts = sorted({cut for h in exp.scheduler.history for cut in h["cuts"].values()})
+        cuts = sorted({cut for h in exp.scheduler.history
+                       for cut in [*h.get("cuts", {}).values(), *h.get("device-cuts", {}).values()]})
         over, worst = over_budget(exp) if "profile-file" in overrides else (None, None)
         budget = f"{f'{over}/{args.devices}':>11} {worst:>+7.2%}" if over is not None else f"{'-':>11} {'-':>7}"
-        print(f"{name:<38} {delay:>9.3f} {delay / reference - 1:>+9.1%} {energy:>9.3f} "
+        print(f"{name:<40} {delay:>9.3f} {delay / reference - 1:>+9.1%} {energy:>9.3f} "
               f"{rows[-1]['test_accuracy']:>9.4f} {budget} {','.join(cuts):>16}", flush=True)
         fixed = fixed or exp
 

@@ -137,7 +137,7 @@ class SplitConfig:
     """Split learning and KD: the cut, the exchanges, how the server steps, the KD loss."""
 
     cut: str = key(_str("default", "a cut-point name of the student ('default' = its first block, "
-                        "'adaptive' = chosen per cluster from the cost model)"))
+                        "'adaptive' = chosen per cluster from the cost model, 'per-device' = per device)"))
     exchange_batches: int = key(_int(8, 1))
     server_batching: str = key(_choice("per-device", "joint"))
     kd_alpha: float = key(_float(0.278, 0.0, 1.0))
@@ -276,6 +276,9 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> RunConfig:
     if values["kd-mode"] == "mutual" and (values["checkpoint-every"] or values["resume"]):
         raise ConfigError("run-config 'checkpoint-every'/'resume': a checkpoint keeps the teacher by reference, "
                           "and kd-mode 'mutual' changes it; run mutual learning without checkpoints")
+    if values["cut"] == "per-device" and values["method"] == "splitfed":
+        raise ConfigError("run-config 'cut' = 'per-device': method 'splitfed' keeps a server copy per device "
+                          "at one cut; use one cut (a cut point or 'adaptive')")
     if values["method"] == "fedgkt" and values["torch-device"] != "cpu":
         raise ConfigError("run-config 'torch-device': the fedgkt baseline trains on the CPU only")
     if (values["checkpoint-every"] or values["resume"]) and values["method"] not in SPLIT_METHODS:

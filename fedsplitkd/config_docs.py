@@ -51,7 +51,7 @@ MEANING: dict[str, str] = {
     'torch-device': "the server's torch device (student, teacher, evaluation): `cpu`, `cuda` or `auto`; devices and payloads stay on the CPU",
     'hf-student': 'a local Hugging Face checkpoint directory instead of the built-in GPT (extra `hf`); the teacher is used as trained',
     'hf-teacher': 'a local Hugging Face checkpoint directory instead of the built-in GPT (extra `hf`); the teacher is used as trained',
-    'cut': 'cut point: a block name of the student (`default` = after its first block), or `adaptive` (per cluster, from the cost model)',
+    'cut': "cut point: a block name of the student (`default` = after its first block), or `adaptive` (per cluster, from the cost model), or `per-device` (ASL: each device its own cut from its own cost at an equal share of the band; a cluster's devices then train in parallel at their cuts, and a block some hold and the server trains for others is the sample-weighted average of their copies and the server's)",
     'clusters': "`'1'` (no clustering), `'auto'` (k-means, k by silhouette) or a number of clusters",
     'cluster-features': 'profile features k-means sees (standardised)',
     'recluster-every': 're-cluster (and re-choose cuts) every R rounds, so drifting profiles move devices (0 = once)',

@@ -216,7 +216,8 @@ def edge_server(student: Blocks, input_shape: tuple[int, ...], teacher: nn.Modul
     else:
         split_teacher = teacher_model(teacher, teacher_embedding, input_shape, input_dtype) if kd else None
     num_classes = model.block_stats()[-1].out_shape[-1]
-    cut = "default" if cfg.split.cut == "adaptive" else cfg.split.cut  # adaptive: the scheduler moves it
+    # adaptive, per-device: the scheduler moves it
+    cut = "default" if cfg.split.cut in ("adaptive", "per-device") else cfg.split.cut
     model.cut_index(cut)  # fail early, naming the cut points, on a bad cut
     return SplitKDServer(model, split_teacher, cfg, num_classes,
                          costs if costs is not None else CostModel.from_config(cfg), cut, optimizer)

@@ -74,7 +74,7 @@ def test_mixed_cuts_train_one_student_by_the_sequential_rule():
             return replies
 
     transport = Spy({d: device_setup(cfg, d, 4) for d in range(4)})
-    exp.scheduler.plan = lambda devices, rnd: [("conv1", [0, 1]), ("conv2", [2, 3])]
+    exp.scheduler.plan = lambda devices, rnd: [{0: "conv1", 1: "conv1"}, {2: "conv2", 3: "conv2"}]
     exp.scheduler.run_round(transport, [0, 1, 2, 3], 1)
 
     def average(devices, key):
@@ -90,11 +90,102 @@ def test_mixed_cuts_train_one_student_by_the_sequential_rule():
     assert set(sent[2]) == {"conv1.0.weight", "conv1.0.bias", "conv2.0.weight", "conv2.0.bias"}
 
 
+def test_parallel_cuts_merge_each_block_from_those_who_trained_it():
+    """Devices 0, 1 at conv1 and 2, 3 at conv2 in one parallel group: all start from the same
+    student; conv1 is the average of all four device copies, conv2 that of devices 2 and 3
+    and of the server's copy (trained on devices 0 and 1, weighted by their samples)."""
+    from fedsplitkd.protocol.runtime import state_to_numpy
+
+    cfg = resolve(tiny(exchange_batches=8))
+    exp = build(cfg)
+    start = state_to_numpy(exp.student)
+    sent, finals, server_copy = {}, {}, {}
+
+    class Spy(InProcessTransport):
+        def send(self, requests):
+            for d, r in requests.items():
+                if any(k.startswith(WEIGHTS) for k in r):
+                    sent[d] = {k: v.copy() for k, v in unpack(WEIGHTS, r).items()}
+            super().send(requests)
+
+        def receive(self):
+            replies = super().receive()
+            for d, r in replies.items():
+                if isinstance(r, dict) and "num-examples" in r:
+                    finals[d] = (unpack(WEIGHTS, r), r["num-examples"])
+            return replies
+
+    shallow = exp.server.at_cut("conv1")
+    train_round = shallow.train_round
+
+    def spied(*args):
+        result = train_round(*args)
+        server_copy.update(state_to_numpy(exp.student))  # conv2 as the server trained it
+        return result
+
+    shallow.train_round = spied
+    transport = Spy({d: device_setup(cfg, d, 4) for d in range(4)})
+    exp.scheduler.plan = lambda devices, rnd: [{0: "conv1", 1: "conv1", 2: "conv2", 3: "conv2"}]
+    stats = exp.scheduler.run_round(transport, [0, 1, 2, 3], 1)
+    assert stats.completed == 4 and stats.devices == 4
+
+    def average(copies):
+        total = sum(n for _, n in copies)
+        return sum(w.astype(np.float64) * n / total for w, n in copies)
+
+    for d in (2, 3):  # the deeper cut starts from the round's student, not what the server trained
+        for key, value in sent[d].items():
+            np.testing.assert_array_equal(value, start[key])
+    state = state_to_numpy(exp.student)
+    for key in ("conv1.0.weight", "conv1.0.bias"):
+        np.testing.assert_allclose(state[key], average([(finals[d][0][key], finals[d][1]) for d in range(4)]),
+                                   atol=1e-6)
+    for key in ("conv2.0.weight", "conv2.0.bias"):
+        assert not np.allclose(server_copy[key], start[key])  # the server did train it
+        expected = average([(finals[d][0][key], finals[d][1]) for d in (2, 3)]
+                           + [(server_copy[key], finals[0][1] + finals[1][1])])
+        np.testing.assert_allclose(state[key], expected, atol=1e-6)
+    head = exp.student.block_names[-1]  # above every cut: the server's, which conv2's devices trained on too
+    assert all(not np.array_equal(state[k], server_copy[k]) for k in state if k.startswith(head))
+
+
+def test_parallel_cuts_are_priced_as_one_group():
+    cfg = resolve(tiny(class_mix="mcu:1,smartphone:1", bandwidth_allocation="equal"))
+    exp = build(cfg)
+    transport = InProcessTransport({d: device_setup(cfg, d, 6) for d in range(6)})
+    exp.scheduler.plan = lambda devices, rnd: [{0: "default", 1: "default", 2: "default",
+                                                3: "conv2", 4: "conv2", 5: "conv2"}]
+    stats = exp.scheduler.run_round(transport, list(range(6)), 1)
+    rows = {r["device"]: r for r in stats.device_costs}
+    expected = (max(r["time_s"] for r in rows.values())
+                + sum(r["server_flops"] for r in rows.values()) / exp.server.costs.server.flops)
+    assert stats.costs["round_delay_s"] == pytest.approx(expected)
+    shallow, deep = exp.server.at_cut("default").flops, exp.server.at_cut("conv2").flops
+    for d, split in ((0, shallow), (3, deep)):  # each device priced at its own cut
+        traffic = stats.traffic[d]
+        assert rows[d]["device_flops"] == pytest.approx(3 * traffic.samples * split.device
+                                                        + traffic.teacher_samples * split.teacher_device)
+    assert shallow.device < deep.device
+    assert stats.completed == 6
+
+
+def test_per_device_cut_follows_each_devices_bottleneck():
+    from fedsplitkd.fleet.schedule import device_cuts
+
+    exp = build(resolve(tiny(cut="per-device")))
+    costs, server = exp.server.costs, exp.server
+    base = replace(costs.profiles[0], memory_bytes=1e12, energy_budget_j=math.inf)
+    costs.profiles._sampled[0] = replace(base, flops=1e13, uplink_hz=1e4, downlink_hz=1e4)
+    costs.profiles._sampled[1] = replace(base, flops=1e5, uplink_hz=1e9, downlink_hz=1e9)
+    costs.bandwidth = "dedicated"
+    assert device_cuts(server, costs, [0, 1], {0: 100, 1: 100}, energy_weight=0.0) == {0: "fc", 1: "conv1"}
+
+
 def test_round_delay_is_the_sum_of_the_clusters_maxima():
     cfg = resolve(tiny(class_mix="mcu:1,smartphone:1", bandwidth_allocation="equal"))
     exp = build(cfg)
     transport = InProcessTransport({d: device_setup(cfg, d, 6) for d in range(6)})
-    exp.scheduler.plan = lambda devices, rnd: [("default", [0, 1, 2]), ("conv2", [3, 4, 5])]
+    exp.scheduler.plan = lambda devices, rnd: [dict.fromkeys([0, 1, 2], "default"), dict.fromkeys([3, 4, 5], "conv2")]
     stats = exp.scheduler.run_round(transport, list(range(6)), 1)
     by_device = {r["device"]: r for r in stats.device_costs}
     expected = sum(max(by_device[d]["time_s"] for d in group)

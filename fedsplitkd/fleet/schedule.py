@@ -21,12 +21,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from fedsplitkd.fleet.costs import CostModel, DeviceTraffic
+from fedsplitkd.fleet.costs import CostModel, DeviceTraffic, device_cost
 from fedsplitkd.fleet.profiles import DeviceProfile, channel_gain, rate_bps
+from fedsplitkd.protocol.runtime import load_numpy_state, state_to_numpy
 from fedsplitkd.protocol.server import RoundStats, SplitKDServer, Transport
 
 log = logging.getLogger("fedsplitkd")
@@ -72,19 +73,29 @@ def cluster_devices(profiles: dict[Hashable, DeviceProfile], features: list[str]
                     scaler.inverse_transform(model.cluster_centers_), features)
 
 
-def predicted_traffic(server: SplitKDServer, samples: int) -> DeviceTraffic:
+def predicted_traffic(server: SplitKDServer, samples: int, teacher_samples: int | None = None) -> DeviceTraffic:
     """What a device with ``samples`` training samples (all local epochs) sends and receives
     in a round at this cut: per sample its activations, int64 labels (one per position for a
-    sequence) and teacher input; per minibatch its size; once the device part each way."""
+    sequence) and, for ``teacher_samples`` of them (default: all, with a teacher), the teacher
+    input; per minibatch its size; once the device part each way."""
     act = int(np.prod(server.act_shape)) * 4
     emb = int(np.prod(server.emb_shape)) * 4 if server.mode != "none" else 0
+    if teacher_samples is None:
+        teacher_samples = samples if server.mode != "none" else 0
     labels = int(np.prod(server.label_shape, dtype=np.int64)) * 8
     epochs, batch_size = server.cfg.train.local_epochs, server.cfg.train.batch_size
     batches = epochs * -(-(samples // epochs) // batch_size)
     params = sum(p.numel() for p in server.device_part.parameters()) * 4
-    return DeviceTraffic(bytes_up=samples * (act + emb + labels) + 8 * batches + params,
-                         bytes_down=samples * act + params,
-                         samples=samples, teacher_samples=samples if server.mode != "none" else 0)
+    return DeviceTraffic(bytes_up=samples * (act + labels) + teacher_samples * emb + 8 * batches + params,
+                         bytes_down=samples * act + params, samples=samples, teacher_samples=teacher_samples)
+
+
+def teacher_inputs(server: SplitKDServer, device: Hashable, samples: int) -> int:
+    """How many teacher inputs a device will send in a round: all its samples, but none
+    once the server caches them (``teacher-input = cached`` after the device's first round)."""
+    if server.mode == "none" or (server.mode == "cached" and server.teacher_cache.get(device)):
+        return 0
+    return samples
 
 
 def memory_needed(server: SplitKDServer, batch_size: int) -> int:
@@ -94,14 +105,15 @@ def memory_needed(server: SplitKDServer, batch_size: int) -> int:
     return 4 * (3 * params + 2 * batch_size * acts)
 
 
-def pick_cut(table: dict[str, tuple[float, float]]) -> str:
+def pick_cut(table: dict[str, tuple[float, float]], warn: bool = True) -> str:
     """From {cut: (score, violation)}: the lowest score among cuts that violate nothing, else
-    the least violating cut (ties: the earlier cut)."""
+    the least violating cut (ties: the earlier cut; ``warn``: log that none fits)."""
     feasible = [(score, i, cut) for i, (cut, (score, violation)) in enumerate(table.items()) if violation == 0]
     if feasible:
         return min(feasible)[2]
     least = min((violation, i, cut) for i, (cut, (_, violation)) in enumerate(table.items()))[2]
-    log.warning("no cut fits every device's memory and energy budget; taking the least violating, %s", least)
+    if warn:
+        log.warning("no cut fits every device's memory and energy budget; taking the least violating, %s", least)
     return least
 
 
@@ -118,7 +130,8 @@ def cut_table(server: SplitKDServer, costs: CostModel, devices: list[Hashable],
     predicted, violations = {}, {}
     for cut in server.student.cut_points:
         at_cut = server.at_cut(cut)
-        predicted[cut] = costs.costs({d: predicted_traffic(at_cut, samples[d]) for d in devices}, at_cut.flops)
+        traffic = {d: predicted_traffic(at_cut, samples[d], teacher_inputs(server, d, samples[d])) for d in devices}
+        predicted[cut] = costs.costs(traffic, at_cut.flops)
         memory = memory_needed(at_cut, server.cfg.train.batch_size)
         violations[cut] = sum(max(0.0, memory / costs.profiles[int(d)].memory_bytes - 1) for d in devices)
     delays = {cut: costs.delay(list(p.values())) for cut, p in predicted.items()}
@@ -146,6 +159,43 @@ def update_queues(queues: dict[Hashable, float], energies: dict[Hashable, float]
             queues[d] = max(0.0, queues.get(d, 0.0) + energy - budgets[d])
 
 
+def device_cuts(server: SplitKDServer, costs: CostModel, devices: list[Hashable], samples: dict[Hashable, int],
+                energy_weight: float, queues: dict[Hashable, float] | None = None, v: float = 0.1
+                ) -> dict[Hashable, str]:
+    """Each device's own cut: ``pick_cut`` on its own table of ``cut_table``'s scores and
+    violations, from its cost at an equal share of the edge's band (the devices train in
+    parallel and share it; min-max then moves band to the slowest)."""
+    share = costs.server.bandwidth_hz / max(1, len(devices))
+    tables: dict[Hashable, dict[str, tuple[float, float]]] = {d: {} for d in devices}
+    at_cuts = {cut: server.at_cut(cut) for cut in server.student.cut_points}
+    memory = {cut: memory_needed(at_cut, server.cfg.train.batch_size) for cut, at_cut in at_cuts.items()}
+    for d in devices:
+        profile = costs.profiles[int(d)]
+        if costs.bandwidth != "dedicated":
+            profile = replace(profile, uplink_hz=share, downlink_hz=share)
+        teacher = teacher_inputs(server, d, samples[d])
+        at = {cut: device_cost(profile, costs.server, at_cut.flops, predicted_traffic(at_cut, samples[d], teacher),
+                               costs.fading_of(int(d)))
+              for cut, at_cut in at_cuts.items()}
+        best = max(min(c.time_s for c in at.values()), 1e-12)
+        budget = profile.energy_budget_j
+        for cut, c in at.items():
+            violation = max(0.0, memory[cut] / profile.memory_bytes - 1)
+            if queues is None:
+                score = c.time_s + energy_weight * c.energy_j
+                violation += max(0.0, c.energy_j / budget - 1)
+            else:
+                score = v * c.time_s / best
+                if math.isfinite(budget):
+                    score += queues.get(d, 0.0) / budget * c.energy_j / budget
+            tables[d][cut] = (score, violation)
+    unfit = [d for d, table in tables.items() if min(violation for _, violation in table.values()) > 0]
+    if unfit:
+        log.warning("%d of %d devices: no cut fits the device's memory and energy budget; each takes its least "
+                    "violating cut", len(unfit), len(devices))
+    return {d: pick_cut(table, warn=False) for d, table in tables.items()}
+
+
 class Scheduler:
     """Runs a round as clusters in sequence, each at its cut; one cluster of all by default."""
 
@@ -160,8 +210,8 @@ class Scheduler:
         # energy-control = lyapunov: each device's energy deficit (J), shared with the cost model
         self.queues: dict[Hashable, float] = server.costs.deficits if server.costs is not None else {}
 
-    def plan(self, devices: list[Hashable], server_round: int) -> list[tuple[str, list[Hashable]]]:
-        """(cut, devices) per cluster, clustering and choosing cuts when due."""
+    def plan(self, devices: list[Hashable], server_round: int) -> list[dict[Hashable, str]]:
+        """Each cluster's devices with their cuts, clustering and choosing cuts when due."""
         cfg, costs = self.cfg, self.server.costs
         every = cfg.fleet.recluster_every
         due = self.clusters is None or (every and (server_round - 1) % every == 0)
@@ -175,34 +225,90 @@ class Scheduler:
         groups: dict[int, list[Hashable]] = {}
         for d in devices:
             groups.setdefault(labels[d], []).append(d)
+        lyapunov = cfg.fleet.energy_control == "lyapunov"
+        queues = self.queues if lyapunov else None
+        guess = max(1, self.pool_samples // max(1, self.fleet_size))
         plan = []
         for c in sorted(groups):
+            samples = {d: self.samples.get(d, guess) for d in groups[c]}
+            if cfg.split.cut == "per-device":
+                plan.append(device_cuts(self.server, costs, groups[c], samples, cfg.fleet.energy_weight, queues,
+                                        cfg.fleet.lyapunov_v))
+                continue
             if cfg.split.cut != "adaptive":
                 cut = cfg.split.cut
             else:
-                lyapunov = cfg.fleet.energy_control == "lyapunov"
                 if c not in self.cuts or due or lyapunov:  # the queues move every round
-                    guess = max(1, self.pool_samples // max(1, self.fleet_size))
-                    samples = {d: self.samples.get(d, guess) for d in groups[c]}
                     self.cuts[c] = pick_cut(cut_table(self.server, costs, groups[c], samples, cfg.fleet.energy_weight,
-                                                      self.queues if lyapunov else None, cfg.fleet.lyapunov_v))
+                                                      queues, cfg.fleet.lyapunov_v))
                 cut = self.cuts[c]
-            plan.append((cut, groups[c]))
-        self.history.append({"round": server_round, "clusters": {int(c): g for c, g in groups.items()},
-                             "cuts": {int(c): cut for c, (cut, _) in zip(sorted(groups), plan)},
-                             "centres": self.clusters.centres.tolist() if self.clusters else []})
+            plan.append({d: cut for d in groups[c]})
+        entry = {"round": server_round, "clusters": {int(c): g for c, g in groups.items()},
+                 "centres": self.clusters.centres.tolist() if self.clusters else []}
+        if cfg.split.cut == "per-device":
+            entry["device-cuts"] = {int(d): cut for cuts in plan for d, cut in cuts.items()}
+        else:
+            entry["cuts"] = {int(c): next(iter(cuts.values())) for c, cuts in zip(sorted(groups), plan)}
+        self.history.append(entry)
         return plan
 
     def run_round(self, transport: Transport, devices: list[Hashable], server_round: int) -> RoundStats:
         total = RoundStats()
-        for cut, group in self.plan(devices, server_round):
-            stats = self.server.at_cut(cut).run_round(transport, group, server_round)
+        for cuts in self.plan(devices, server_round):
+            if len(set(cuts.values())) == 1:
+                stats = self.server.at_cut(next(iter(cuts.values()))).run_round(transport, list(cuts), server_round)
+            else:
+                stats = self.run_parallel(transport, cuts, server_round)
             self.samples.update({d: t.samples for d, t in stats.traffic.items() if t.samples})
             if self.cfg.fleet.energy_control == "lyapunov":
                 profiles = self.server.costs.profiles
                 update_queues(self.queues, {r["device"]: r["energy_j"] for r in stats.device_costs},
                               {r["device"]: profiles[int(r["device"])].energy_budget_j for r in stats.device_costs})
             total = merge(total, stats)
+        return total
+
+    def run_parallel(self, transport: Transport, cuts: dict[Hashable, str], server_round: int) -> RoundStats:
+        """Devices at different cuts, in parallel: all start from the same student and share the
+        edge's band, and the server serves each at its cut (priced as one group of parallel devices).
+
+        A block that some devices hold and the server trains for the others (whose cut is
+        below it) becomes the example-weighted average of those devices' copies and the
+        server's copy, the server's weighted by the samples it trained that block on; a block
+        every device holds is their average (FedAvg), one above every cut is the server's.
+        The server runs the cuts one after another (shallowest first); a deeper cut's devices
+        get the round's starting weights of their blocks, not those the server trained.
+        """
+        student, costs = self.server.student, self.server.costs
+        start = state_to_numpy(student)
+        depth = {d: student.cut_index(cut) for d, cut in cuts.items()}
+        total, finals, flops = RoundStats(), {}, {}
+        for cut in sorted(set(cuts.values()), key=student.cut_index):
+            at_cut = self.server.at_cut(cut)
+            own = state_to_numpy(at_cut.device_part)  # the server's copy of the blocks below this cut
+            load_numpy_state(at_cut.device_part, {k: start[k] for k in own})
+            stats, done = at_cut.train_round(transport, [d for d in cuts if cuts[d] == cut], server_round)
+            load_numpy_state(at_cut.device_part, own)
+            finals.update(done)
+            flops.update({d: at_cut.flops for d in stats.traffic})
+            total = merge(total, stats)
+        if costs is not None:
+            for d in costs.stragglers(total.traffic, flops) & set(finals):
+                del finals[d]
+                total.dropped["straggler"] += 1
+            total.costs, total.device_costs = costs.account(total.traffic, flops)
+        total.completed, total.completed_keys = len(finals), list(finals)
+        blocks = {name: i for i, name in enumerate(student.block_names)}
+        merged = {}
+        for key, value in state_to_numpy(student).items():
+            block = blocks[key.split(".")[0]]
+            copies = [(weights[key], n) for d, (weights, n) in finals.items() if depth[d] > block]
+            served = sum(n for d, (_, n) in finals.items() if depth[d] <= block)
+            if served:
+                copies.append((value, served))
+            count = sum(n for _, n in copies)
+            merged[key] = (sum(w.astype(np.float64) * (n / count) for w, n in copies).astype(value.dtype)
+                           if copies else value)
+        load_numpy_state(student, merged)
         return total
 
 
