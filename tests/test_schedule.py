@@ -52,28 +52,34 @@ def test_cut_follows_the_bottleneck():
     assert pick_cut(table) == min(table, key=lambda c: table[c][1])
 
 
+class Recording(InProcessTransport):
+    """Keeps the weights each device was sent, and its returned part and sample count."""
+
+    def __init__(self, setups):
+        super().__init__(setups)
+        self.sent, self.finals = {}, {}
+
+    def send(self, requests):
+        for d, r in requests.items():
+            if any(k.startswith(WEIGHTS) for k in r):
+                self.sent[d] = {k: v.copy() for k, v in unpack(WEIGHTS, r).items()}
+        super().send(requests)
+
+    def receive(self):
+        replies = super().receive()
+        for d, r in replies.items():
+            if isinstance(r, dict) and "num-examples" in r:
+                self.finals[d] = (unpack(WEIGHTS, r), r["num-examples"])
+        return replies
+
+
 def test_mixed_cuts_train_one_student_by_the_sequential_rule():
     """Cluster A (cut conv1) then cluster B (cut conv2): B starts from A's result, and the
     student's blocks below B's cut are the example-weighted average of B's device parts."""
     cfg = resolve(tiny(exchange_batches=8))
     exp = build(cfg)
-    sent, finals = {}, {}
-
-    class Spy(InProcessTransport):
-        def send(self, requests):
-            for d, r in requests.items():
-                if any(k.startswith(WEIGHTS) for k in r):
-                    sent[d] = {k: v.copy() for k, v in unpack(WEIGHTS, r).items()}
-            super().send(requests)
-
-        def receive(self):
-            replies = super().receive()
-            for d, r in replies.items():
-                if isinstance(r, dict) and "num-examples" in r:
-                    finals[d] = (unpack(WEIGHTS, r), r["num-examples"])
-            return replies
-
-    transport = Spy({d: device_setup(cfg, d, 4) for d in range(4)})
+    transport = Recording({d: device_setup(cfg, d, 4) for d in range(4)})
+    sent, finals = transport.sent, transport.finals
     exp.scheduler.plan = lambda devices, rnd: [{0: "conv1", 1: "conv1"}, {2: "conv2", 3: "conv2"}]
     exp.scheduler.run_round(transport, [0, 1, 2, 3], 1)
 
@@ -99,22 +105,7 @@ def test_parallel_cuts_merge_each_block_from_those_who_trained_it():
     cfg = resolve(tiny(exchange_batches=8))
     exp = build(cfg)
     start = state_to_numpy(exp.student)
-    sent, finals, server_copy = {}, {}, {}
-
-    class Spy(InProcessTransport):
-        def send(self, requests):
-            for d, r in requests.items():
-                if any(k.startswith(WEIGHTS) for k in r):
-                    sent[d] = {k: v.copy() for k, v in unpack(WEIGHTS, r).items()}
-            super().send(requests)
-
-        def receive(self):
-            replies = super().receive()
-            for d, r in replies.items():
-                if isinstance(r, dict) and "num-examples" in r:
-                    finals[d] = (unpack(WEIGHTS, r), r["num-examples"])
-            return replies
-
+    server_copy = {}
     shallow = exp.server.at_cut("conv1")
     train_round = shallow.train_round
 
@@ -124,7 +115,8 @@ def test_parallel_cuts_merge_each_block_from_those_who_trained_it():
         return result
 
     shallow.train_round = spied
-    transport = Spy({d: device_setup(cfg, d, 4) for d in range(4)})
+    transport = Recording({d: device_setup(cfg, d, 4) for d in range(4)})
+    sent, finals = transport.sent, transport.finals
     exp.scheduler.plan = lambda devices, rnd: [{0: "conv1", 1: "conv1", 2: "conv2", 3: "conv2"}]
     stats = exp.scheduler.run_round(transport, [0, 1, 2, 3], 1)
     assert stats.completed == 4 and stats.devices == 4

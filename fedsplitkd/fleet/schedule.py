@@ -28,7 +28,7 @@ import numpy as np
 from fedsplitkd.fleet.costs import CostModel, DeviceTraffic, device_cost
 from fedsplitkd.fleet.profiles import DeviceProfile, channel_gain, rate_bps
 from fedsplitkd.protocol.runtime import load_numpy_state, state_to_numpy
-from fedsplitkd.protocol.server import RoundStats, SplitKDServer, Transport
+from fedsplitkd.protocol.server import RoundStats, SplitKDServer, Transport, average, price_round
 
 log = logging.getLogger("fedsplitkd")
 
@@ -135,16 +135,25 @@ def cut_table(server: SplitKDServer, costs: CostModel, devices: list[Hashable],
         memory = memory_needed(at_cut, server.cfg.train.batch_size)
         violations[cut] = sum(max(0.0, memory / costs.profiles[int(d)].memory_bytes - 1) for d in devices)
     delays = {cut: costs.delay(list(p.values())) for cut, p in predicted.items()}
+    energies = {cut: {d: c.energy_j for d, c in p.items()} for cut, p in predicted.items()}
+    budgets = {d: costs.profiles[int(d)].energy_budget_j for d in devices}
+    return score_cuts(delays, energies, budgets, violations, energy_weight, queues, v)
+
+
+def score_cuts(delays: dict[str, float], energies: dict[str, dict[Hashable, float]], budgets: dict[Hashable, float],
+               violations: dict[str, float], energy_weight: float, queues: dict[Hashable, float] | None,
+               v: float) -> dict[str, tuple[float, float]]:
+    """``cut_table``'s (score, violation) per cut from each cut's predicted delay, its devices'
+    energies and their memory violations (the energy budgets add to those without ``queues``)."""
     best = max(min(delays.values()), 1e-12)
     table = {}
-    for cut, at_cut in predicted.items():
-        budgets = {d: costs.profiles[int(d)].energy_budget_j for d in at_cut}
+    for cut, energy in energies.items():
         if queues is None:
-            score = delays[cut] + energy_weight * sum(c.energy_j for c in at_cut.values())
-            violation = violations[cut] + sum(max(0.0, c.energy_j / budgets[d] - 1) for d, c in at_cut.items())
+            score = delays[cut] + energy_weight * sum(energy.values())
+            violation = violations[cut] + sum(max(0.0, e / budgets[d] - 1) for d, e in energy.items())
         else:
-            score = v * delays[cut] / best + sum(queues.get(d, 0.0) / budgets[d] * c.energy_j / budgets[d]
-                                                 for d, c in at_cut.items() if math.isfinite(budgets[d]))
+            score = v * delays[cut] / best + sum(queues.get(d, 0.0) / budgets[d] * e / budgets[d]
+                                                 for d, e in energy.items() if math.isfinite(budgets[d]))
             violation = violations[cut]
         table[cut] = (score, violation)
     return table
@@ -162,11 +171,11 @@ def update_queues(queues: dict[Hashable, float], energies: dict[Hashable, float]
 def device_cuts(server: SplitKDServer, costs: CostModel, devices: list[Hashable], samples: dict[Hashable, int],
                 energy_weight: float, queues: dict[Hashable, float] | None = None, v: float = 0.1
                 ) -> dict[Hashable, str]:
-    """Each device's own cut: ``pick_cut`` on its own table of ``cut_table``'s scores and
-    violations, from its cost at an equal share of the edge's band (the devices train in
+    """Each device's own cut: ``pick_cut`` on its own ``score_cuts`` table (its time as the
+    delay), from its cost at an equal share of the edge's band (the devices train in
     parallel and share it; min-max then moves band to the slowest)."""
     share = costs.server.bandwidth_hz / max(1, len(devices))
-    tables: dict[Hashable, dict[str, tuple[float, float]]] = {d: {} for d in devices}
+    tables: dict[Hashable, dict[str, tuple[float, float]]] = {}
     at_cuts = {cut: server.at_cut(cut) for cut in server.student.cut_points}
     memory = {cut: memory_needed(at_cut, server.cfg.train.batch_size) for cut, at_cut in at_cuts.items()}
     for d in devices:
@@ -177,18 +186,10 @@ def device_cuts(server: SplitKDServer, costs: CostModel, devices: list[Hashable]
         at = {cut: device_cost(profile, costs.server, at_cut.flops, predicted_traffic(at_cut, samples[d], teacher),
                                costs.fading_of(int(d)))
               for cut, at_cut in at_cuts.items()}
-        best = max(min(c.time_s for c in at.values()), 1e-12)
-        budget = profile.energy_budget_j
-        for cut, c in at.items():
-            violation = max(0.0, memory[cut] / profile.memory_bytes - 1)
-            if queues is None:
-                score = c.time_s + energy_weight * c.energy_j
-                violation += max(0.0, c.energy_j / budget - 1)
-            else:
-                score = v * c.time_s / best
-                if math.isfinite(budget):
-                    score += queues.get(d, 0.0) / budget * c.energy_j / budget
-            tables[d][cut] = (score, violation)
+        tables[d] = score_cuts({cut: c.time_s for cut, c in at.items()},
+                               {cut: {d: c.energy_j} for cut, c in at.items()}, {d: profile.energy_budget_j},
+                               {cut: max(0.0, memory[cut] / profile.memory_bytes - 1) for cut in at},
+                               energy_weight, queues, v)
     unfit = [d for d, table in tables.items() if min(violation for _, violation in table.values()) > 0]
     if unfit:
         log.warning("%d of %d devices: no cut fits the device's memory and energy budget; each takes its least "
@@ -278,7 +279,7 @@ class Scheduler:
         The server runs the cuts one after another (shallowest first); a deeper cut's devices
         get the round's starting weights of their blocks, not those the server trained.
         """
-        student, costs = self.server.student, self.server.costs
+        student = self.server.student
         start = state_to_numpy(student)
         depth = {d: student.cut_index(cut) for d, cut in cuts.items()}
         total, finals, flops = RoundStats(), {}, {}
@@ -291,12 +292,7 @@ class Scheduler:
             finals.update(done)
             flops.update({d: at_cut.flops for d in stats.traffic})
             total = merge(total, stats)
-        if costs is not None:
-            for d in costs.stragglers(total.traffic, flops) & set(finals):
-                del finals[d]
-                total.dropped["straggler"] += 1
-            total.costs, total.device_costs = costs.account(total.traffic, flops)
-        total.completed, total.completed_keys = len(finals), list(finals)
+        price_round(self.server.costs, total, finals, flops)
         blocks = {name: i for i, name in enumerate(student.block_names)}
         merged = {}
         for key, value in state_to_numpy(student).items():
@@ -305,9 +301,7 @@ class Scheduler:
             served = sum(n for d, (_, n) in finals.items() if depth[d] <= block)
             if served:
                 copies.append((value, served))
-            count = sum(n for _, n in copies)
-            merged[key] = (sum(w.astype(np.float64) * (n / count) for w, n in copies).astype(value.dtype)
-                           if copies else value)
+            merged[key] = average([{key: w} for w, _ in copies], [n for _, n in copies])[key] if copies else value
         load_numpy_state(student, merged)
         return total
 

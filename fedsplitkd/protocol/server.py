@@ -252,13 +252,7 @@ class SplitKDServer:
         """One round at this cut: ``train_round``, then the devices are priced (stragglers
         past the deadline dropped) and their parts averaged."""
         stats, finals = self.train_round(transport, keys, server_round)
-        if self.costs is not None:
-            for key in self.costs.stragglers(stats.traffic, self.flops) & set(finals):
-                del finals[key]
-                stats.dropped["straggler"] += 1
-            stats.costs, stats.device_costs = self.costs.account(stats.traffic, self.flops)
-        stats.completed = len(finals)
-        stats.completed_keys = list(finals)
+        price_round(self.costs, stats, finals, self.flops)
         self.aggregate(list(finals.values()))
         if self.per_device_server:  # SplitFed V1: the completed devices' server copies, averaged
             kept = [(self.copies[k][0], n) for k, (_, n) in finals.items() if k in self.copies]
@@ -419,6 +413,19 @@ class SplitKDServer:
             loss += mean_loss * labels.size
             n += labels.size
         return (correct / n, loss / n, n, dropped) if n else (float("nan"), float("nan"), 0, dropped)
+
+
+def price_round(costs: CostModel | None, stats: RoundStats, finals: dict[Hashable, tuple[dict[str, np.ndarray], int]],
+                flops: SplitFlops | dict[Hashable, SplitFlops]) -> None:
+    """Price a trained round into ``stats`` (``costs``: None prices nothing), dropping from
+    ``finals`` the stragglers the deadline keeps out of the average, and count who completed."""
+    if costs is not None:
+        for key in costs.stragglers(stats.traffic, flops) & set(finals):
+            del finals[key]
+            stats.dropped["straggler"] += 1
+        stats.costs, stats.device_costs = costs.account(stats.traffic, flops)
+    stats.completed = len(finals)
+    stats.completed_keys = list(finals)
 
 
 def average(weights: list[dict[str, np.ndarray]], counts: list[int]) -> dict[str, np.ndarray]:
