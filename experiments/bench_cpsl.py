@@ -6,6 +6,10 @@ once (``equal`` shares unless the variant allocates). Every variant runs the sam
 devices and seed in one process (the Flower run gives the same metrics, see
 bench_protocol.py); the figures are the cost model's simulated delay and device energy.
 
+The budgeted variants run twice: every device transmitting at its full power, and with
+``power-allocation = least-energy`` (a device with time to spare sends at the least power
+that has it done when the slowest one is, and min-max counts the energy that saves).
+
 The last variants give every device a per-round energy budget: ``--budget-fraction`` of
 its own mean energy per round under the fixed cut (plain split learning), so at 1.0 no
 device may spend more than split learning made it spend. The budgets go in a
@@ -54,6 +58,8 @@ BUDGETED = {
     "per-device cut, budget/round": {**PER_DEVICE, "energy-control": "budget"},
     "per-device cut, Lyapunov V 0.1": {**PER_DEVICE, "energy-control": "lyapunov", "lyapunov-v": 0.1},
 }
+LEAST_ENERGY = {"power-allocation": "least-energy"}
+BUDGETED.update({f"{name}, least-energy power": {**variant, **LEAST_ENERGY} for name, variant in list(BUDGETED.items())})
 
 
 def device_energy(exp) -> dict[int, float]:
@@ -98,7 +104,7 @@ def main() -> None:
             "class-mix": args.class_mix, "teacher-input": args.teacher_input, "profile-jitter": 0.2}
     print(f"HAR, {args.devices} devices ({args.class_mix}), {args.rounds} rounds, teacher input "
           f"{args.teacher_input}; delay and energy are per-round means")
-    print(f"{'variant':<40} {'delay s':>9} {'vs fixed':>9} {'energy J':>9} {'final acc':>9} {'over budget':>11} "
+    print(f"{'variant':<62} {'delay s':>9} {'vs fixed':>9} {'energy J':>9} {'final acc':>9} {'over budget':>11} "
           f"{'worst':>7} {'cuts':>16}")
     reference = None
 
@@ -112,7 +118,7 @@ def main() -> None:
                        for cut in [*h.get("cuts", {}).values(), *h.get("device-cuts", {}).values()]})
         over, worst = over_budget(exp) if "profile-file" in overrides else (None, None)
         budget = f"{f'{over}/{args.devices}':>11} {worst:>+7.2%}" if over is not None else f"{'-':>11} {'-':>7}"
-        print(f"{name:<40} {delay:>9.3f} {delay / reference - 1:>+9.1%} {energy:>9.3f} "
+        print(f"{name:<62} {delay:>9.3f} {delay / reference - 1:>+9.1%} {energy:>9.3f} "
               f"{rows[-1]['test_accuracy']:>9.4f} {budget} {','.join(cuts):>16}", flush=True)
         fixed = fixed or exp
 

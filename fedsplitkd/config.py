@@ -167,6 +167,7 @@ class FleetConfig:
     energy_weight: float = key(_float(1.0, 0.0, 1e9))
     bandwidth_allocation: str = key(_choice("dedicated", "equal", "minmax"))
     server_allocation: str = key(_choice("after-all", "pipelined"))
+    power_allocation: str = key(_choice("max", "least-energy"))
     energy_control: str = key(_choice("budget", "lyapunov"))
     lyapunov_v: float = key(_float(0.1, 0.0, 1e9, low_open=True))
     device_classes: str = key(_str("", "a YAML file of device classes ('' = the bundled one)"))
@@ -279,6 +280,9 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> RunConfig:
     if values["cut"] == "per-device" and values["method"] == "splitfed":
         raise ConfigError("run-config 'cut' = 'per-device': method 'splitfed' keeps a server copy per device "
                           "at one cut; use one cut (a cut point or 'adaptive')")
+    if values["power-allocation"] != "max" and values["bandwidth-allocation"] == "dedicated":
+        raise ConfigError("run-config 'power-allocation' = 'least-energy' lowers each device's power on the "
+                          "edge's shared band; set 'bandwidth-allocation' to 'equal' or 'minmax'")
     if values["method"] == "fedgkt" and values["torch-device"] != "cpu":
         raise ConfigError("run-config 'torch-device': the fedgkt baseline trains on the CPU only")
     if (values["checkpoint-every"] or values["resume"]) and values["method"] not in SPLIT_METHODS:

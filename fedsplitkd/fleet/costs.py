@@ -19,7 +19,10 @@ from collections.abc import Hashable
 from dataclasses import dataclass, replace
 
 
+import numpy as np
+
 from fedsplitkd.models.zoo import SplitModel
+from fedsplitkd.fleet.power import Links, minmax_with_power, slack_powers
 from fedsplitkd.fleet.profiles import DeviceProfile, EdgeServer, Fleet, channel_gain, rate_bps
 from fedsplitkd import streams
 
@@ -82,12 +85,15 @@ def device_cost(profile: DeviceProfile, server: EdgeServer, flops: SplitFlops,
     gain = channel_gain(profile.distance_m, fading)
     uplink_s = 8 * traffic.bytes_up / rate_bps(profile.uplink_hz, profile.tx_power_w, gain)
     downlink_s = 8 * traffic.bytes_down / rate_bps(profile.downlink_hz, server.downlink_power_w, gain)
-    if profile.kappa > 0:
-        compute_j = profile.kappa * profile.cpu_hz ** 2 * device_flops / profile.flops_per_cycle
-    else:
-        compute_j = profile.energy_per_flop * device_flops
-    energy = compute_j + profile.tx_power_w * uplink_s + profile.rx_power_w * downlink_s
+    energy = compute_energy(profile, device_flops) + profile.tx_power_w * uplink_s + profile.rx_power_w * downlink_s
     return DeviceCost(device_flops, server_flops, device_flops / profile.flops, uplink_s, downlink_s, energy)
+
+
+def compute_energy(profile: DeviceProfile, device_flops: float) -> float:
+    """Joules the device's own compute takes (DVFS model where it has a kappa)."""
+    if profile.kappa > 0:
+        return profile.kappa * profile.cpu_hz ** 2 * device_flops / profile.flops_per_cycle
+    return profile.energy_per_flop * device_flops
 
 
 def group_delay(costs: list[DeviceCost], server: EdgeServer, deadline_s: float = math.inf,
@@ -118,9 +124,12 @@ def round_delay(groups: list[list[DeviceCost]], server: EdgeServer, deadline_s: 
 
 
 def allocate_bandwidth(profiles: list[DeviceProfile], server: EdgeServer, flops: SplitFlops | list[SplitFlops],
-                       traffics: list[DeviceTraffic], fadings: list[float], policy: str) -> list[DeviceProfile]:
+                       traffics: list[DeviceTraffic], fadings: list[float], policy: str, power: str = "max",
+                       deadline_s: float = math.inf) -> list[DeviceProfile]:
     """The profiles with the edge's bandwidth shared among devices served at once (``flops``:
-    one split for all, or each device's own, when they train at different cuts).
+    one split for all, or each device's own, when they train at different cuts) and, with
+    ``power = 'least-energy'``, each device's transmit power lowered to the least that has it
+    done when the round's slowest device is (no later than ``deadline_s``; see power.py).
 
     ``dedicated``: each keeps its own link. ``equal``: B / n each, up and down. ``minmax``:
     the split of B that minimises the slowest device's time (bisection on that time) while
@@ -131,6 +140,8 @@ def allocate_bandwidth(profiles: list[DeviceProfile], server: EdgeServer, flops:
     at most their devices' equal shares of B; where they ask for more, the floors keep the
     worst relative overspend least (the cost model's ``over_budget`` rows show who is over).
     """
+    if power not in ("max", "least-energy") or power != "max" and policy == "dedicated":
+        raise ValueError(f"power allocation '{power}' with bandwidth '{policy}': least-energy needs a shared band")
     if policy == "dedicated" or not profiles:
         return profiles
     total, n = server.bandwidth_hz, len(profiles)
@@ -142,8 +153,22 @@ def allocate_bandwidth(profiles: list[DeviceProfile], server: EdgeServer, flops:
     def cost_at(i: int, hz: float) -> DeviceCost:
         return device_cost(with_band(profiles[i], hz), server, splits[i], traffics[i], fadings[i])
 
+    def links() -> Links:
+        computes = [cost_at(i, total) for i in range(n)]
+        return Links(profiles, server, [c.compute_s for c in computes],
+                     [compute_energy(p, c.device_flops) for p, c in zip(profiles, computes)],
+                     [t.bytes_up for t in traffics], [t.bytes_down for t in traffics], fadings)
+
+    def at_power(bands: list[float], radio: Links, deadline: float) -> list[DeviceProfile]:
+        powers = slack_powers(radio, np.asarray(bands, float), min(deadline, deadline_s))
+        return [replace(p, uplink_hz=float(b), downlink_hz=float(b), tx_power_w=float(w))
+                for p, b, w in zip(profiles, bands, powers)]
+
     if policy == "equal":
-        return [with_band(p, total / n) for p in profiles]
+        if power == "max":
+            return [with_band(p, total / n) for p in profiles]
+        radio = links()
+        return at_power([total / n] * n, radio, float(radio.time_at_max(np.full(n, total / n)).max()))
 
     def least_band(meets) -> float:  # least bandwidth with meets(band), given meets(total)
         low, high = total * 1e-9, total
@@ -166,13 +191,15 @@ def allocate_bandwidth(profiles: list[DeviceProfile], server: EdgeServer, flops:
     # The budgets claim at most their devices' equal shares, so that the unbudgeted devices
     # keep a share (the slowest device's time would otherwise grow without bound).
     claim = total * len(budgeted) / n
-    floors = floors_at(1.0)
+    excess = 1.0
+    floors = floors_at(excess)
     if sum(floors) > claim:  # the least worst relative overspend that fits the claim
         low, high = 1.0, max([cost_at(i, total / n).energy_j / budgets[i] for i in reachable] + [1.0])
         for _ in range(40):
             mid = (low + high) / 2
             low, high = (mid, high) if sum(floors_at(mid)) > claim * (1 + 1e-12) else (low, mid)
-        floors = floors_at(high)
+        excess = high
+        floors = floors_at(excess)
 
     def band_for(i: int, deadline: float) -> float:  # least bandwidth meeting the deadline and the budget
         if cost_at(i, total).time_s > deadline:
@@ -182,6 +209,12 @@ def allocate_bandwidth(profiles: list[DeviceProfile], server: EdgeServer, flops:
     share = (total - sum(floors)) / n  # the floors plus an equal share of the rest is feasible
     low = max(cost_at(i, total).time_s for i in range(n))             # nobody beats having it all
     high = max(cost_at(i, floors[i] + share).time_s for i in range(n))
+    if power == "least-energy":  # the same budgets (relaxed alike), met at the least power
+        limits = np.array([excess * budgets[i] if i in reachable else math.inf for i in range(n)])
+        unreachable = np.array([floors[i] if i in budgeted and i not in reachable else 0.0 for i in range(n)])
+        radio = links()
+        bands, deadline = minmax_with_power(radio, total, limits, unreachable, low, high)
+        return at_power(list(bands), radio, deadline)
     for _ in range(60):
         mid = (low + high) / 2
         low, high = (mid, high) if sum(band_for(i, mid) for i in range(n)) > total else (low, mid)
@@ -195,8 +228,10 @@ class CostModel:
 
     def __init__(self, profiles: Fleet, server: EdgeServer, fading: bool, deadline_s: float,
                  drop_stragglers: bool, seed: int, bandwidth: str = "dedicated",
-                 server_allocation: str = "after-all", rounds: int = 1, participation: float = 1.0):
+                 server_allocation: str = "after-all", rounds: int = 1, participation: float = 1.0,
+                 power_allocation: str = "max"):
         self.profiles, self.server = profiles, server
+        self.power_allocation = power_allocation
         self.fading, self.deadline_s, self.drop_stragglers, self.seed = fading, deadline_s, drop_stragglers, seed
         self.bandwidth, self.server_allocation = bandwidth, server_allocation
         self.server_round = 0
@@ -221,7 +256,7 @@ class CostModel:
         deadline = cfg.fleet.deadline_s or math.inf
         return cls(fleet, fleet.server, cfg.fleet.fading, deadline, cfg.fleet.straggler_policy == "drop",
                    cfg.train.seed, cfg.fleet.bandwidth_allocation, cfg.fleet.server_allocation, cfg.train.num_rounds,
-                   cfg.train.fraction_train)
+                   cfg.train.fraction_train, cfg.fleet.power_allocation)
 
     def delay(self, costs: list[DeviceCost], deadline_s: float = math.inf) -> float:
         """``group_delay`` under this model's server allocation."""
@@ -240,7 +275,7 @@ class CostModel:
             budgeted = [replace(p, energy_budget_j=max(0.0, p.energy_budget_j - self.deficits.get(d, 0.0) / left))
                         for d, p in zip(devices, budgeted)]
         profiles = allocate_bandwidth(budgeted, self.server, splits, [traffic[d] for d in devices], fadings,
-                                      self.bandwidth)
+                                      self.bandwidth, self.power_allocation, self.deadline_s)
         return {d: device_cost(p, self.server, split, traffic[d], f)
                 for d, p, split, f in zip(devices, profiles, splits, fadings)}
 
