@@ -110,3 +110,20 @@ def test_power_allocation_in_the_run_config_and_the_cost_model():
     assert math.isclose(max(c.time_s for c in runs["max"].values()),
                         max(c.time_s for c in runs["least-energy"].values()), rel_tol=1e-9)
     assert sum(c.energy_j for c in runs["least-energy"].values()) < sum(c.energy_j for c in runs["max"].values())
+
+
+def test_budgets_of_the_least_energy_equal_split_are_met_not_relaxed(group):
+    """Budgets of what the equal split spends at the least power are below every full-power
+    split's energies: full-power min-max can only relax them, but at the least power the
+    equal split meets them, so least-energy min-max keeps every device within its budget
+    and is no slower than that equal split."""
+    profiles, traffic = group
+    ones = [1.0] * 6
+    reference = allocate_bandwidth(profiles, SERVER, FLOPS, traffic, ones, "equal", "least-energy")
+    spent = costs(reference, traffic)
+    budgeted = [replace(p, energy_budget_j=c.energy_j) for p, c in zip(profiles, spent)]
+    full = costs(allocate_bandwidth(budgeted, SERVER, FLOPS, traffic, ones, "minmax"), traffic)
+    assert any(c.energy_j > p.energy_budget_j * 1.01 for c, p in zip(full, budgeted))
+    least = costs(allocate_bandwidth(budgeted, SERVER, FLOPS, traffic, ones, "minmax", "least-energy"), traffic)
+    assert all(c.energy_j <= p.energy_budget_j * (1 + 1e-6) for c, p in zip(least, budgeted))
+    assert max(c.time_s for c in least) <= max(c.time_s for c in spent) * (1 + 1e-9)

@@ -191,15 +191,13 @@ def allocate_bandwidth(profiles: list[DeviceProfile], server: EdgeServer, flops:
     # The budgets claim at most their devices' equal shares, so that the unbudgeted devices
     # keep a share (the slowest device's time would otherwise grow without bound).
     claim = total * len(budgeted) / n
-    excess = 1.0
-    floors = floors_at(excess)
+    floors = floors_at(1.0)
     if sum(floors) > claim:  # the least worst relative overspend that fits the claim
         low, high = 1.0, max([cost_at(i, total / n).energy_j / budgets[i] for i in reachable] + [1.0])
         for _ in range(40):
             mid = (low + high) / 2
             low, high = (mid, high) if sum(floors_at(mid)) > claim * (1 + 1e-12) else (low, mid)
-        excess = high
-        floors = floors_at(excess)
+        floors = floors_at(high)
 
     def band_for(i: int, deadline: float) -> float:  # least bandwidth meeting the deadline and the budget
         if cost_at(i, total).time_s > deadline:
@@ -209,12 +207,11 @@ def allocate_bandwidth(profiles: list[DeviceProfile], server: EdgeServer, flops:
     share = (total - sum(floors)) / n  # the floors plus an equal share of the rest is feasible
     low = max(cost_at(i, total).time_s for i in range(n))             # nobody beats having it all
     high = max(cost_at(i, floors[i] + share).time_s for i in range(n))
-    if power == "least-energy":  # the same budgets (relaxed alike), met at the least power
-        limits = np.array([excess * budgets[i] if i in reachable else math.inf for i in range(n)])
-        unreachable = np.array([floors[i] if i in budgeted and i not in reachable else 0.0 for i in range(n)])
+    if power == "least-energy":  # the same rules, the budgets met at the least power
         radio = links()
-        bands, deadline = minmax_with_power(radio, total, limits, unreachable, low, high)
-        return at_power(list(bands), radio, deadline)
+        found = minmax_with_power(radio, total, np.array(budgets, float), claim, low, high)
+        if found is not None:
+            return at_power(list(found[0]), radio, found[1])
     for _ in range(60):
         mid = (low + high) / 2
         low, high = (mid, high) if sum(band_for(i, mid) for i in range(n)) > total else (low, mid)

@@ -81,23 +81,53 @@ def slack_powers(links: Links, bands: np.ndarray, deadline: float) -> np.ndarray
     return np.where(power <= links.max_power, power, links.max_power)
 
 
-def minmax_with_power(links: Links, total: float, limits: np.ndarray, floors: np.ndarray, low: float,
-                      high: float) -> tuple[np.ndarray, float]:
-    """Min-max bandwidth when devices send at the least power meeting the deadline: the least
-    deadline T in [low, high] at which each device's least band (done by T at full power,
-    within ``limits`` joules at its least power, and no less than ``floors``) fits in
-    ``total`` (``high`` must fit). Less power is less energy, so every split min-max finds at
-    full power fits here too: the energy floors are lower and the slowest device gets more.
-    Returns the bands (the left-over band shared out) and T."""
-    n = len(limits)
+def minmax_with_power(links: Links, total: float, budgets: np.ndarray, claim: float, low: float,
+                      high: float) -> tuple[np.ndarray, float] | None:
+    """Min-max bandwidth when devices send at the least power meeting the deadline (the rules
+    of ``allocate_bandwidth``'s full-power min-max, with energy at the least power).
+
+    At deadline T a device's least band has it done by T at full power and, if it has a
+    finite ``budgets`` entry that the whole band can meet at T, within ``excess`` x that
+    budget at its least power; a budget the whole band cannot meet asks for the equal share.
+    ``excess`` is 1, or where the budgets' bands exceed ``claim`` at ``high``, the least
+    that fits. Then the least T in [low, high] whose bands fit in ``total`` (``high`` grows
+    until they do). Less power is less energy, so a budget asks for less band than at full
+    power and the slowest device gets more. Returns the bands (the left-over band shared
+    out) and T, or None where no deadline fits.
+    """
+    n = len(budgets)
+    budgeted = np.isfinite(budgets)
+    slack = 1 + 1e-12  # float rounding between these arrays and the scalar cost model
+
+    def thrifty(deadline: float, excess: float) -> np.ndarray:  # least bands within excess x budget
+        reachable = budgeted & (links.energy(np.full(n, total), deadline) <= budgets)
+        limits = np.where(reachable, excess * budgets, np.inf)
+        bands = least_bands(lambda b: links.energy(b, deadline) <= limits, total, n)
+        return np.where(reachable, bands, np.where(budgeted, total / n, 0.0))
+
+    excess = 1.0
+    if thrifty(high, excess).sum() > claim * slack:  # the least worst relative overspend that fits the claim
+        top = 2.0
+        while thrifty(high, top).sum() > claim * slack and top < 1e6:
+            top *= 2
+        bottom = 1.0
+        for _ in range(40):
+            mid = (bottom + top) / 2
+            bottom, top = (mid, top) if thrifty(high, mid).sum() > claim * slack else (bottom, mid)
+        excess = top
 
     def bands_at(deadline: float) -> np.ndarray:
-        timely = least_bands(lambda b: links.time_at_max(b) <= deadline, total, n)
-        thrifty = least_bands(lambda b: links.energy(b, deadline) <= limits, total, n)
-        return np.maximum(np.maximum(timely, thrifty), floors)
+        timely = least_bands(lambda b: links.time_at_max(b) <= deadline * slack, total, n)
+        return np.maximum(timely, thrifty(deadline, excess))
 
+    for _ in range(60):
+        if bands_at(high).sum() <= total * slack:
+            break
+        low, high = high, 1.5 * high
+    else:
+        return None
     for _ in range(50):
         mid = (low + high) / 2
-        low, high = (mid, high) if bands_at(mid).sum() > total else (low, mid)
+        low, high = (mid, high) if bands_at(mid).sum() > total * slack else (low, mid)
     bands = bands_at(high)
     return bands + (total - bands.sum()) / n, high
