@@ -4,10 +4,13 @@ Same data, devices (natural partition by role), student, rounds and seed for eve
 all in one process (the math of the Flower run, without its messages). Prints, per
 method, held-out bits per character after the last round, bytes uploaded per training
 token, training tokens/s and model FLOPs utilisation (the model FLOPs the method needs
-per second over --peak-tflops; 'n/a' without it).
+per second over --peak-tflops; 'n/a' without it). For the split methods it also times the
+edge's split-KD step alone (the server part's forward and backward and the teacher's
+forward, where ``precision`` and ``compile`` act) and prints its TFLOP/s and MFU.
 
     python experiments/bench_lm.py --data-path ../shared/datasets/tiny_shakespeare.txt
-    python experiments/bench_lm.py --data-path ... --device cuda --preset gpu --peak-tflops 989
+    python experiments/bench_lm.py --data-path ... --device cuda --preset gpu --peak-tflops 989 \
+        --methods splitkd --precision bf16 --compile
 """
 
 from __future__ import annotations
@@ -45,9 +48,27 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_split(cfg: dict, devices: int) -> tuple[list[float], int, int, float]:
-    """splitkd / splitfed rounds: held-out losses per round, bytes up, tokens, training seconds."""
+def timed(fn, device: str, seconds: list[float]):
+    """``fn``, adding its wall time (the device synchronised) to ``seconds[0]``."""
+    def run(*args, **kwargs):
+        sync(device)
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        sync(device)
+        seconds[0] += time.perf_counter() - start
+        return out
+    return run
+
+
+def run_split(cfg: dict, devices: int) -> tuple[list[float], int, int, float, tuple[float, float]]:
+    """splitkd / splitfed rounds: held-out losses per round, bytes up, tokens, training seconds,
+    and the edge's step alone: its seconds and FLOPs."""
     exp = build(config_lib.resolve(cfg))
+    edge, edge_seconds = exp.server.edge, [0.0]
+    edge.train_step = timed(edge.train_step, cfg["torch-device"], edge_seconds)
+    edge.teacher_logits = timed(edge.teacher_logits, cfg["torch-device"], edge_seconds)
+    split = exp.server.flops  # forward FLOPs per sample of the server part and the teacher's rest
+    edge_flops = 0.0
     transport = InProcessTransport({i: device_setup(exp.cfg, i, devices) for i in range(devices)})
     exp.scheduler.fleet_size = devices
     rng = np.random.default_rng([exp.cfg["seed"], 0])  # the train-sampling stream of SplitKD
@@ -59,8 +80,9 @@ def run_split(cfg: dict, devices: int) -> tuple[list[float], int, int, float]:
         sync(cfg["torch-device"])
         seconds += time.perf_counter() - start
         up, tokens = up + stats.bytes_up, tokens + stats.samples * cfg["seq-len"]
+        edge_flops += stats.samples * (3 * split.server + split.teacher_server)  # no teacher: 0
         losses.append(exp.evaluate()[1])
-    return losses, up, tokens, seconds
+    return losses, up, tokens, seconds, (edge_seconds[0], edge_flops)
 
 
 def run_fedavg(cfg: dict, devices: int) -> tuple[list[float], int, int, float]:
@@ -84,7 +106,7 @@ def run_fedavg(cfg: dict, devices: int) -> tuple[list[float], int, int, float]:
         seconds += time.perf_counter() - start
         up += weights_bytes * devices
         losses.append(exp.evaluate()[1])
-    return losses, up, tokens, seconds
+    return losses, up, tokens, seconds, (0.0, 0.0)
 
 
 def model_flops_per_token(cfg: dict, method: str) -> float:
@@ -114,6 +136,8 @@ def main() -> None:
                         help="the accelerator's peak dense TFLOP/s for the dtype in use (e.g. 989 for an H200's "
                              "BF16, 495 for TF32); 0 = MFU n/a")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="the edge's autocast")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the edge's student part and teacher")
     parser.add_argument("set", nargs="*", help="extra run-config key=value overrides")
     args = parser.parse_args()
     if args.threads:
@@ -121,27 +145,35 @@ def main() -> None:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     base = {"dataset": "shakespeare-lm", "data-path": args.data_path, "partition": "natural",
             "num-rounds": args.rounds, "learning-rate": args.learning_rate, "torch-device": device,
-            "teacher-cache-dir": tempfile.mkdtemp(prefix="fedsplitkd-lm-teacher-"), **PRESETS[args.preset]}
+            "teacher-cache-dir": tempfile.mkdtemp(prefix="fedsplitkd-lm-teacher-"), **PRESETS[args.preset],
+            "precision": args.precision, "compile": args.compile}
     for item in args.set:
         key, _, value = item.partition("=")
-        base[key] = type(config_lib.DEFAULTS[key])(value) if key in config_lib.DEFAULTS else value
+        kind = type(config_lib.DEFAULTS.get(key, ""))
+        base[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
     config_lib.resolve(base)  # a bad key or value stops here, naming it
     print(f"Shakespeare LM, {args.devices} role devices, {args.rounds} rounds, device {device}, "
-          f"student {base['gpt-student']}, teacher {base['gpt-teacher']}, context {base['seq-len']}")
+          f"student {base['gpt-student']}, teacher {base['gpt-teacher']}, context {base['seq-len']}, "
+          f"edge precision {args.precision}{', compiled' if args.compile else ''}")
     header = (f"{'method':>9} {'bpc r0':>7} {'bpc':>7} {'bytes up/token':>14} {'tokens/s':>9} "
-              f"{'TFLOP/s':>8} {'MFU':>6} {'train s':>8} {'total s':>8}")
+              f"{'TFLOP/s':>8} {'MFU':>6} {'train s':>8} {'total s':>8} {'edge s':>7} {'edge TFLOP/s':>12} "
+              f"{'edge MFU':>8}")
     results = []
     for method in args.methods:
         cfg = {**base, "method": method}
         started = time.perf_counter()
         runner = run_fedavg if method == "fedavg" else run_split
-        losses, up, tokens, seconds = runner(cfg, args.devices)
+        losses, up, tokens, seconds, (edge_seconds, edge_flops) = runner(cfg, args.devices)
         total = time.perf_counter() - started
         rate = tokens / seconds
         achieved = rate * model_flops_per_token(cfg, method) / 1e12
         mfu = f"{100 * achieved / args.peak_tflops:.1f}%" if args.peak_tflops else "n/a"
+        edge_rate = edge_flops / edge_seconds / 1e12 if edge_seconds else 0.0
+        edge_mfu = f"{100 * edge_rate / args.peak_tflops:.1f}%" if args.peak_tflops and edge_seconds else "n/a"
+        edge = f"{edge_seconds:>7.1f} {edge_rate:>12.4f} {edge_mfu:>8}" if edge_seconds else f"{'-':>7} {'-':>12} {'-':>8}"
         results.append(f"{method:>9} {losses[0] / math.log(2):>7.3f} {losses[-1] / math.log(2):>7.3f} "
-                       f"{up / tokens:>14.1f} {rate:>9.0f} {achieved:>8.4f} {mfu:>6} {seconds:>8.1f} {total:>8.1f}")
+                       f"{up / tokens:>14.1f} {rate:>9.0f} {achieved:>8.4f} {mfu:>6} {seconds:>8.1f} {total:>8.1f} "
+                       f"{edge}")
         print(f"{method}: held-out bpc by round {[round(x / math.log(2), 3) for x in losses]}", flush=True)
     print(header)
     print("\n".join(results))

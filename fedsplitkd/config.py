@@ -130,6 +130,8 @@ class ModelConfig:
     teacher_epochs: int = key(_int(100, 1))
     teacher_augment: bool = key(_bool(True))
     torch_device: str = key(_choice("cpu", "cuda", "auto"))
+    precision: str = key(_choice("fp32", "bf16"))
+    compile: bool = key(_bool(False))
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,8 @@ MEANING: dict[str, str] = {
     'gpt-student': 'GPT sizes, layers x width x heads',
     'gpt-teacher': 'GPT sizes, layers x width x heads',
     'torch-device': "the server's torch device (student, teacher, evaluation): `cpu`, `cuda` or `auto`; devices and payloads stay on the CPU",
+    'precision': "`fp32`, or `bf16`: the server's forward passes (student upper part, teacher) under bf16 autocast on its torch device; weights, optimizer, loss and payloads stay float32",
+    'compile': "`torch.compile` the server's student part and teacher (the first steps at each cut compile; worth it on a GPU over many rounds)",
     'hf-student': 'a local Hugging Face checkpoint directory instead of the built-in GPT (extra `hf`); the teacher is used as trained',
     'hf-teacher': 'a local Hugging Face checkpoint directory instead of the built-in GPT (extra `hf`); the teacher is used as trained',
     'cut': "cut point: a block name of the student (`default` = after its first block), or `adaptive` (per cluster, from the cost model), or `per-device` (ASL: each device its own cut from its own cost at an equal share of the band; a cluster's devices then train in parallel at their cuts, and a block some hold and the server trains for others is the sample-weighted average of their copies and the server's)",

@@ -148,13 +148,20 @@ class EdgeRuntime:
 
     def __init__(self, student: SplitModel, cut: str, teacher: SplitModel | None,
                  alpha: float, temperature: float, lr: float, momentum: float, mutual: bool = False,
-                 optimizer: OptimizerFactory | None = None):
+                 optimizer: OptimizerFactory | None = None, precision: str = "fp32", compiled: bool = False):
         self.part = student.server_part(cut)
         rest = teacher.server_part(teacher.cut_points[0]) if teacher else None
         self.mutual = mutual and rest is not None
         self.teacher_rest = rest if self.mutual or rest is None else freeze(rest)
         self.alpha, self.temperature = alpha, temperature
         self.torch_dev = torch_device_of(self.part)  # the server's torch device; payloads stay numpy
+        # precision bf16: the forward passes run under autocast; the weights, the optimizer,
+        # the loss and everything sent to the devices stay float32
+        self.precision = precision
+        # compiled: torch.compile wraps the same modules (their parameters, not copies), so
+        # loading weights into self.part reaches the compiled forward too
+        self.forward = torch.compile(self.part) if compiled else self.part
+        self.teacher_forward = torch.compile(rest) if compiled and rest is not None else self.teacher_rest
         build = optimizer or (lambda params: make_optimizer(params, lr, momentum))
         self.optimizer = build(self.part.parameters())
         self.teacher_optimizer = build(rest.parameters()) if self.mutual else None
@@ -164,10 +171,15 @@ class EdgeRuntime:
             if optimizer is not None:
                 set_lr(optimizer, lr)
 
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.torch_dev.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
     @torch.no_grad()
     def teacher_logits(self, teacher_input: np.ndarray) -> np.ndarray:
         assert self.teacher_rest is not None
-        return self.teacher_rest(torch.from_numpy(teacher_input).to(self.torch_dev)).cpu().numpy()
+        with self.autocast():
+            logits = self.teacher_forward(torch.from_numpy(teacher_input).to(self.torch_dev))
+        return logits.float().cpu().numpy()
 
     def train_step(self, activations: list[np.ndarray], labels: list[np.ndarray],
                    teacher_logits: list[np.ndarray | None]) -> tuple[list[np.ndarray], float]:
@@ -184,10 +196,11 @@ class EdgeRuntime:
         acts = torch.from_numpy(np.concatenate(activations)).to(self.torch_dev).requires_grad_(True)
         y = torch.from_numpy(np.concatenate(labels)).to(self.torch_dev)
         t = None if self.alpha == 0.0 else torch.from_numpy(np.concatenate(teacher_logits)).to(self.torch_dev)
+        with self.autocast():
+            t_logits = self.teacher_forward(t).float() if self.mutual else None
+            logits = self.forward(acts).float()
         if self.mutual:
-            t_logits = self.teacher_rest(t)
             t = t_logits.detach()
-        logits = self.part(acts)
         losses = per_sample(kd_loss(logits, t, y, self.alpha, self.temperature, reduction="none"))
         bad = [i for i, chunk in enumerate(torch.split(losses.detach(), sizes))
                if not torch.isfinite(chunk).all()]
