@@ -22,11 +22,9 @@ def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("baselines")
     common = {"output-dir": str(out), "num-rounds": ROUNDS, "learning-rate": 0.05, "teacher-epochs": 20,
               "teacher-cache-dir": str(tmp_path_factory.mktemp("teachers"))}
-    logs = {}
     with LocalSimulation() as sim:
-        for method in METHODS:
-            logs[method] = sim.run(ROOT, {**common, "method": method, "run-name": method},
-                                   num_supernodes=DEVICES, cpus_per_client=1)
+        runs = [({**common, "method": method, "run-name": method}, DEVICES) for method in METHODS]
+        logs = dict(zip(METHODS, sim.run_many(ROOT, runs, cpus_per_client=1)))
     rows = {}
     for method in METHODS:
         path = out / method / "metrics.csv"

@@ -82,8 +82,7 @@ def test_flower_run_killed_mid_way_resumes_to_the_uninterrupted_end(tmp_path):
     common = {**tiny(num_rounds=10, teacher_epochs=5), "output-dir": str(tmp_path),
               "teacher-cache-dir": str(tmp_path / "teachers"), "checkpoint-every": 2}
     with LocalSimulation() as sim:
-        sim.run(ROOT, {**common, "run-name": "whole"}, num_supernodes=3)
-        sim.run(ROOT, {**common, "run-name": "again"}, num_supernodes=3)
+        sim.run_many(ROOT, [({**common, "run-name": "whole"}, 3), ({**common, "run-name": "again"}, 3)])
     whole = (tmp_path / "whole" / "metrics.csv").read_text()
     assert whole.count("\n") == 12, "the unbroken run did not finish"  # header + rounds 0..10
     assert (tmp_path / "again" / "metrics.csv").read_text() == whole

@@ -25,12 +25,11 @@ def runs(tmp_path_factory):
     common = {"output-dir": str(out), "num-rounds": ROUNDS, "fraction-train": FRACTION, "learning-rate": 0.05,
               "local-epochs": 2, "distill-steps": 20, "proximal-mu": 0.1, "teacher-epochs": 2,
               "teacher-cache-dir": str(tmp_path_factory.mktemp("teachers"))}
+    runs = [({**common, **extra, "method": method, "run-name": f"{method}-{name}"}, nodes) for method in METHODS
+            for name, extra, nodes in (("virtual", {"virtual-devices": FLEET}, NODES), ("nodes", {}, FLEET))]
     with LocalSimulation() as sim:
-        for method in METHODS:
-            for name, extra, nodes in (("virtual", {"virtual-devices": FLEET}, NODES), ("nodes", {}, FLEET)):
-                result = sim.run(ROOT, {**common, **extra, "method": method, "run-name": f"{method}-{name}"},
-                                 num_supernodes=nodes, cpus_per_client=1)
-                assert (out / f"{method}-{name}" / "metrics.csv").is_file(), result.stdout[-3000:]
+        for (config, _), result in zip(runs, sim.run_many(ROOT, runs, cpus_per_client=1)):
+            assert (out / config["run-name"] / "metrics.csv").is_file(), result.stdout[-3000:]
     return out
 
 
