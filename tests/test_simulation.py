@@ -33,14 +33,14 @@ def runs(tmp_path_factory):
     cache = tmp_path_factory.mktemp("teachers")
     common = {"output-dir": str(out), "teacher-cache-dir": str(cache), "teacher-epochs": 20,
               "num-rounds": ROUNDS}
-    runs = [{**common, "run-name": "good", "fraction-evaluate": 1.0},
-            {**common, "run-name": "bad", "kd-alpha": 1.5},
-            {**common, "run-name": "faulty", "dropout-rate": 0.5, "dropout-stage": "backward"},
-            {**common, **VIRTUAL, "run-name": "virtual-splitkd"},
-            {**common, "run-name": "npz", "dataset": "npz", "num-rounds": 1, "learning-rate": 0.05, "batch-size": 16,
-             "public-fraction": 0.1, "data-path": str(write_sensor_npz(out / "mine.npz"))}]
+    configs = [{**common, "run-name": "good", "fraction-evaluate": 1.0},
+               {**common, "run-name": "bad", "kd-alpha": 1.5},
+               {**common, "run-name": "faulty", "dropout-rate": 0.5, "dropout-stage": "backward"},
+               {**common, **VIRTUAL, "run-name": "virtual-splitkd"},
+               {**common, "run-name": "npz", "dataset": "npz", "num-rounds": 1, "learning-rate": 0.05,
+                "batch-size": 16, "public-fraction": 0.1, "data-path": str(write_sensor_npz(out / "mine.npz"))}]
     with LocalSimulation() as sim:
-        good, bad, _, _, own = sim.run_many(ROOT, [(config, DEVICES) for config in runs])
+        good, bad, _, _, own = sim.run_many(ROOT, [(config, DEVICES) for config in configs])
     assert (out / "npz" / "metrics.csv").is_file(), own.stdout[-3000:]
     return out, good, bad, {**common, "fraction-evaluate": 1.0}
 
