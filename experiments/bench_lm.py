@@ -7,10 +7,16 @@ token, training tokens/s and model FLOPs utilisation (the model FLOPs the method
 per second over --peak-tflops; 'n/a' without it). For the split methods it also times the
 edge's split-KD step alone (the server part's forward and backward and the teacher's
 forward, where ``precision`` and ``compile`` act) and prints its TFLOP/s and MFU.
+``--edge-steps N`` times that step alone on random token batches of the joint size
+(exchange-batches x batch-size samples, cut-layer payloads as numpy, as the protocol hands
+them over), without training a teacher or running devices: the step's FLOPs do not depend
+on the weights.
 
     python experiments/bench_lm.py --data-path ../shared/datasets/tiny_shakespeare.txt
     python experiments/bench_lm.py --data-path ... --device cuda --preset gpu --peak-tflops 989 \
         --methods splitkd --precision bf16 --compile
+    python experiments/bench_lm.py --data-path ... --device cuda --preset gpu --peak-tflops 989 \
+        --edge-steps 30 --precision bf16 --compile
 """
 
 from __future__ import annotations
@@ -109,6 +115,55 @@ def run_fedavg(cfg: dict, devices: int) -> tuple[list[float], int, int, float]:
     return losses, up, tokens, seconds, (0.0, 0.0)
 
 
+def run_edge(cfg: dict, steps: int, warmup: int = 3, profile: bool = False) -> tuple[float, float, float, int]:
+    """The edge's split-KD step alone on random tokens: seconds per step (median), FLOPs per
+    step, the seconds of its payloads' copies alone (activations and teacher embeddings to
+    the torch device, gradients back; median) and tokens per step."""
+    from fedsplitkd.data.datasets import load_dataset
+    from fedsplitkd.models.zoo import student_for, teacher_for
+    from fedsplitkd.protocol.runtime import torch_device
+    from fedsplitkd.protocol.server import SplitKDServer
+
+    resolved = config_lib.resolve(cfg)
+    dataset = load_dataset(resolved)
+    torch_dev = torch_device(resolved.model.torch_device)
+    student = student_for(resolved, dataset).to(torch_dev)
+    teacher = teacher_for(resolved, dataset).to(torch_dev)
+    server = SplitKDServer(student, teacher, resolved, dataset.num_classes)
+    edge, devices = server.edge, resolved.split.exchange_batches
+    batch, context = resolved.train.batch_size, cfg["seq-len"]
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, dataset.num_classes, (devices * batch, context), generator=generator)
+    with torch.no_grad():  # the payloads: the devices' cut-layer activations and teacher embeddings
+        acts = server.device_part(tokens.to(torch_dev)).float().cpu().numpy()
+        emb = teacher.device_part(teacher.cut_points[0])(tokens.to(torch_dev)).float().cpu().numpy()
+    labels = torch.randint(0, dataset.num_classes, tokens.shape, generator=generator).numpy()
+    times, copies = [], []
+    for _ in range(warmup + steps):
+        sync(cfg["torch-device"])
+        start = time.perf_counter()  # the teacher on one device's chunk; a minibatch per device, joined
+        logits = edge.teacher_logits(emb)
+        edge.train_step(np.split(acts, devices), np.split(labels, devices), np.split(logits, devices))
+        sync(cfg["torch-device"])
+        times.append(time.perf_counter() - start)
+        start = time.perf_counter()  # the same bytes over and back, alone
+        over = [torch.from_numpy(a).to(torch_dev) for a in (acts, emb)]
+        over[0].cpu()
+        sync(cfg["torch-device"])
+        copies.append(time.perf_counter() - start)
+    if profile:  # one more step under torch's profiler: where its time goes, by operator
+        activities = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if torch_dev.type == "cuda" else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            logits = edge.teacher_logits(emb)
+            edge.train_step(np.split(acts, devices), np.split(labels, devices), np.split(logits, devices))
+            sync(cfg["torch-device"])
+        sort = "cuda_time_total" if torch_dev.type == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=25), flush=True)
+    flops = len(tokens) * (3 * server.flops.server + server.flops.teacher_server)
+    return float(np.median(times[warmup:])), flops, float(np.median(copies[warmup:])), tokens.numel()
+
+
 def model_flops_per_token(cfg: dict, method: str) -> float:
     """Training FLOPs of the student per token, plus the teacher's forward (a third of its
     training FLOPs) where KD needs it."""
@@ -131,13 +186,17 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="the server's torch device")
     parser.add_argument("--learning-rate", type=float, default=0.1)
-    parser.add_argument("--methods", nargs="+", default=["splitkd", "splitfed", "fedavg"])
+    parser.add_argument("--methods", nargs="+", default=["splitkd", "splitfed", "fedavg"],
+                        choices=["splitkd", "splitfed", "fedavg"])
     parser.add_argument("--peak-tflops", type=float, default=0.0,
                         help="the accelerator's peak dense TFLOP/s for the dtype in use (e.g. 989 for an H200's "
                              "BF16, 495 for TF32); 0 = MFU n/a")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="the edge's autocast")
     parser.add_argument("--compile", action="store_true", help="torch.compile the edge's student part and teacher")
+    parser.add_argument("--edge-steps", type=int, default=0,
+                        help="time the edge's split-KD step alone for this many steps (no teacher training, no devices)")
+    parser.add_argument("--profile", action="store_true", help="with --edge-steps: profile one more step")
     parser.add_argument("set", nargs="*", help="extra run-config key=value overrides")
     args = parser.parse_args()
     if args.threads:
@@ -152,6 +211,17 @@ def main() -> None:
         kind = type(config_lib.DEFAULTS.get(key, ""))
         base[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
     config_lib.resolve(base)  # a bad key or value stops here, naming it
+    if args.edge_steps:
+        seconds, flops, copies, tokens = run_edge({**base, "method": "splitkd"}, args.edge_steps,
+                                                profile=args.profile)
+        rate = flops / seconds / 1e12
+        mfu = f"{100 * rate / args.peak_tflops:.1f}%" if args.peak_tflops else "n/a"
+        print(f"edge step alone, {tokens} tokens/step, student {base['gpt-student']}, teacher "
+              f"{base['gpt-teacher']}, device {device}, precision {args.precision}"
+              f"{', compiled' if args.compile else ''}: {1000 * seconds:.1f} ms/step, {tokens / seconds:.0f} "
+              f"tokens/s, {rate:.2f} TFLOP/s, MFU {mfu}; its payload copies alone {1000 * copies:.1f} ms"
+              + (f"; peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device == "cuda" else ""))
+        return
     print(f"Shakespeare LM, {args.devices} role devices, {args.rounds} rounds, device {device}, "
           f"student {base['gpt-student']}, teacher {base['gpt-teacher']}, context {base['seq-len']}, "
           f"edge precision {args.precision}{', compiled' if args.compile else ''}")

@@ -193,25 +193,25 @@ class EdgeRuntime:
         the summed per-sample loss.
         """
         sizes = [len(a) for a in activations]
-        acts = torch.from_numpy(np.concatenate(activations)).to(self.torch_dev).requires_grad_(True)
-        y = torch.from_numpy(np.concatenate(labels)).to(self.torch_dev)
-        t = None if self.alpha == 0.0 else torch.from_numpy(np.concatenate(teacher_logits)).to(self.torch_dev)
+        acts = self.joined(activations).requires_grad_(True)
+        y = self.joined(labels)
+        t = None if self.alpha == 0.0 else self.joined(teacher_logits)
         with self.autocast():
             t_logits = self.teacher_forward(t).float() if self.mutual else None
             logits = self.forward(acts).float()
         if self.mutual:
             t = t_logits.detach()
         losses = per_sample(kd_loss(logits, t, y, self.alpha, self.temperature, reduction="none"))
-        bad = [i for i, chunk in enumerate(torch.split(losses.detach(), sizes))
-               if not torch.isfinite(chunk).all()]
-        if bad:  # no step: the caller drops these devices and retries without them
-            raise NonFiniteLoss(bad)
+        finite = torch.isfinite(losses.detach())
+        if not finite.all():  # no step: the caller drops these devices and retries without them
+            raise NonFiniteLoss([i for i, ok in enumerate(torch.split(finite, sizes)) if not ok.all()])
         loss = losses.mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grads_ok = torch.isfinite(acts.grad).all() and all(
-            torch.isfinite(p.grad).all() for p in self.part.parameters() if p.grad is not None)
-        if not grads_ok:
+        # one check, one host sync (a sync per tensor stalls an accelerator's queue)
+        checks = [torch.isfinite(acts.grad).all()] + [
+            torch.isfinite(p.grad).all() for p in self.part.parameters() if p.grad is not None]
+        if not torch.stack(checks).all():
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLoss([0] if len(sizes) == 1 else None)
         self.optimizer.step()
@@ -223,8 +223,18 @@ class EdgeRuntime:
                 self.teacher_optimizer.step()
         # d(mean over all)/da_i = (n_i / n) * d(mean over device i)/da_i
         total = float(sum(sizes))
-        grads = [g.cpu().numpy() * (total / n) for g, n in zip(torch.split(acts.grad, sizes), sizes)]
+        grads = [(g * (total / n)).cpu().numpy() for g, n in zip(torch.split(acts.grad, sizes), sizes)]
         return grads, float(losses.detach().double().sum())
+
+    def joined(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        """The devices' arrays as one tensor on the server's torch device. On an accelerator
+        each array goes over as it is and they are joined there: no copy of the whole joint
+        batch in host memory, memory-bound CPU work that the accelerator would wait for."""
+        if self.torch_dev.type == "cpu":
+            return torch.from_numpy(np.concatenate(arrays))
+        # a payload decoded from bytes is read-only, which torch.from_numpy does not take
+        return torch.cat([torch.from_numpy(a if a.flags.writeable else a.copy()).to(self.torch_dev)
+                          for a in arrays])
 
 
 @torch.no_grad()
