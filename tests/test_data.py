@@ -215,7 +215,24 @@ def test_a_partition_read_lazily_in_any_order_is_the_same(scheme):
     lazy = Partition(labels, 12, scheme, 0.5, seed=3, classes_per_device=2, ids=ids)
     for device in (11, 4, 0, 7):
         assert np.array_equal(lazy[device], every[device])
-    assert set(lazy._parts) == {11, 4, 0, 7}  # the others were never computed
+    assert set(lazy._parts) == ({11, 4, 0, 7} if scheme != "iid" else set())  # the others never computed
+
+
+@pytest.mark.parametrize("samples,devices", [(600, 12), (601, 12), (611, 12), (7, 7), (100_003, 1_000)])
+def test_iid_shards_by_arithmetic_are_flwr_datasets_iid_partitions(samples, devices):
+    """iid_shard computes what flwr-datasets' IidPartitioner gives over the index column
+    (uneven sizes included), without building the partitioner's table."""
+    from datasets import Dataset as HFDataset
+    from flwr_datasets.partitioner import IidPartitioner
+
+    from fedsplitkd.data.datasets import iid_shard
+
+    library = IidPartitioner(devices)
+    library.dataset = HFDataset.from_dict({"index": np.arange(samples)})
+    for device in sorted({0, 1, devices // 2, devices - 2, devices - 1}):
+        expected = np.asarray(library.load_partition(device)["index"], dtype=np.int64)
+        assert np.array_equal(iid_shard(samples, devices, device), expected)
+        assert np.array_equal(Partition(np.zeros(samples), devices, "iid", 0.5, seed=3)[device], expected)
 
 
 @pytest.mark.parametrize("holdout", [0.0, 0.1])

@@ -252,7 +252,8 @@ def group_ids(ids: np.ndarray, num_groups: int) -> np.ndarray:
 
 
 class Partition:
-    """A flwr-datasets partitioner over sample indices, read one device at a time.
+    """A flwr-datasets partitioner over sample indices, read one device at a time (IID: its
+    result by arithmetic, ``iid_shard``).
 
     A device's indices are computed when first asked for, so a process that serves a few
     devices of a large fleet pays for those (and the partitioner's one pass over the
@@ -261,18 +262,19 @@ class Partition:
 
     def __init__(self, labels: np.ndarray, num_partitions: int, scheme: str, alpha: float, seed: int,
                  classes_per_device: int = 2, ids: np.ndarray | None = None):
-        from datasets import Dataset as HFDataset
-        from flwr_datasets.partitioner import (DirichletPartitioner, IidPartitioner,
-                                               NaturalIdPartitioner, PathologicalPartitioner)
-
         if len(labels) < num_partitions:
             raise DataError(f"cannot give {num_partitions} devices a sample each from "
                             f"{len(labels)} training samples")
         self.num_partitions, self.scheme, self.num_samples = num_partitions, scheme, len(labels)
+        self._parts: dict[int, np.ndarray] = {}
+        self.partitioner = None
+        if scheme == "iid":  # a closed form, nothing to build or keep: see iid_shard
+            return
+        from datasets import Dataset as HFDataset
+        from flwr_datasets.partitioner import DirichletPartitioner, NaturalIdPartitioner, PathologicalPartitioner
+
         columns = {"label": labels, "index": np.arange(len(labels))}
-        if scheme == "iid":
-            partitioner = IidPartitioner(num_partitions)
-        elif scheme == "dirichlet":
+        if scheme == "dirichlet":
             partitioner = DirichletPartitioner(num_partitions, partition_by="label", alpha=alpha,
                                                min_partition_size=2, self_balancing=False,
                                                shuffle=True, seed=seed)
@@ -290,11 +292,12 @@ class Partition:
             raise DataError(f"unknown partition '{scheme}'")
         partitioner.dataset = HFDataset.from_dict(columns)
         self.partitioner = partitioner
-        self._parts: dict[int, np.ndarray] = {}
 
     def __getitem__(self, device: int) -> np.ndarray:
         """Device ``device``'s sample indices (NaturalIdPartitioner numbers the sorted ids, so
         partition i is device i)."""
+        if self.partitioner is None:
+            return iid_shard(self.num_samples, self.num_partitions, device)
         if device not in self._parts:
             try:
                 with contextlib.redirect_stderr(io.StringIO()):  # its progress bar, once per process
@@ -308,6 +311,17 @@ class Partition:
                                 "or another partition")
             self._parts[device] = part
         return self._parts[device]
+
+
+def iid_shard(num_samples: int, num_partitions: int, device: int) -> np.ndarray:
+    """Device ``device``'s indices under flwr-datasets' IidPartitioner over ``arange(num_samples)``:
+    its contiguous shard (datasets' ``shard(contiguous=True)``: the first ``num_samples %
+    num_partitions`` shards one longer), by arithmetic. Through the partitioner's Arrow table
+    it cost 3-7 ms a device, half of what serving a virtual device's message cost; the
+    tests hold it equal to IidPartitioner."""
+    size, longer = divmod(num_samples, num_partitions)
+    start = size * device + min(device, longer)
+    return np.arange(start, start + size + (device < longer), dtype=np.int64)
 
 
 def partition(labels: np.ndarray, num_partitions: int, scheme: str, alpha: float, seed: int,
