@@ -138,13 +138,16 @@ def run_edge(cfg: dict, steps: int, warmup: int = 3, profile: bool = False) -> t
         acts = server.device_part(tokens.to(torch_dev)).float().cpu().numpy()
         emb = teacher.device_part(teacher.cut_points[0])(tokens.to(torch_dev)).float().cpu().numpy()
     labels = torch.randint(0, dataset.num_classes, tokens.shape, generator=generator).numpy()
-    times, copies = [], []
-    for _ in range(warmup + steps):
-        sync(cfg["torch-device"])
-        start = time.perf_counter()  # the teacher on one device's chunk; a minibatch per device, joined
+    def step() -> None:  # the teacher on one device's chunk; a minibatch per device, joined
         logits = edge.teacher_logits(emb)
         edge.train_step(np.split(acts, devices), np.split(labels, devices), np.split(logits, devices))
         sync(cfg["torch-device"])
+
+    times, copies = [], []
+    for _ in range(warmup + steps):
+        sync(cfg["torch-device"])
+        start = time.perf_counter()
+        step()
         times.append(time.perf_counter() - start)
         start = time.perf_counter()  # the same bytes over and back, alone
         over = [torch.from_numpy(a).to(torch_dev) for a in (acts, emb)]
@@ -155,9 +158,7 @@ def run_edge(cfg: dict, steps: int, warmup: int = 3, profile: bool = False) -> t
         activities = [torch.profiler.ProfilerActivity.CPU] + (
             [torch.profiler.ProfilerActivity.CUDA] if torch_dev.type == "cuda" else [])
         with torch.profiler.profile(activities=activities) as prof:
-            logits = edge.teacher_logits(emb)
-            edge.train_step(np.split(acts, devices), np.split(labels, devices), np.split(logits, devices))
-            sync(cfg["torch-device"])
+            step()
         sort = "cuda_time_total" if torch_dev.type == "cuda" else "cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=25), flush=True)
     flops = len(tokens) * (3 * server.flops.server + server.flops.teacher_server)
