@@ -8,7 +8,8 @@ round as the other two do. The in-process protocol is ``run_inprocess`` (device 
 server, numpy payloads, per-device server steps, averaging); the Flower run is the real
 ServerApp/ClientApp through ``flwr run`` with 20 virtual devices on 2 SuperNodes (one CPU
 each). Per-round time is the median of rounds 2..R; torch runs one thread in this process,
-as each ClientApp does.
+as each ClientApp does. Flower's two SuperNodes compute on both cores, so the plain loop is also
+timed with two torch threads (the column ``plain 2t``), the limit with the machine's whole compute.
 
     python experiments/bench_limit.py --data-path ../shared/datasets/uci_har_subset.npz [--quick]
 
@@ -44,8 +45,17 @@ def median_round(seconds: list[float]) -> float:
     return statistics.median(seconds[1:])  # round 1 holds the warm-up
 
 
-def plain_loop(cfg: RunConfig, devices: int) -> list[float]:
+def plain_loop(cfg: RunConfig, devices: int, threads: int = 1) -> list[float]:
     """Seconds per round of centralised KD over the protocol's samples (no split, no messages)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _plain_rounds(cfg, devices)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _plain_rounds(cfg: RunConfig, devices: int) -> list[float]:
     exp = build(cfg)
     student, teacher = copy.deepcopy(exp.student), exp.teacher
     teacher.eval()
@@ -99,19 +109,21 @@ def main() -> None:
     datasets = {"digits": {"dataset": "digits"},
                 "har": {"dataset": "har", "data-path": str(Path(args.data_path).resolve())}}
     print(f"{args.devices} devices, {rounds} rounds, exchange-batches 8; seconds per round (median of rounds 2..{rounds})")
-    print(f"{'dataset':>8} {'plain':>8} {'in-process':>10} {'flower':>8} {'in-proc/plain':>13} {'flower/in-proc':>14} "
-          f"{'flower/plain':>12} {'flower start-up s':>17}")
+    print(f"{'dataset':>8} {'plain':>8} {'plain 2t':>8} {'in-process':>10} {'flower':>8} {'in-proc/plain':>13} "
+          f"{'flower/in-proc':>14} {'flower/plain':>12} {'flower/plain 2t':>15} {'flower start-up s':>17}")
     ratio = float("nan")
     for name, keys in datasets.items():
         cfg = resolve({**keys, "num-rounds": rounds, "output-dir": str(out)})
         run_inprocess(cfg, args.devices)  # warm the caches (teacher, data) for every side alike
         plain = median_round(plain_loop(cfg, args.devices))
+        plain2 = median_round(plain_loop(cfg, args.devices, threads=2))
         _, rows = run_inprocess(cfg, args.devices)
         inproc = median_round([r["wall_s"] for r in rows[1:]])
         seconds, total = flower(cfg, args.devices, out, name)
         fl = median_round(seconds)
-        print(f"{name:>8} {plain:>8.3f} {inproc:>10.3f} {fl:>8.3f} {inproc / plain:>13.2f} {fl / inproc:>14.2f} "
-              f"{fl / plain:>12.2f} {total - sum(seconds[1:]):>17.1f}", flush=True)
+        print(f"{name:>8} {plain:>8.3f} {plain2:>8.3f} {inproc:>10.3f} {fl:>8.3f} {inproc / plain:>13.2f} "
+              f"{fl / inproc:>14.2f} {fl / plain:>12.2f} {fl / plain2:>15.2f} {total - sum(seconds[1:]):>17.1f}",
+              flush=True)
         if args.profile:
             profile = cProfile.Profile()
             profile.runcall(run_inprocess, {**cfg, "num-rounds": 2}, args.devices)
