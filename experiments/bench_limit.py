@@ -11,7 +11,12 @@ each). Per-round time is the median of rounds 2..R; torch runs one thread in thi
 as each ClientApp does. Flower's two SuperNodes compute on both cores, so the plain loop is also
 timed with two torch threads (the column ``plain 2t``), the limit with the machine's whole compute.
 
-    python experiments/bench_limit.py --data-path ../shared/datasets/uci_har_subset.npz [--quick]
+    python experiments/bench_limit.py --data-path ../shared/datasets/uci_har_subset.npz [--quick] [--trace]
+
+``--trace`` records every message of the Flower runs (``FEDSPLITKD_TIMING``: the transport's
+pushes and replies, the ClientApp handlers' start and end) and prints where a Flower round's
+time goes, per exchange: waiting for the simulation engine to hand the node its message,
+the node's handler, the reply's way back, and the server's work until its next push.
 
 The last line reads ``limit ratio (flower/plain) X.XX`` for the HAR subset.
 """
@@ -22,6 +27,8 @@ import argparse
 import copy
 import csv
 import cProfile
+import json
+import os
 import pstats
 import statistics
 import tempfile
@@ -79,9 +86,14 @@ def _plain_rounds(cfg: RunConfig, devices: int) -> list[float]:
     return seconds
 
 
-def flower(cfg: RunConfig, devices: int, out: Path, name: str) -> tuple[list[float], float]:
-    """Seconds per round of the Flower simulation (virtual devices on 2 nodes), and its total."""
+def flower(cfg: RunConfig, devices: int, out: Path, name: str, trace: Path | None = None) -> tuple[list[float], float]:
+    """Seconds per round of the Flower simulation (virtual devices on 2 nodes), and its total;
+    ``trace``: the directory its messages' timing lines go to (clients/timing.py)."""
     started = time.perf_counter()
+    if trace:
+        os.environ["FEDSPLITKD_TIMING"] = str(trace)  # the simulation's processes inherit it
+    else:
+        os.environ.pop("FEDSPLITKD_TIMING", None)
     with LocalSimulation() as sim:
         sim.run(ROOT, {**cfg, "virtual-devices": devices, "min-nodes": 2, "output-dir": str(out), "run-name": name},
                 num_supernodes=2, cpus_per_client=1)
@@ -95,6 +107,46 @@ def flower(cfg: RunConfig, devices: int, out: Path, name: str) -> tuple[list[flo
     return [float(r["wall_s"]) for r in rows], total
 
 
+PHASES = ["engine hand-out", "node handler", "reply back", "server until next push"]
+
+
+def exchanges(trace: Path) -> dict[str, list[list[float]]]:
+    """Per message type, each exchange's seconds in each of ``PHASES``: for every pushed
+    message, the hand-out (push to handler start), the handler and the reply (handler end to
+    the server's pull), of the node that answered last; then the server's time from that
+    reply to its next push. The first exchange of each type (the warm-up round) is left out."""
+    handlers = sorted((json.loads(line) for f in trace.glob("*.jsonl") for line in f.read_text().splitlines()),
+                      key=lambda h: h["handler"])
+    events = sorted((json.loads(line) for f in (trace / "server").glob("*.jsonl") for line in f.read_text().splitlines()),
+                    key=lambda e: e["time"])
+    pushes = [e for e in events if e["event"] == "push"]
+    replies = [e for e in events if e["event"] == "reply"]
+    table: dict[str, list[list[float]]] = {}
+    for i, push in enumerate(pushes[:-1]):
+        last = None  # (reply time, hand-out, handler, reply) of the node that answered last
+        for node, kind in push["messages"]:
+            handler = next((h for h in handlers if h["node"] == node and h["type"] == kind
+                            and h["handler"] >= push["time"]), None)
+            reply = next((r["time"] for r in replies if r["node"] == node and handler and r["time"] >= handler["end"]),
+                         None)
+            if handler is None or reply is None:
+                break
+            if last is None or reply > last[0]:
+                last = (reply, handler["handler"] - push["time"], handler["end"] - handler["handler"],
+                        reply - handler["end"])
+        else:
+            if last is not None:
+                table.setdefault(push["messages"][0][1], []).append([*last[1:], pushes[i + 1]["time"] - last[0]])
+    return {kind: rows[1:] for kind, rows in table.items() if len(rows) > 1}
+
+
+def print_exchanges(trace: Path) -> None:
+    print(f"{'exchange':>22} " + " ".join(f"{p:>22}" for p in PHASES) + f" {'exchanges':>9}  (median seconds)")
+    for kind, rows in exchanges(trace).items():
+        medians = [statistics.median(r[k] for r in rows) for k in range(len(PHASES))]
+        print(f"{kind:>22} " + " ".join(f"{m:>22.3f}" for m in medians) + f" {len(rows):>9}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-path", required=True, help="the UCI HAR subset .npz")
@@ -102,6 +154,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--quick", action="store_true", help="4 rounds (about 3 minutes)")
     parser.add_argument("--profile", action="store_true", help="also print where an in-process round spends its time")
+    parser.add_argument("--trace", action="store_true", help="also print where a Flower round's time goes, per exchange")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rounds = 4 if args.quick else args.rounds
@@ -119,11 +172,13 @@ def main() -> None:
         plain2 = median_round(plain_loop(cfg, args.devices, threads=2))
         _, rows = run_inprocess(cfg, args.devices)
         inproc = median_round([r["wall_s"] for r in rows[1:]])
-        seconds, total = flower(cfg, args.devices, out, name)
+        seconds, total = flower(cfg, args.devices, out, name, out / "trace" / name if args.trace else None)
         fl = median_round(seconds)
         print(f"{name:>8} {plain:>8.3f} {plain2:>8.3f} {inproc:>10.3f} {fl:>8.3f} {inproc / plain:>13.2f} "
               f"{fl / inproc:>14.2f} {fl / plain:>12.2f} {fl / plain2:>15.2f} {total - sum(seconds[1:]):>17.1f}",
               flush=True)
+        if args.trace:
+            print_exchanges(out / "trace" / name)
         if args.profile:
             profile = cProfile.Profile()
             profile.runcall(run_inprocess, {**cfg, "num-rounds": 2}, args.devices)

@@ -16,6 +16,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from fedsplitkd.clients import timing
 from fedsplitkd.clients.records import (BACKWARD, FORWARD, SPLIT_EVALUATE, from_bundle, from_records, to_bundle,
                                        to_records)
 from fedsplitkd.protocol.device import BACKWARD_KIND
@@ -83,7 +84,9 @@ class GridTransport:
         if not batches:
             return
         deadline = time.monotonic() + self.timeout
-        for (keys, message), mid in zip(batches, self.grid.push_messages([m for _, m in batches])):
+        ids = list(self.grid.push_messages([m for _, m in batches]))
+        timing.event("push", messages=[[m.metadata.dst_node_id, m.metadata.message_type] for _, m in batches])
+        for (keys, message), mid in zip(batches, ids):
             node = message.metadata.dst_node_id
             # A message the SuperLink refused gets no id; it times out like a lost one.
             self.pending[mid or f"refused-{keys[0]}"] = (keys, node, deadline if mid else 0.0)
@@ -125,6 +128,7 @@ class GridTransport:
                     log(WARNING, "ignored a reply to message %s from node %s", mid, reply.metadata.src_node_id)
                     continue
                 del self.pending[mid]
+                timing.event("reply", node=node)
                 freed.add(node)
                 replies.update(self._open(reply, keys))
             now = time.monotonic()
