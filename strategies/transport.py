@@ -55,7 +55,8 @@ class GridTransport:
         self.lost: set[int] = set()  # nodes that did not answer in time
 
     def holder(self, key: Hashable) -> Hashable:
-        """Who keeps a device's teacher embedding: its node when nodes serve bundles."""
+        """Who receives a device's requests, in one message with the others it holds, and keeps
+        its teacher embedding: its node when nodes serve bundles, else the device itself."""
         return self.nodes[key] if self.bundle else key
 
     def _node(self, key: Hashable) -> int:

@@ -62,3 +62,40 @@ def test_a_lost_or_failed_section_leaves_out_only_its_device(tmp_path):
     assert {d for _, d in devices} == {"1", "3"}
     assert float(rows(directory)[-1]["test_accuracy"]) > float(rows(directory)[0]["test_accuracy"])
 
+
+
+class LateGrid(InProcessGrid):
+    """The second node's replies come one pull late, and every message is counted by node and type."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.held: list[str] = []
+        self.received: dict[tuple[int, str], int] = {}
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        for message in messages:
+            key = (message.metadata.dst_node_id, message.metadata.message_type)
+            self.received[key] = self.received.get(key, 0) + 1
+        ids = super().push_messages(messages)
+        self.held += [mid for message, mid in zip(messages, ids) if message.metadata.dst_node_id == 1001]
+        return ids
+
+    def pull_messages(self, message_ids):
+        late, self.held = set(self.held), []
+        return [self.replies.pop(mid) for mid in message_ids if mid in self.replies and mid not in late]
+
+
+def test_a_node_serving_several_devices_gets_one_message_per_exchange_when_another_node_is_late(tmp_path):
+    # Devices 0 and 2 on node 1000, 1 and 3 on node 1001, one chunk each: the server steps
+    # device 0, then waits for node 1001; device 0's gradients must wait for device 2's.
+    overrides = {**tiny(num_rounds=2, fraction_train=1.0, exchange_batches=100), "output-dir": str(tmp_path),
+                 "virtual-devices": FLEET}
+    cfg = resolve({**overrides, "run-name": "late"})
+    grid = LateGrid(dict(cfg), 2)
+    with _server_identity():
+        late = rows(run(grid, cfg))
+    assert grid.received[(1000, "train.split_backward")] == grid.received[(1001, "train.split_backward")] == 2
+    on_time = rows(run_app({**overrides, "run-name": "on-time"}, 2))
+    assert [r["test_accuracy"] for r in late] == [r["test_accuracy"] for r in on_time]
+    assert [int(r["completed"]) for r in late[1:]] == [FLEET, FLEET]

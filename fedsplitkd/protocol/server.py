@@ -269,8 +269,9 @@ class SplitKDServer:
         before exchange j+1, so the server's steps run in the same order whatever the
         timing. With per-device server steps, the next requests of the devices done so far
         leave together whenever the server would wait for a reply, so it computes while
-        the other replies are on their way and pushes few times; ``joint`` steps wait
-        for the whole exchange.
+        the other replies are on their way and pushes few times; a node serving several
+        devices (the transport's ``holder``) gets its requests only once all of them are
+        done this exchange, in one message. ``joint`` steps wait for the whole exchange.
         """
         stats = RoundStats(devices=len(keys))
         if self.optimizer_factory is None:  # a factory's optimizer keeps its own rate
@@ -313,14 +314,18 @@ class SplitKDServer:
         while order:
             stats.exchanges += 1
             groups = [order] if self.cfg.split.server_batching == "joint" else [[k] for k in order]
+            remaining = Counter(holder(k) for k in order)  # per holder, devices still to step this exchange
             order = []
             for group in groups:
                 waited = time.perf_counter()
                 if any(k not in arrived for k in group):
                     # Send what is ready in one push before waiting: a push costs the
-                    # transport far more than the requests in it.
-                    send(ready)
-                    ready = {}
+                    # transport far more than the requests in it. Requests that share a
+                    # message (``holder``: a node serving several devices) wait for the
+                    # rest of it: a node answers one message at a time, so a part sent now
+                    # would hold the others back by a whole extra exchange.
+                    send({k: r for k, r in ready.items() if not remaining[holder(k)]})
+                    ready = {k: r for k, r in ready.items() if remaining[holder(k)]}
                 while any(k not in arrived for k in group):
                     arrived.update(transport.receive())
                 stats.transport_s += time.perf_counter() - waited
@@ -364,6 +369,7 @@ class SplitKDServer:
                     stats.samples += sum(len(chunks[key]["labels"]) for key in follow)
                     ready.update(follow)
                     order += list(follow)
+                remaining.subtract(holder(k) for k in group)
                 stats.server_s += time.perf_counter() - computed
             send(ready)
             ready = {}
