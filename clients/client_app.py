@@ -89,13 +89,14 @@ def _serve_bundle(msg: Message, context: Context, cfg: RunConfig) -> dict[int, P
     """Serve every virtual device a bundle names, each on its own: one device's failure
     is its own error section. The teacher's embedding is kept once per node."""
     replies: dict[int, Payload] = {}
+    teacher: Payload | None = None  # the node's copy, read once per message
     for device, request in from_bundle(msg.content).items():
         prefix = f"{STATE_PREFIX}device-{device}."
         try:
             if isinstance(request, PayloadError):
                 raise request
-            teacher = {k: v for k, v in request.items() if k.startswith(TEACHER)}
-            if teacher:  # first: the node's other devices in this message rely on it
+            if any(k.startswith(TEACHER) for k in request):  # first: the node's other devices rely on it
+                teacher = {k: v for k, v in request.items() if k.startswith(TEACHER)}
                 store_state(context, TEACHER_STATE, teacher)
             if not 0 <= device < cfg.fleet.virtual_devices:
                 raise PayloadError(f"device {device} is outside virtual-devices = {cfg.fleet.virtual_devices}")
@@ -103,7 +104,9 @@ def _serve_bundle(msg: Message, context: Context, cfg: RunConfig) -> dict[int, P
             if msg.metadata.message_type.startswith(MessageType.EVALUATE):
                 replies[device] = handle_evaluate(request, setup)
                 continue
-            state = {**load_state(context, TEACHER_STATE), **load_state(context, prefix)}
+            if teacher is None:
+                teacher = load_state(context, TEACHER_STATE)
+            state = {**teacher, **load_state(context, prefix)}
             replies[device], state = handle_train(request, state, setup)
             store_state(context, prefix, {k: v for k, v in state.items() if not k.startswith(TEACHER)})
         except Exception as err:  # noqa: BLE001 - reported to the server, which drops the device

@@ -121,7 +121,7 @@ def test_forward_backward_until_final_and_state_persists(exp, cfg):
     exp.server.check_chunk(reply, 1)
 
     # the device's state lives in context.state between calls
-    assert {STATE_PREFIX + "arrays", STATE_PREFIX + "config"} <= set(context.state)
+    assert {STATE_PREFIX + "packed", STATE_PREFIX + "config"} <= set(context.state)
     stored = context.state[STATE_PREFIX + "config"]
     assert stored["round"] == 1 and stored["cursor"] == cfg["exchange-batches"]
     assert stored["in-flight"] == cfg["exchange-batches"]
@@ -162,7 +162,7 @@ def test_backward_applies_nonzero_gradients(exp, cfg):
     grads = np.ones_like(reply["activations"])
     nxt = call(split_backward, {"kind": "backward", "round": 1, "grads": grads, "cursor": 0, "final": False}, context, BACKWARD)
     exp.server.check_chunk(nxt, 1)
-    moved = unpack(WEIGHTS, from_records(RecordDict({"arrays": context.state[STATE_PREFIX + "arrays"]})))
+    moved = unpack(WEIGHTS, from_records(RecordDict({"packed": context.state[STATE_PREFIX + "packed"]})))
     initial = unpack(WEIGHTS, request)
     assert any(not np.array_equal(moved[k], initial[k]) for k in initial)
 
@@ -368,8 +368,8 @@ def test_a_bundle_serves_each_virtual_device_apart_and_keeps_the_teacher_once(ex
     assert not np.array_equal(replies[2]["labels"], replies[5]["labels"])  # each its own data
     # The teacher's embedding is kept once per node, not per device.
     assert any(k.startswith(TEACHER_STATE) for k in context.state)
-    device_state = context.state["fedsplitkd.device-2.arrays"]
-    assert not any(k.startswith(TEACHER) for k in device_state)
+    device_state = from_records(RecordDict({"packed": context.state["fedsplitkd.device-2.packed"]}))
+    assert device_state and not any(k.startswith(TEACHER) for k in device_state)
 
     server.has_teacher.add(6)  # the server knows this node holds it: no teacher in the request
     later = server.first_requests([6], 1)

@@ -23,7 +23,7 @@ from torch import nn
 
 from fedsplitkd.models.zoo import SplitModel, student_for, teacher_for
 from fedsplitkd.protocol.payload import TEACHER, WEIGHTS, Payload, PayloadError, pack, unpack
-from fedsplitkd.protocol.runtime import DeviceRuntime, load_numpy_state, round_lr, set_lr
+from fedsplitkd.protocol.runtime import DeviceRuntime, load_numpy_state, round_lr, set_lr, state_to_numpy
 from fedsplitkd import streams
 from fedsplitkd.config import RunConfig
 
@@ -176,7 +176,7 @@ def handle_train(request: Payload, state: Payload, setup: DeviceSetup) -> tuple[
             state["teacher-sent"][np.concatenate(batches)] = True
 
     if request.get("final", False):
-        weights, _ = runtime.save()
+        weights = state_to_numpy(runtime.part)  # the optimizer's state ends with the round
         examples = sum(len(b) for b in plan)
         state = {k: v for k, v in state.items() if k.startswith(TEACHER) or k == "teacher-sent"}
         return {"round": server_round, "num-examples": examples, **pack(WEIGHTS, weights)}, state
