@@ -6,8 +6,8 @@ the bytes and a JSON layout of names, dtypes and shapes) next to the scalars (re
 object, one HTTP request each, so a message with six arrays cost six times the requests
 of a message with one: packing keeps a split exchange at a fixed, small request count.
 The device state in ``context.state`` is packed the same way: reading it back is one
-``frombuffer`` per array, where an ``Array`` per array costs an ``np.load`` each (a
-tenth of a node's time per message, profiled). ``from_records`` still reads an
+``frombuffer`` per array, where an ``Array`` per array costs an ``np.load`` each
+(``experiments/bench_node.py`` measures a node's handler). ``from_records`` still reads an
 ArrayRecord ``arrays``, one Array per array.
 """
 

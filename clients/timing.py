@@ -4,10 +4,10 @@ A real SuperNode starts a fresh ``flwr-clientapp`` process for every message. Wi
 ``FEDSPLITKD_TIMING=DIR`` in the SuperNode's environment (its ClientApp processes inherit
 it), every message handled appends one JSON line to ``DIR/<pid>.jsonl``: Unix times of the
 process's start, of our app module's import (start and end), and of the handler's start,
-its device setup (data and models) and its end. The ServerApp's transport (``strategies/transport.py``) records, beside them in
-``DIR/server/<pid>.jsonl``, when it pushed each message and when each reply came back
-(``experiments/bench_limit.py --trace`` sets the two against each other). Unset, nothing
-is recorded.
+its device setup (data and models) and its end. The ServerApp's transport
+(``strategies/transport.py``) records, beside them in ``DIR/server/<pid>.jsonl``, when it
+pushed each message and when each reply came back (``experiments/bench_limit.py --trace``
+sets the two against each other). Unset, nothing is recorded.
 """
 
 from __future__ import annotations
@@ -52,16 +52,18 @@ def timed(handler: Callable) -> Callable:
         finally:
             line = {"pid": os.getpid(), "type": msg.metadata.message_type, "node": context.node_id,
                     "process": process_start(), **_marks, "handler": start, "end": time.time()}
-            Path(DIRECTORY).mkdir(parents=True, exist_ok=True)
-            with open(Path(DIRECTORY) / f"{os.getpid()}.jsonl", "a") as f:
-                f.write(json.dumps(line) + "\n")
+            _append(Path(DIRECTORY), line)
     return wrapper
 
 
 def event(name: str, **fields) -> None:
     """Record a ServerApp event (a push, a reply) with its Unix time, while recording."""
-    if DIRECTORY:
-        directory = Path(DIRECTORY) / "server"  # apart from the handlers' lines, which readers glob
-        directory.mkdir(parents=True, exist_ok=True)
-        with open(directory / f"{os.getpid()}.jsonl", "a") as f:
-            f.write(json.dumps({"event": name, "time": time.time(), **fields}) + "\n")
+    if DIRECTORY:  # apart from the handlers' lines, which readers glob
+        _append(Path(DIRECTORY) / "server", {"event": name, "time": time.time(), **fields})
+
+
+def _append(directory: Path, line: dict) -> None:
+    """One JSON line in this process's file under ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / f"{os.getpid()}.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")
