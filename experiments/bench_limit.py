@@ -7,8 +7,12 @@ same batch size, student, teacher, KD loss and SGD, and evaluates on the test sp
 round as the other two do. The in-process protocol is ``run_inprocess`` (device parts, edge
 server, numpy payloads, per-device server steps, averaging); the Flower run is the real
 ServerApp/ClientApp through ``flwr run`` with 20 virtual devices on 2 SuperNodes (one CPU
-each). Per-round time is the median of rounds 2..R; torch runs one thread in this process,
-as each ClientApp does. Flower's two SuperNodes compute on both cores, so the plain loop is also
+each). Per-round time is the median of rounds 2..R (the mean is printed too); torch runs one
+thread in this process, as each ClientApp does. Flower's rounds are uneven: its simulation
+engine hands each node a message at 0.1-s polls, so a round takes a whole number of polls
+give or take, and its first rounds after start-up are slower still (the ClientApps' actors
+warm up). A few rounds sample that noise, not the round a run settles into: the default is
+30 rounds, ``--quick`` 16. Flower's two SuperNodes compute on both cores, so the plain loop is also
 timed with two torch threads (the column ``plain 2t``), the limit with the machine's whole compute.
 
     python experiments/bench_limit.py --data-path ../shared/datasets/uci_har_subset.npz [--quick] [--trace]
@@ -50,6 +54,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def median_round(seconds: list[float]) -> float:
     return statistics.median(seconds[1:])  # round 1 holds the warm-up
+
+
+def mean_round(seconds: list[float]) -> float:
+    return statistics.fmean(seconds[1:])
 
 
 def plain_loop(cfg: RunConfig, devices: int, threads: int = 1) -> list[float]:
@@ -151,32 +159,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-path", required=True, help="the UCI HAR subset .npz")
     parser.add_argument("--devices", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--quick", action="store_true", help="4 rounds (about 3 minutes)")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--quick", action="store_true", help="16 rounds (about 3 minutes)")
     parser.add_argument("--profile", action="store_true", help="also print where an in-process round spends its time")
     parser.add_argument("--trace", action="store_true", help="also print where a Flower round's time goes, per exchange")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rounds = 4 if args.quick else args.rounds
+    rounds = 16 if args.quick else args.rounds
     out = Path(tempfile.mkdtemp(prefix="fedsplitkd-limit-"))
     datasets = {"digits": {"dataset": "digits"},
                 "har": {"dataset": "har", "data-path": str(Path(args.data_path).resolve())}}
     print(f"{args.devices} devices, {rounds} rounds, exchange-batches 8; seconds per round (median of rounds 2..{rounds})")
     print(f"{'dataset':>8} {'plain':>8} {'plain 2t':>8} {'in-process':>10} {'flower':>8} {'in-proc/plain':>13} "
-          f"{'flower/in-proc':>14} {'flower/plain':>12} {'flower/plain 2t':>15} {'flower start-up s':>17}")
+          f"{'flower/in-proc':>14} {'flower/plain':>12} {'flower/plain 2t':>15} {'means: flower/plain':>19} "
+          f"{'flower start-up s':>17}")
     ratio = float("nan")
     for name, keys in datasets.items():
         cfg = resolve({**keys, "num-rounds": rounds, "output-dir": str(out)})
-        run_inprocess(cfg, args.devices)  # warm the caches (teacher, data) for every side alike
-        plain = median_round(plain_loop(cfg, args.devices))
+        run_inprocess({**cfg, "num-rounds": 2}, args.devices)  # warm the caches (teacher, data) for every side
+        plain_seconds = plain_loop(cfg, args.devices)
+        plain = median_round(plain_seconds)
         plain2 = median_round(plain_loop(cfg, args.devices, threads=2))
         _, rows = run_inprocess(cfg, args.devices)
         inproc = median_round([r["wall_s"] for r in rows[1:]])
         seconds, total = flower(cfg, args.devices, out, name, out / "trace" / name if args.trace else None)
         fl = median_round(seconds)
+        means = mean_round(seconds) / mean_round(plain_seconds)
         print(f"{name:>8} {plain:>8.3f} {plain2:>8.3f} {inproc:>10.3f} {fl:>8.3f} {inproc / plain:>13.2f} "
-              f"{fl / inproc:>14.2f} {fl / plain:>12.2f} {fl / plain2:>15.2f} {total - sum(seconds[1:]):>17.1f}",
-              flush=True)
+              f"{fl / inproc:>14.2f} {fl / plain:>12.2f} {fl / plain2:>15.2f} {means:>19.2f} "
+              f"{total - sum(seconds[1:]):>17.1f}", flush=True)
         if args.trace:
             print_exchanges(out / "trace" / name)
         if args.profile:
