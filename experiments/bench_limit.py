@@ -7,13 +7,14 @@ same batch size, student, teacher, KD loss and SGD, and evaluates on the test sp
 round as the other two do. The in-process protocol is ``run_inprocess`` (device parts, edge
 server, numpy payloads, per-device server steps, averaging); the Flower run is the real
 ServerApp/ClientApp through ``flwr run`` with 20 virtual devices on 2 SuperNodes (one CPU
-each). Per-round time is the median of rounds 2..R (the mean is printed too); torch runs one
-thread in this process, as each ClientApp does. Flower's rounds are uneven: its simulation
-engine hands each node a message at 0.1-s polls, so a round takes a whole number of polls
-give or take, and its first rounds after start-up are slower still (the ClientApps' actors
-warm up). A few rounds sample that noise, not the round a run settles into: the default is
-30 rounds, ``--quick`` 16. Flower's two SuperNodes compute on both cores, so the plain loop is also
-timed with two torch threads (the column ``plain 2t``), the limit with the machine's whole compute.
+each). Per-round time is the median of rounds 2..R (the mean is printed too, and the Flower
+rounds' quartiles); torch runs one thread in this process, as each ClientApp does. Flower's
+rounds are uneven: its simulation engine hands each node a message at 0.1-s polls, so a
+round takes a whole number of polls give or take, and its first rounds after start-up are
+slower still (the ClientApps' actors warm up). A few rounds sample that noise, not the round
+a run settles into: the default is 60 rounds, ``--quick`` 30. Flower's two SuperNodes compute
+on both cores, so the plain loop is also timed with two torch threads (the column
+``plain 2t``), the limit with the machine's whole compute.
 
     python experiments/bench_limit.py --data-path ../shared/datasets/uci_har_subset.npz [--quick] [--trace]
 
@@ -159,13 +160,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-path", required=True, help="the UCI HAR subset .npz")
     parser.add_argument("--devices", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--quick", action="store_true", help="16 rounds (about 3 minutes)")
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--quick", action="store_true", help="30 rounds (about 3 minutes)")
     parser.add_argument("--profile", action="store_true", help="also print where an in-process round spends its time")
     parser.add_argument("--trace", action="store_true", help="also print where a Flower round's time goes, per exchange")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rounds = 16 if args.quick else args.rounds
+    rounds = 30 if args.quick else args.rounds
     out = Path(tempfile.mkdtemp(prefix="fedsplitkd-limit-"))
     datasets = {"digits": {"dataset": "digits"},
                 "har": {"dataset": "har", "data-path": str(Path(args.data_path).resolve())}}
@@ -188,6 +189,9 @@ def main() -> None:
         print(f"{name:>8} {plain:>8.3f} {plain2:>8.3f} {inproc:>10.3f} {fl:>8.3f} {inproc / plain:>13.2f} "
               f"{fl / inproc:>14.2f} {fl / plain:>12.2f} {fl / plain2:>15.2f} {means:>19.2f} "
               f"{total - sum(seconds[1:]):>17.1f}", flush=True)
+        quartiles = statistics.quantiles(seconds[1:], n=4)
+        print(f"{'':>8} flower rounds 2..{rounds} (s): min {min(seconds[1:]):.3f}, quartiles "
+              + ", ".join(f"{q:.3f}" for q in quartiles) + f", max {max(seconds[1:]):.3f}")
         if args.trace:
             print_exchanges(out / "trace" / name)
         if args.profile:
