@@ -45,7 +45,7 @@ def run_split(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
 
     strategy.start(grid, ArrayRecord(torch_state_dict=exp.student.state_dict()),
                    num_rounds=cfg.train.num_rounds - strategy.round_offset, timeout=cfg.faults.round_timeout,
-                   evaluate_fn=evaluate_fn)
+                   evaluate_fn=evaluate_fn, overlap=lambda r: not checkpoint.due(cfg, r + strategy.round_offset))
 
 
 METHODS = {"splitkd": run_split, "split": run_split, "splitfed": run_split, "fedavg": fedavg.run,

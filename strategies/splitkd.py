@@ -105,13 +105,17 @@ class SplitKD(Strategy):
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
-              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Result:
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+              overlap: Callable[[int], bool] = lambda server_round: False) -> Result:
         """Run ``num_rounds`` split rounds from ``initial_arrays`` (the whole student).
 
         As ``Strategy.start``: ``evaluate_fn(round, arrays)`` is called before the first
         round and after each; the result holds the final student and every round's metrics.
         ``timeout`` bounds each reply here as ``round_timeout`` does; the configs are unused
-        (the run config carries the protocol's settings to the devices).
+        (the run config carries the protocol's settings to the devices). Where ``overlap(r)``
+        holds (r counted from 1 as ``evaluate_fn`` sees it), round r's ``evaluate_fn`` runs once
+        round r+1's first requests are out, while the devices compute (``rounds.train``): the
+        student it gets is the same, but the scheduler has planned round r+1 already.
         """
         log(INFO, "Starting %s strategy:", self.__class__.__name__)
         log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
@@ -136,7 +140,8 @@ class SplitKD(Strategy):
                 result.evaluate_metrics_serverapp[current] = record
 
         train(self.scheduler, fleet, range(self.round_offset + 1, self.round_offset + num_rounds + 1), self.rngs,
-              self.fraction_train, self.fraction_evaluate, on_round)
+              self.fraction_train, self.fraction_evaluate, on_round,
+              lambda server_round: overlap(server_round - self.round_offset))
         log(INFO, "Strategy execution finished in %.2fs", time.time() - started)
         for line in io.StringIO(str(result)):
             log(INFO, "\t%s", line.strip("\n"))

@@ -72,3 +72,64 @@ def test_a_finished_runs_student_loads_from_its_directory(tmp_path):
     last = list(csv.DictReader(open(directory / "metrics.csv")))[-1]
     exp = build(resolve(tiny()))
     assert evaluate(student, exp.dataset.x_test, exp.dataset.y_test)[0] == pytest.approx(float(last["test_accuracy"]))
+
+
+class LoggedFleet(InProcessFleet):
+    """An in-process fleet that logs each send with its round (``fail_round``: that round's sends raise)."""
+
+    def __init__(self, setups, log: list, fail_round: int | None = None):
+        super().__init__(setups)
+        self.log, self.fail_round = log, fail_round
+
+    def transport(self, devices, evaluate=False):
+        inner, log, fail_round = super().transport(devices, evaluate), self.log, self.fail_round
+
+        class Logged:
+            def send(self, requests):
+                server_round = next(iter(requests.values()))["round"]
+                if server_round == fail_round:
+                    raise ConnectionError("the grid is gone")
+                log.append(("send", server_round))
+                inner.send(requests)
+
+            def receive(self):
+                return inner.receive()
+
+        return Logged()
+
+
+def run_logged(overlap, log: list, fail_round=None) -> dict:
+    """Rounds 1-3 over a LoggedFleet; ``log`` gets the sends and the records, in order.
+    Returns each round's (test accuracy and loss, train loss) as its callback saw them."""
+    cfg = resolve(tiny(fraction_train=0.5))
+    exp = build(cfg)
+    results = {}
+    fleet = LoggedFleet({i: device_setup(cfg, i, DEVICES) for i in range(DEVICES)}, log, fail_round)
+
+    def on_round(server_round, stats, evaluation):
+        log.append(("record", server_round))
+        results[server_round] = (exp.evaluate(), stats.train_loss)
+
+    rngs = {"train": streams.sampling(0), "evaluate": streams.evaluate_sampling(0)}
+    train(exp.scheduler, fleet, range(1, 4), rngs, 0.5, 0.0, on_round, overlap)
+    return results
+
+
+def test_an_overlapped_round_records_once_the_next_rounds_first_requests_are_out():
+    plain_log, log = [], []
+    plain = run_logged(lambda r: False, plain_log)
+    overlapped = run_logged(lambda r: r != 2, log)  # round 2 (a checkpoint round, say) records at once
+    assert plain_log.index(("record", 1)) < plain_log.index(("send", 2))
+    first_send = {r: log.index(("send", r)) for r in (2, 3)}
+    assert log.index(("record", 1)) == first_send[2] + 1  # right after the first requests, before the replies
+    assert log.index(("record", 2)) < first_send[3]
+    assert log[-1] == ("record", 3) and [e for e in log if e[0] == "record"] == [("record", r) for r in (1, 2, 3)]
+    # the student the callback sees is the round's: the next round's requests do not change it
+    assert overlapped == plain
+
+
+def test_a_failing_round_still_records_the_overlapped_one_before_it():
+    log = []
+    with pytest.raises(ConnectionError, match="the grid is gone"):
+        run_logged(lambda r: True, log, fail_round=2)
+    assert log[-1] == ("record", 1) and {e for e in log if e[0] == "send"} == {("send", 1)}

@@ -15,13 +15,15 @@ A round, for the devices sampled from the fleet:
 Steps 1-5 are ``SplitKDServer.run_round``, run per cluster at its cut by the ``Scheduler``.
 Then, when ``fraction_evaluate`` > 0, a sample of devices evaluates the student on its own
 validation split, and ``on_round`` sees the round's results (the caller evaluates, records,
-checkpoints). What differs between transports is only the ``Fleet``: which devices exist and
+checkpoints), before the next round starts or, where the caller allows it, while the next
+round's first requests are out (the devices compute as the server evaluates). What differs between transports is only the ``Fleet``: which devices exist and
 how requests reach them (``InProcessFleet`` here; ``fedsplitkd.strategies.transport.GridFleet``
 over a Flower Grid).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -77,16 +79,56 @@ def evaluate_round(scheduler: Scheduler, fleet: Fleet, fraction: float, rng: np.
 
 def train(scheduler: Scheduler, fleet: Fleet, rounds: Iterable[int], rngs: dict[str, np.random.Generator],
           fraction_train: float, fraction_evaluate: float,
-          on_round: Callable[[int, RoundStats, Evaluation | None], None]) -> None:
-    """Run ``rounds`` of split-KD over ``fleet``; ``rngs`` holds the 'train' and 'evaluate' sampling streams."""
+          on_round: Callable[[int, RoundStats, Evaluation | None], None],
+          overlap: Callable[[int], bool] = lambda server_round: False) -> None:
+    """Run ``rounds`` of split-KD over ``fleet``; ``rngs`` holds the 'train' and 'evaluate' sampling streams.
+
+    ``on_round(r, ...)`` runs before round r+1 starts, or, where ``overlap(r)`` holds, once
+    round r+1's first requests are out: the caller's evaluation and recording then run while
+    the devices compute instead of before they start. The student is the same either way
+    (the server changes it only on the devices' replies), but the scheduler has planned round
+    r+1 and the sampling streams have moved on: a round whose state ``on_round`` captures (a
+    checkpoint) must not overlap.
+    """
+    pending: list[Callable[[], None]] = []
+
+    def flush() -> None:
+        while pending:
+            pending.pop()()
+
     for server_round in rounds:
         devices = fleet.sample(fraction_train, rngs["train"])
         scheduler.fleet_size = fleet.size
-        stats = scheduler.run_round(fleet.transport(devices), devices, server_round)
+        transport = fleet.transport(devices)
+        try:
+            stats = scheduler.run_round(_AfterFirstSend(transport, flush) if pending else transport, devices,
+                                        server_round)
+        finally:
+            flush()  # a round that sent nothing, or failed, still records the one before
         evaluation = None
         if fraction_evaluate > 0.0:
             evaluation = evaluate_round(scheduler, fleet, fraction_evaluate, rngs["evaluate"], server_round)
-        on_round(server_round, stats, evaluation)
+        pending.append(functools.partial(on_round, server_round, stats, evaluation))
+        if not overlap(server_round):
+            flush()
+    flush()
+
+
+class _AfterFirstSend:
+    """A transport that calls ``then`` once its first requests are sent."""
+
+    def __init__(self, transport: Transport, then: Callable[[], None]):
+        self.transport, self.then = transport, then
+
+    def send(self, requests: dict[Hashable, Payload]) -> None:
+        self.transport.send(requests)
+        self.then()
+
+    def receive(self) -> dict[Hashable, Payload | str]:
+        return self.transport.receive()
+
+    def __getattr__(self, name: str):
+        return getattr(self.transport, name)
 
 
 class InProcessTransport:

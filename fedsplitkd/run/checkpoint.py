@@ -143,8 +143,13 @@ def resume(exp, rngs: dict[str, np.random.Generator]) -> list[dict]:
     return restore(exp, load(exp.cfg.faults.resume), rngs) if exp.cfg.faults.resume else []
 
 
+def due(cfg, server_round: int) -> bool:
+    """Whether round ``server_round`` ends with a checkpoint (every ``checkpoint-every`` rounds, and the last)."""
+    every = cfg.faults.checkpoint_every
+    return bool(every) and (server_round % every == 0 or server_round == cfg.train.num_rounds)
+
+
 def maybe_save(exp, server_round: int, rngs: dict[str, np.random.Generator], rows: list[dict],
                directory: Path | None) -> None:
-    every = exp.cfg.faults.checkpoint_every
-    if directory is not None and every and (server_round % every == 0 or server_round == exp.cfg.train.num_rounds):
+    if directory is not None and due(exp.cfg, server_round):
         save(directory, capture(exp, server_round, rngs, rows))
