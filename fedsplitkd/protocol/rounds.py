@@ -16,9 +16,9 @@ Steps 1-5 are ``SplitKDServer.run_round``, run per cluster at its cut by the ``S
 Then, when ``fraction_evaluate`` > 0, a sample of devices evaluates the student on its own
 validation split, and ``on_round`` sees the round's results (the caller evaluates, records,
 checkpoints), before the next round starts or, where the caller allows it, while the next
-round's first requests are out (the devices compute as the server evaluates). What differs between transports is only the ``Fleet``: which devices exist and
-how requests reach them (``InProcessFleet`` here; ``fedsplitkd.strategies.transport.GridFleet``
-over a Flower Grid).
+round's first requests are out (the devices compute as the server evaluates). What differs
+between transports is only the ``Fleet``: which devices exist and how requests reach them
+(``InProcessFleet`` here; ``fedsplitkd.strategies.transport.GridFleet`` over a Flower Grid).
 """
 
 from __future__ import annotations
@@ -90,25 +90,28 @@ def train(scheduler: Scheduler, fleet: Fleet, rounds: Iterable[int], rngs: dict[
     r+1 and the sampling streams have moved on: a round whose state ``on_round`` captures (a
     checkpoint) must not overlap.
     """
-    pending: list[Callable[[], None]] = []
+    pending: Callable[[], None] | None = None  # the last round's on_round, not yet run
 
     def flush() -> None:
-        while pending:
-            pending.pop()()
+        nonlocal pending
+        if pending is not None:
+            record, pending = pending, None
+            record()
 
     for server_round in rounds:
         devices = fleet.sample(fraction_train, rngs["train"])
         scheduler.fleet_size = fleet.size
         transport = fleet.transport(devices)
+        if pending is not None:
+            transport = _AfterFirstSend(transport, flush)
         try:
-            stats = scheduler.run_round(_AfterFirstSend(transport, flush) if pending else transport, devices,
-                                        server_round)
+            stats = scheduler.run_round(transport, devices, server_round)
         finally:
             flush()  # a round that sent nothing, or failed, still records the one before
         evaluation = None
         if fraction_evaluate > 0.0:
             evaluation = evaluate_round(scheduler, fleet, fraction_evaluate, rngs["evaluate"], server_round)
-        pending.append(functools.partial(on_round, server_round, stats, evaluation))
+        pending = functools.partial(on_round, server_round, stats, evaluation)
         if not overlap(server_round):
             flush()
     flush()
