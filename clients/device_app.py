@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 
+import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
@@ -35,6 +36,13 @@ def node_partition(context: Context) -> tuple[int, int]:
     return int(node["partition-id"]), int(node["num-partitions"])
 
 
+def use_threads(threads: int) -> None:
+    """run-config 'device-threads' (0: torch's default). Set in the ClientApp's process only: a
+    simulated device is small, and more torch threads per process only contend for the cores."""
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def register_device(app: ClientApp, make_device: Callable[[Context], SplitDevice]) -> ClientApp:
     """Add the split protocol's handlers (``query.describe``, ``train.split_forward``,
     ``train.split_backward``, ``evaluate.split``) to ``app``; the app's other handlers stay."""
@@ -47,6 +55,7 @@ def register_device(app: ClientApp, make_device: Callable[[Context], SplitDevice
             if not isinstance(device, SplitDevice):
                 raise TypeError(f"make_device returned {type(device).__name__}, not a SplitDevice")
             setups[key] = device.setup(node_partition(context)[0])
+            use_threads(setups[key].cfg.fleet.device_threads)
             if len(setups) > CACHED:
                 setups.popitem(last=False)
         return setups[key]

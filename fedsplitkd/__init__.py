@@ -13,7 +13,7 @@ if _os.path.isfile(_os.path.join(_root, "strategies", "__init__.py")):
     __path__.append(_root)  # type: ignore[name-defined]  # noqa: F821
 
 # The library API (docs/library.md), imported on first use: ``import fedsplitkd`` stays light.
-_LIBRARY = {"SplitKDConfig", "SplitDevice", "edge_server", "split_model"}
+_LIBRARY = {"SplitKDConfig", "SplitDevice", "edge_server", "split_model", "teacher_accuracy"}
 __all__ = sorted(_LIBRARY)
 
 

@@ -17,73 +17,36 @@ name but the last is a cut point.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from fedsplitkd.config import DEFAULTS, ConfigError, RunConfig, resolve
+from fedsplitkd.config import ConfigError, RunConfig
 from fedsplitkd.fleet.costs import CostModel
 from fedsplitkd.data.datasets import DeviceData
 from fedsplitkd.protocol.device import DeviceSetup
 from fedsplitkd.models.splitmodel import Part, SplitModel
-from fedsplitkd.protocol.runtime import OptimizerFactory
+from fedsplitkd.protocol.runtime import OptimizerFactory, torch_device
 from fedsplitkd.protocol.server import SplitKDServer
+from fedsplitkd.splitkd_config import PROTOCOL_KEYS, SplitKDConfig, as_run_config
+
+__all__ = ["Blocks", "OptimizerFactory", "PROTOCOL_KEYS", "SplitDevice", "SplitKDConfig", "as_run_config", "edge_server",
+           "split_model", "teacher_accuracy", "teacher_model", "to_arrays"]
 
 Blocks = nn.Sequential | list[tuple[str, nn.Module]]
 TEACHER_EMBEDDING = "embedding"  # the teacher's first block: the one the devices run
 
 
-def _default(key: str) -> Any:
-    return dataclasses.field(default=DEFAULTS[key])
-
-
-@dataclasses.dataclass(frozen=True)
-class SplitKDConfig:
-    """The split protocol's settings; each field is the run-config key with '-' for '_'.
-
-    Defaults are the run config's (``fedsplitkd.config.SCHEMA``), checked by the same rules.
-    """
-
-    cut: str = _default("cut")
-    batch_size: int = _default("batch-size")
-    local_epochs: int = _default("local-epochs")
-    exchange_batches: int = _default("exchange-batches")
-    learning_rate: float = _default("learning-rate")
-    momentum: float = _default("momentum")
-    lr_schedule: str = _default("lr-schedule")
-    kd_alpha: float = _default("kd-alpha")
-    kd_temperature: float = _default("kd-temperature")
-    num_rounds: int = _default("num-rounds")
-    fraction_train: float = _default("fraction-train")
-    fraction_evaluate: float = _default("fraction-evaluate")
-    min_nodes: int = _default("min-nodes")
-    round_timeout: float = _default("round-timeout")
-    seed: int = _default("seed")
-
-    @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> SplitKDConfig:
-        """The fields a Flower run config sets (``learning-rate`` etc.); other keys are the app's own."""
-        names = {f.name.replace("_", "-"): f.name for f in dataclasses.fields(cls)}
-        return cls(**{names[k]: v for k, v in run_config.items() if k in names}).checked()
-
-    def run_config(self) -> RunConfig:
-        """The full resolved run config these settings stand for (the protocol code reads it)."""
-        values = {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
-        return resolve({**values, "method": "splitkd" if self.kd_alpha > 0 else "split"})
-
-    def checked(self) -> SplitKDConfig:
-        self.run_config()  # raises ConfigError naming the bad key
-        return self
-
-
-def _run_config(config: SplitKDConfig | RunConfig | None) -> RunConfig:
+def _run_config(config: SplitKDConfig | RunConfig | Mapping[str, Any] | None) -> RunConfig:
     """The whole run config: a ``RunConfig`` as given, the protocol's settings resolved into one."""
-    return config if isinstance(config, RunConfig) else (config or SplitKDConfig()).run_config()
+    return as_run_config(config)
 
 
 def split_model(student: Blocks, input_shape: tuple[int, ...], input_dtype: torch.dtype = torch.float32
@@ -152,16 +115,19 @@ class SplitDevice:
     ``train`` is a DataLoader or any iterable of ``(x, y)`` or dict batches (read once, on
     creation), or a ``DeviceData`` with the arrays already split (``val`` is then unused).
     ``teacher_embedding`` is the teacher's first module, needed when kd_alpha > 0: its
-    architecture only, since the server sends its weights once; a ``Part`` of a ``SplitModel``
-    teacher (the zoo's) keeps the teacher's block names. ``config`` is the protocol's settings,
-    or a whole ``RunConfig`` (the config-driven app builds its devices here).
+    architecture only, since the server sends its weights once. The device runs a copy of it,
+    frozen and in eval mode; the module given is left as it was. A ``Part`` of a ``SplitModel``
+    teacher (the zoo's) is used as given and keeps the teacher's block names. ``config`` is a
+    ``SplitKDConfig``, a whole ``RunConfig`` (the config-driven app builds its devices here) or
+    a Flower run config (``context.run_config``: its protocol keys are read, the app's left).
+    The student's modules are the device's working copy: each request loads the global weights.
     """
 
     student: Blocks
     train: Iterable | DeviceData
     val: Iterable | None = None
     teacher_embedding: nn.Module | None = None
-    config: SplitKDConfig | RunConfig = dataclasses.field(default_factory=SplitKDConfig)
+    config: SplitKDConfig | RunConfig | Mapping[str, Any] = dataclasses.field(default_factory=SplitKDConfig)
     keys: tuple[str, str] = ("img", "label")
 
     def __post_init__(self) -> None:
@@ -180,9 +146,10 @@ class SplitDevice:
             if self.teacher_embedding is None:
                 raise ConfigError("SplitDevice 'teacher_embedding': kd_alpha > 0 needs the teacher's embedding "
                                   "module on the device (or kd_alpha = 0: split learning without KD)")
-            # Named as the server's teacher names it, so the weights it sends load.
+            # Named as the server's teacher names it, so the weights it sends load; a copy, since
+            # the device loads those weights into it and freezes it (eval mode, no gradients).
             self.embedding = self.teacher_embedding if isinstance(self.teacher_embedding, Part) else \
-                nn.Sequential(OrderedDict([(TEACHER_EMBEDDING, self.teacher_embedding)]))
+                nn.Sequential(OrderedDict([(TEACHER_EMBEDDING, copy.deepcopy(self.teacher_embedding))]))
 
     def setup(self, device_id: int, runtimes: dict | None = None) -> DeviceSetup:
         """The protocol's view of this device (``fedsplitkd.protocol.device.handle_train`` serves it).
@@ -192,21 +159,27 @@ class SplitDevice:
 
 
 def edge_server(student: Blocks, input_shape: tuple[int, ...], teacher: nn.Module | None = None,
-                teacher_embedding: nn.Module | None = None, config: SplitKDConfig | RunConfig | None = None,
+                teacher_embedding: nn.Module | None = None,
+                config: SplitKDConfig | RunConfig | Mapping[str, Any] | None = None,
                 optimizer: OptimizerFactory | None = None, costs: CostModel | None = None,
                 input_dtype: torch.dtype = torch.float32) -> SplitKDServer:
     """The edge server: the student's upper part and the teacher, the KD + CE loss, the cost model.
 
-    ``teacher`` maps the embedding's outputs to logits (pre-trained; frozen), or is a
-    ``SplitModel`` whose first block is the embedding (the zoo's teachers; ``teacher_embedding``
-    is then unused). ``config`` is the protocol's settings, or a whole ``RunConfig`` (the
-    config-driven app builds its server here). ``optimizer`` builds the server part's optimizer
-    from its parameters (default SGD at ``learning_rate`` and ``momentum``, scheduled by
-    ``lr_schedule``; a factory's own rate is left alone). ``costs`` prices every round
-    (default: the run config's device classes).
+    ``teacher`` (the body) maps the embedding's outputs to logits, pre-trained; the server
+    runs a copy of both, frozen and in eval mode (BatchNorm on its running statistics, no
+    dropout), so the modules given are left as they were (``server.teacher`` is the copy; under
+    ``kd_mode = 'mutual'`` it is the copy that trains). A ``SplitModel`` whose first block is the
+    embedding (the zoo's teachers) is used as given (``teacher_embedding`` is then unused).
+    ``student``'s modules are the server's own: they train in place and move to the run's
+    ``torch_device``. ``config`` is a ``SplitKDConfig``, a whole ``RunConfig`` (the
+    config-driven app builds its server here) or a Flower run config. ``optimizer`` builds the
+    server part's optimizer from its parameters (default SGD at ``learning_rate`` and
+    ``momentum``, scheduled by ``lr_schedule``; a factory's own rate is left alone). ``costs``
+    prices every round (default: the run config's device classes).
     """
     cfg = _run_config(config)  # raises ConfigError naming a bad key
-    model = split_model(student, input_shape, input_dtype)
+    server_device = torch_device(cfg.model.torch_device)
+    model = split_model(student, input_shape, input_dtype).to(server_device)
     kd = cfg.split.kd_alpha > 0
     if isinstance(teacher, SplitModel):
         split_teacher = teacher if kd else None
@@ -214,10 +187,56 @@ def edge_server(student: Blocks, input_shape: tuple[int, ...], teacher: nn.Modul
         raise ConfigError("edge_server 'teacher'/'teacher_embedding': kd_alpha > 0 needs both (the devices "
                           "run the embedding so raw inputs never leave them), or kd_alpha = 0")
     else:
-        split_teacher = teacher_model(teacher, teacher_embedding, input_shape, input_dtype) if kd else None
-    num_classes = model.block_stats()[-1].out_shape[-1]
-    # adaptive, per-device: the scheduler moves it
-    cut = "default" if cfg.split.cut in ("adaptive", "per-device") else cfg.split.cut
-    model.cut_index(cut)  # fail early, naming the cut points, on a bad cut
-    return SplitKDServer(model, split_teacher, cfg, num_classes,
-                         costs if costs is not None else CostModel.from_config(cfg), cut, optimizer)
+        # The server's own copy, frozen in eval mode: a pre-trained teacher's BatchNorm statistics
+        # are its own (mutual learning fine-tunes its weights with them), and dropout is off.
+        split_teacher = teacher_model(copy.deepcopy(teacher), copy.deepcopy(teacher_embedding), input_shape,
+                                      input_dtype).to(server_device).eval() if kd else None
+    # The server sizes the parts with one example through each block: in eval mode, so a
+    # BatchNorm neither refuses a batch of one nor takes the zeros into its running statistics.
+    with eval_mode(model):
+        num_classes = model.block_stats()[-1].out_shape[-1]
+        # adaptive, per-device: the scheduler moves it
+        cut = "default" if cfg.split.cut in ("adaptive", "per-device") else cfg.split.cut
+        model.cut_index(cut)  # fail early, naming the cut points, on a bad cut
+        return SplitKDServer(model, split_teacher, cfg, num_classes,
+                             costs if costs is not None else CostModel.from_config(cfg), cut, optimizer)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode for the block; then each of its modules has its own mode back."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def teacher_accuracy(teacher: nn.Module, test_data: Iterable | None = None,
+                     evaluate: Callable[[nn.Module], float] | None = None,
+                     keys: tuple[str, str] = ("img", "label")) -> float:
+    """The teacher's test accuracy: ``evaluate(teacher)`` (the user's own test, returning the
+    accuracy), or the share of ``test_data``'s labels (batches as ``SplitDevice`` reads them) that
+    its largest logit names. ``teacher`` is the whole teacher, inputs to logits (e.g. the
+    server's ``server.teacher``); it runs in eval mode without gradients, and each of its
+    modules gets back the train/eval mode it had."""
+    if (test_data is None) == (evaluate is None):
+        raise ValueError("teacher_accuracy: give test_data or evaluate (one of them)")
+    with eval_mode(teacher), torch.no_grad():
+        if evaluate is not None:
+            accuracy = evaluate(teacher)
+            if isinstance(accuracy, torch.Tensor) and accuracy.numel() == 1:
+                accuracy = accuracy.item()
+            if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float, np.floating)):
+                raise ValueError(f"the teacher's evaluation returned {type(accuracy).__name__}: it must return "
+                                 "the accuracy, a number in [0, 1]")
+            return float(accuracy)
+        x, y = to_arrays(test_data, keys, "teacher test data")
+        server_device = next(teacher.parameters()).device
+        correct = 0
+        for i in range(0, len(y), 1024):
+            logits = teacher(torch.from_numpy(x[i:i + 1024]).to(server_device))
+            correct += int((logits.argmax(-1).cpu() == torch.from_numpy(y[i:i + 1024])).sum())
+        return correct / len(y)

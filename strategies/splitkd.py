@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 from logging import INFO
 
 from torch import nn
@@ -16,7 +17,8 @@ from flwr.supercore import log
 
 from fedsplitkd.fleet.costs import CostModel
 from fedsplitkd.fleet.schedule import Scheduler
-from fedsplitkd.library import Blocks, OptimizerFactory, SplitKDConfig, edge_server
+from fedsplitkd.config import RunConfig
+from fedsplitkd.library import Blocks, OptimizerFactory, SplitKDConfig, as_run_config, edge_server, teacher_accuracy
 from fedsplitkd.protocol.rounds import Evaluation, train
 from fedsplitkd.protocol.runtime import load_numpy_state
 from fedsplitkd.protocol.server import RoundStats, SplitKDServer
@@ -81,27 +83,52 @@ class SplitKD(Strategy):
         # Rounds done before this run (a resumed run): ``start`` counts from 1 again, as Flower does.
         self.round_offset = 0
         self.virtual_devices = virtual_devices
+        self.teacher_accuracy: float | None = None  # from_models measures it when given test data
 
     @classmethod
     def from_models(cls, student: Blocks, input_shape: tuple[int, ...], teacher: nn.Module | None = None,
-                    teacher_embedding: nn.Module | None = None, config: SplitKDConfig | None = None,
-                    optimizer: OptimizerFactory | None = None, costs: CostModel | None = None) -> SplitKD:
+                    teacher_embedding: nn.Module | None = None,
+                    config: SplitKDConfig | RunConfig | Mapping[str, Any] | None = None,
+                    optimizer: OptimizerFactory | None = None, costs: CostModel | None = None, *,
+                    test_data: Iterable | None = None,
+                    evaluate_teacher: Callable[[nn.Module], float] | None = None,
+                    keys: tuple[str, str] = ("img", "label")) -> SplitKD:
         """Split-KD over the user's own student and teacher (``fedsplitkd.library.edge_server``).
 
         ``student`` is an ``nn.Sequential`` of named blocks (or ``(name, module)`` pairs);
         the whole student is what ``start`` takes as ``initial_arrays`` and returns. One node
-        per device: each names its partition id in its node config.
+        per device: each names its partition id in its node config. ``config`` is a
+        ``SplitKDConfig``, a ``RunConfig`` or a Flower run config (its protocol keys).
+
+        The teacher's test accuracy, what the student is measured against, is measured once
+        here when ``test_data`` (batches as ``SplitDevice`` reads them, ``keys`` naming a dict
+        batch's input and label) or ``evaluate_teacher`` (the user's own test: the whole teacher,
+        inputs to logits, in eval mode -> its accuracy) is given: logged, kept in
+        ``strategy.teacher_accuracy`` and logged again beside the final round.
         """
-        config = config or SplitKDConfig()
-        server = edge_server(student, input_shape, teacher, teacher_embedding, config, optimizer, costs)
-        return cls(server, config.fraction_train, config.fraction_evaluate, config.min_nodes,
-                   config.round_timeout, seed=config.seed)
+        cfg = as_run_config(config)
+        server = edge_server(student, input_shape, teacher, teacher_embedding, cfg, optimizer, costs)
+        strategy = cls(server, cfg.train.fraction_train, cfg.train.fraction_evaluate, cfg.fleet.min_nodes,
+                       cfg.faults.round_timeout, seed=cfg.train.seed)
+        if test_data is not None or evaluate_teacher is not None:
+            # kd_alpha = 0 keeps no teacher on the server; the user's modules are measured then
+            # (their train/eval modes restored).
+            whole = server.teacher if server.teacher is not None else (
+                nn.Sequential(teacher_embedding, teacher) if teacher is not None and teacher_embedding is not None
+                else None)
+            if whole is None:
+                raise ValueError("SplitKD.from_models 'test_data'/'evaluate_teacher': there is no teacher to "
+                                 "measure (give teacher and teacher_embedding)")
+            strategy.teacher_accuracy = teacher_accuracy(whole, test_data, evaluate_teacher, keys)
+            log(INFO, "fedsplitkd: teacher test accuracy %.4f", strategy.teacher_accuracy)
+        return strategy
 
     def summary(self) -> None:
         log(INFO, "\t├──> Sampling: fraction train %.2f | evaluate %.2f | min nodes %d",
             self.fraction_train, self.fraction_evaluate, self.min_nodes)
-        log(INFO, "\t└──> Cut '%s', teacher input '%s', exchange-batches %d",
-            self.server.cut, self.server.mode, self.server.cfg.split.exchange_batches)
+        log(INFO, "\t└──> Cut '%s', teacher input '%s', exchange-batches %d%s",
+            self.server.cut, self.server.mode, self.server.cfg.split.exchange_batches,
+            "" if self.teacher_accuracy is None else f", teacher test accuracy {self.teacher_accuracy:.4f}")
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
@@ -143,6 +170,8 @@ class SplitKD(Strategy):
               self.fraction_train, self.fraction_evaluate, on_round,
               lambda server_round: overlap(server_round - self.round_offset))
         log(INFO, "Strategy execution finished in %.2fs", time.time() - started)
+        if self.teacher_accuracy is not None:  # what the student is measured against, as the config app reports
+            log(INFO, "fedsplitkd: teacher test accuracy %.4f", self.teacher_accuracy)
         for line in io.StringIO(str(result)):
             log(INFO, "\t%s", line.strip("\n"))
         return result
