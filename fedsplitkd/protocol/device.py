@@ -97,12 +97,11 @@ def _models(cfg: RunConfig, shape=None) -> tuple[SplitModel, nn.Module | None, d
 
 
 def _device(cfg: RunConfig, device_key: int, local: data_lib.DeviceData, shape=None) -> DeviceSetup:
-    """The config app's device as a library user builds one (``fedsplitkd.library.SplitDevice``):
-    the zoo's student, the device's arrays, the zoo teacher's embedding part, the run config."""
-    from fedsplitkd.library import SplitDevice  # the library builds on this module: import on use
-
+    """The config app's device, as ``fedsplitkd.library.SplitDevice`` builds a library user's: the
+    zoo's student, the device's arrays, the zoo teacher's embedding part, the run config. Built
+    here, not through the library: the protocol must not import its own façade (a circle)."""
     student, embedding, runtimes = _models(cfg, shape)
-    return SplitDevice(student, local, teacher_embedding=embedding, config=cfg).setup(device_key, runtimes)
+    return DeviceSetup(cfg, device_key, local, student, embedding if cfg.split.kd_alpha > 0 else None, runtimes)
 
 
 @functools.lru_cache(maxsize=256)
