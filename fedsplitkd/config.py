@@ -83,11 +83,14 @@ class DataConfig:
     """The dataset, where it comes from, the server's splits of it, and how devices share the rest."""
 
     dataset: str = key(_choice("digits", "har", "shakespeare", "shakespeare-lm", "cifar10", "fashion_mnist",
-                               "femnist", "npz", "csv"))
+                               "femnist", "images", "npz", "csv"))
     data_path: str = key(_str("", "a file path ('' = the dataset's default source)"))
     label_column: str = key(_str("label", "the label column's name (csv)"))
     seq_len: int = key(_int(40, 2))
     text_stride: int = key(_int(40, 1))
+    train_samples: int = key(Key(0, "an integer >= 0 (0 = the whole training split; else a fixed random subset "
+                                 "of this many, the same for every run)",
+                                 lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0))
     partition: str = key(_choice("dirichlet", "iid", "pathological", "natural"))
     dirichlet_alpha: float = key(_float(0.5, 0.0, 1e6, low_open=True))
     classes_per_device: int = key(_int(2, 1))
@@ -117,7 +120,7 @@ class TrainConfig:
 class ModelConfig:
     """The student, the teacher, and the torch device the server computes on."""
 
-    student_model: str = key(_choice("auto", "mlp", "cnn1d", "cnn2d", "gpt"))
+    student_model: str = key(_choice("auto", "mlp", "cnn1d", "cnn2d", "lenet", "gpt"))
     gpt_student: str = key(Key("2x128x4", "layers x width x heads, e.g. '2x128x4' (heads divide width)",
                                _gpt_size_ok))
     gpt_teacher: str = key(Key("6x256x8", "layers x width x heads, e.g. '6x256x8' (heads divide width)",
@@ -125,7 +128,9 @@ class ModelConfig:
     hf_student: str = key(_str("", "a local Hugging Face checkpoint directory ('' = the built-in GPT)"))
     hf_teacher: str = key(_str("", "a local Hugging Face checkpoint directory, used as trained "
                                "('' = the built-in GPT)"))
-    teacher_path: str = key(_str("", "a checkpoint path ('' = train on the public split)"))
+    teacher_model: str = key(_choice("auto", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110"))
+    teacher_path: str = key(_str("", "a checkpoint path ('' = a pre-trained teacher-model's published "
+                                 "weights, downloaded; else train on the public split)"))
     teacher_cache_dir: str = key(_str("", "a directory ('' = ~/.cache/fedsplitkd/teachers)"))
     teacher_epochs: int = key(_int(100, 1))
     teacher_augment: bool = key(_bool(True))

@@ -63,6 +63,11 @@ def csv_test_split() -> Generator:
     return np.random.default_rng(0)
 
 
+def train_subset() -> Generator:
+    """The fixed subset of a large training split (``train-samples``): the same for every run and seed."""
+    return np.random.default_rng([0, 29])
+
+
 def torch_generator(seed: int) -> torch.Generator:
     """Torch-side shuffling (the teacher's and FedDF's batches)."""
     return torch.Generator().manual_seed(seed)

@@ -8,6 +8,7 @@ pre-training) is cut from the training data and removed from the devices.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import io
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsplitkd.data import sources
+from fedsplitkd.data import images, sources
 from fedsplitkd.data.sources import DataError
 from fedsplitkd import streams
 from fedsplitkd.config import DataConfig
@@ -107,6 +108,7 @@ def _checked(name: str, origin: str, raw: dict) -> Dataset:
 
 
 MAPPED_BYTES = 64 << 20  # training features at least this large are memory-mapped from the cache
+DECODED = {"cifar10", "images"}  # decoded from image files: kept in the cache whatever their size
 
 
 def take(x: np.ndarray, index) -> np.ndarray:
@@ -168,7 +170,7 @@ def _load(name: str, path: str, seq_len: int, stride: int, label_column: str) ->
     if mapped is not None:
         return mapped
     ds = _read(name, path, seq_len, stride, label_column)
-    if ds.x_train.nbytes < MAPPED_BYTES:
+    if ds.x_train.nbytes < MAPPED_BYTES and name not in DECODED:
         return ds
     try:
         _store_mapped(directory, ds)
@@ -186,6 +188,13 @@ def _read(name: str, path: str, seq_len: int, stride: int, label_column: str) ->
         raw = sources.shakespeare(path, seq_len, stride)
     elif name == "shakespeare-lm":
         raw = sources.shakespeare(path, seq_len, stride, sequence=True)
+    elif name == "cifar10":
+        raw = images.cifar10(path)
+    elif name == "images":
+        if not path:
+            raise DataError("dataset 'images' needs data-path: a folder or zip of class sub-folders of "
+                            "images (train/<class>/*.png and test/<class>/*.png, or <class>/*.jpg)")
+        raw = images.image_folder(path)
     elif name in sources.HUB:
         raw = sources.hub(name)
     elif name == "npz":
@@ -208,7 +217,19 @@ def load_dataset(cfg) -> Dataset:
 
 
 def _dataset(data: DataConfig) -> Dataset:
-    return _load(data.dataset, data.data_path, data.seq_len, data.text_stride, data.label_column)
+    where = (data.dataset, data.data_path, data.seq_len, data.text_stride, data.label_column)
+    return _subset(*where, data.train_samples) if data.train_samples else _load(*where)
+
+
+@functools.lru_cache(maxsize=4)
+def _subset(name: str, path: str, seq_len: int, stride: int, label_column: str, train_samples: int) -> Dataset:
+    """``train_samples`` of the training split, drawn once from a fixed stream (as many or more: all of it)."""
+    ds = _load(name, path, seq_len, stride, label_column)
+    if train_samples >= len(ds.y_train):
+        return ds
+    keep = np.sort(streams.train_subset().permutation(len(ds.y_train))[:train_samples])
+    return dataclasses.replace(ds, x_train=take(ds.x_train, keep), y_train=ds.y_train[keep],
+                               ids_train=None if ds.ids_train is None else ds.ids_train[keep])
 
 
 def server_splits(num_train: int, public_fraction: float, holdout_fraction: float,

@@ -36,6 +36,7 @@ class Source:
     url: str
     sha256: str | None
     filename: str
+    md5: str | None = None  # where the publisher gives only an md5, checked besides the sha256 pin
 
 
 SHAKESPEARE = Source(
@@ -47,7 +48,6 @@ UCI_HAR = Source("https://archive.ics.uci.edu/static/public/240/human+activity+r
                  None, "uci_har.zip")
 
 HUB = {  # run-config name -> (hub dataset, image column, label column, natural-id column)
-    "cifar10": ("uoft-cs/cifar10", "img", "label", None),
     "fashion_mnist": ("zalando-datasets/fashion_mnist", "image", "label", None),
     "femnist": ("flwrlabs/femnist", "image", "character", "writer_id"),
 }
@@ -95,7 +95,11 @@ def code_digest(*names: str) -> str:
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
+    return file_digest(path, "sha256")
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    digest = hashlib.new(algorithm, usedforsecurity=False)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
@@ -122,6 +126,10 @@ def fetch(source: Source, directory: Path | None = None) -> Path:
         if expected and got != expected:
             tmp.unlink()
             raise DataError(f"download of {source.url} has sha256 {got}, expected {expected}")
+        md5 = file_digest(tmp, "md5") if source.md5 else None
+        if md5 != source.md5:
+            tmp.unlink()
+            raise DataError(f"download of {source.url} has md5 {md5}, expected {source.md5}")
         os.replace(tmp, path)
         if not source.sha256:
             pin.write_text(got + "\n")

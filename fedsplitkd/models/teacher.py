@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from fedsplitkd.protocol.kd import kd_loss
-from fedsplitkd.models.zoo import SplitModel, family_of, teacher_for
+from fedsplitkd.models.resnet import checkpoint_file, load_checkpoint
+from fedsplitkd.models.zoo import SplitModel, family_of, pretrained_teacher, teacher_for
 from fedsplitkd.protocol.runtime import torch_device_of, evaluate, torch_device
 from fedsplitkd import streams
 from fedsplitkd.data import sources
@@ -86,6 +87,12 @@ def get_teacher(cfg, dataset, x_public: np.ndarray, y_public: np.ndarray) -> Spl
     torch_dev = torch_device(cfg.model.torch_device)
     teacher = teacher_for(cfg, dataset).to(torch_dev)
     if cfg.model.hf_teacher:  # a Hugging Face checkpoint is a trained teacher: used as is
+        return teacher
+    published = pretrained_teacher(cfg, dataset)
+    if published:  # pre-trained and frozen: never trained further, the public split unused for it
+        cache = Path(cfg.model.teacher_cache_dir).expanduser() if cfg.model.teacher_cache_dir else default_cache_dir()
+        load_checkpoint(teacher, checkpoint_file(published, cfg.model.teacher_path, cache))
+        log.info("teacher: pre-trained %s from %s", published, cfg.model.teacher_path or "its release")
         return teacher
     if cfg.model.teacher_path:
         path = Path(cfg.model.teacher_path).expanduser()

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from fedsplitkd.models.gpt import GPTSize, gpt
+from fedsplitkd.models.resnet import cifar_resnet, lenet
 from fedsplitkd.models.splitmodel import BlockStats, SplitModel
 
 __all__ = ["BlockStats", "SplitModel", "build_student", "build_teacher", "student_for", "teacher_for"]
@@ -83,15 +84,20 @@ def charcnn(seq_len: int, vocab: int, dim: int, channels: list[int]) -> SplitMod
 GPT_STUDENT, GPT_TEACHER = "2x128x4", "6x256x8"  # layers x width x heads (run-config defaults)
 
 
+LENET_MIN_SIDE = 28  # images at least this large get LeNet-5; smaller ones (digits' 8x8) the small 2-D CNN
+
+
 def family_for(input_shape: tuple[int, ...], tokens: bool = False, sequence: bool = False) -> str:
     """Token ids -> char CNN (one next token) or GPT (a next token per position, ``sequence``);
-    flat features -> MLP, (C, L) -> 1-D CNN, (C, H, W) -> 2-D CNN."""
+    flat features -> MLP, (C, L) -> 1-D CNN, (C, H, W) -> LeNet-5 from 28x28, else a small 2-D CNN."""
     if sequence:
         return "gpt"
     if tokens:
         return "charcnn"
     if len(input_shape) not in (1, 2, 3):
         raise ValueError(f"no model family for feature shape {input_shape}: expected (F,), (C, L) or (C, H, W)")
+    if len(input_shape) == 3 and min(input_shape[1:]) >= LENET_MIN_SIDE:
+        return "lenet"
     return {1: "mlp", 2: "cnn1d", 3: "cnn2d"}[len(input_shape)]
 
 
@@ -106,6 +112,8 @@ def build_student(family: str, input_shape: tuple[int, ...], num_classes: int,
         return mlp(input_shape, num_classes, [128, 64])
     if family == "cnn1d":
         return cnn1d(input_shape, num_classes, [16, 32, 64], hidden=0)
+    if family == "lenet":
+        return lenet(input_shape, num_classes)
     return cnn2d(input_shape, num_classes, [16, 32], hidden=64)
 
 
@@ -121,6 +129,8 @@ def build_teacher(family: str, input_shape: tuple[int, ...], num_classes: int,
         return mlp(input_shape, num_classes, [512, 512, 256])
     if family == "cnn1d":
         return cnn1d(input_shape, num_classes, [32, 64, 128, 256], hidden=128)
+    if family == "lenet":  # a trained-from-scratch teacher for a LeNet student: the small ResNet
+        return cifar_resnet("resnet20", input_shape, num_classes)
     return cnn2d(input_shape, num_classes, [32, 64, 128], hidden=256)
 
 
@@ -171,6 +181,21 @@ def student_for(cfg, dataset) -> SplitModel:
     return _model_for(cfg, dataset, "student")
 
 
+def pretrained_teacher(cfg, dataset) -> str | None:
+    """The published pre-trained teacher the run uses ('resnet56', ...), or None (a teacher the
+    server trains, or a Hugging Face one). ``teacher-model = auto`` picks ResNet-56 for CIFAR-10."""
+    name = cfg.model.teacher_model
+    if name == "auto":
+        name = "resnet56" if dataset.name == "cifar10" else None
+    if name and len(dataset.input_shape) != 3:
+        raise ValueError(f"run-config 'teacher-model' = {name!r} needs images (C, H, W); dataset "
+                         f"'{dataset.name}' has features {dataset.input_shape}")
+    return name
+
+
 def teacher_for(cfg, dataset) -> SplitModel:
-    """The run's teacher for ``dataset`` (sizes from the run config, or a local HF checkpoint)."""
+    """The run's teacher for ``dataset`` (sizes from the run config, a CIFAR ResNet, or a local HF checkpoint)."""
+    name = pretrained_teacher(cfg, dataset)
+    if name:
+        return cifar_resnet(name, dataset.input_shape, dataset.num_classes)
     return _model_for(cfg, dataset, "teacher")
