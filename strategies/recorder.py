@@ -29,14 +29,17 @@ class Recorder:
                           time.perf_counter() - self.clock if server_round else 0.0,
                           holdout if holdout is not None else self.exp.evaluate_holdout(), evaluation)
         self.writer.append(row)
+        self.exp.check_health(row)
         if stats is not None:
             self.writer.append_round_rows("devices.csv", server_round, stats.device_costs)
             self.writer.append_round_rows("dropped.csv", server_round, [
                 {"device": key, "stage": stage, "kind": kind, "reason": reason}
                 for key, stage, kind, reason in stats.drops])
-            log(INFO, "[round %d/%d] %s test acc %.4f loss %.4f%s | up %.2f MB down %.2f MB | %d/%d devices | "
-                "sim %.1f s, %.2f J | %.2f s", server_round, self.cfg.train.num_rounds, self.cfg.method.name,
-                accuracy, loss, self._teacher(), stats.bytes_up / 1e6, stats.bytes_down / 1e6, stats.completed,
+            log(INFO, "[round %d/%d] %s test acc %.4f loss %.4f%s | up %.2f MB (activations %.2f, teacher %.2f, "
+                "weights %.2f) down %.2f MB | %d/%d devices | sim %.1f s, %.2f J | %.2f s", server_round,
+                self.cfg.train.num_rounds, self.cfg.method.name, accuracy, loss, self._teacher(),
+                stats.bytes_up / 1e6, stats.bytes_up_activations / 1e6, stats.bytes_up_teacher / 1e6,
+                stats.bytes_up_weights / 1e6, stats.bytes_down / 1e6, stats.completed,
                 stats.devices, row["sim_time_s"], row["device_energy_j"], row["wall_s"])
         self.clock = time.perf_counter()
         return MetricRecord({"test_accuracy": accuracy, "test_loss": loss})

@@ -1,10 +1,8 @@
-"""Image folders (directory or zip), CIFAR-10's release, the CIFAR ResNets' published checkpoints,
-LeNet-5, and the run's health flags."""
+"""Image folders (directory or zip), CIFAR-10's release, the CIFAR ResNets' published checkpoints, LeNet-5."""
 
 from __future__ import annotations
 
 import io
-import math
 import pickle
 import tarfile
 import zipfile
@@ -22,7 +20,6 @@ from fedsplitkd.data.datasets import load_dataset
 from fedsplitkd.data.sources import DataError
 from fedsplitkd.models.resnet import cifar_resnet, lenet, load_checkpoint
 from fedsplitkd.models.zoo import student_for, teacher_for
-from fedsplitkd.run.health import Health, top_class_share
 
 SHARED_MODELS = SHARED_DATASETS.parent / "models" / "cifar-resnet"
 CIFAR_ZIP = SHARED_DATASETS / "cifar10-jpeg.zip"
@@ -182,30 +179,3 @@ def test_published_resnet56_on_real_cifar_images(tmp_path):
     accuracy, _ = evaluate(teacher, ds.x_test, ds.y_test)
     assert accuracy >= 0.75
     assert student_for(cfg, ds).block_names[0] == "conv1"  # LeNet-5 for CIFAR-10
-
-
-def test_health_flags_divergence_and_a_dead_student():
-    health = Health(10)
-    row = {"round": 1, "test_loss": 1.5, "test_accuracy": 0.4, "devices": 4, "completed": 4, "dropped_invalid": 0}
-    assert health.update(row, 0.3) is None
-    dead = {**row, "round": 3, "test_loss": 2.31, "test_accuracy": 0.1}
-    assert "not learning" in health.update(dead, 1.0)
-    assert health.update({**dead, "round": 4}, 1.0) is None  # warned once
-    assert health.summary()["health"] == "not learning" and health.summary()["not_learning_round"] == 3
-    assert health.update({**row, "round": 5}, 0.3) is None
-    assert health.summary()["health"] == "ok"  # judged on the last round
-    nan = {**row, "round": 6, "test_loss": math.nan, "test_accuracy": 0.1}
-    assert "diverged" in health.update(nan, 1.0)
-    assert health.summary() == {"health": "diverged", "diverged_round": 6, "not_learning_round": None,
-                                "top_class_share": 1.0}
-    all_dropped = Health(10)
-    all_dropped.update({**row, "round": 2, "completed": 0, "dropped_invalid": 4}, 0.2)
-    assert all_dropped.summary()["diverged_round"] == 2
-
-
-def test_top_class_share():
-    model = torch.nn.Linear(2, 3)
-    with torch.no_grad():
-        model.weight.zero_()
-        model.bias.copy_(torch.tensor([0.0, 5.0, 0.0]))
-    assert top_class_share(model, np.ones((7, 2), np.float32)) == 1.0

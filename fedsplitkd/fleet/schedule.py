@@ -307,7 +307,7 @@ class Scheduler:
 
 
 SUMMED = ("devices", "completed", "samples", "loss_sum", "bytes_up", "bytes_down", "bytes_up_activations",
-          "exchanges", "transport_s", "server_s")
+          "bytes_up_teacher", "bytes_up_labels", "bytes_up_weights", "exchanges", "transport_s", "server_s")
 LAST = ("sim_time_s", "cum_device_energy_j")
 
 

@@ -70,7 +70,10 @@ class RoundStats:
     loss_sum: float = 0.0
     bytes_up: int = 0
     bytes_down: int = 0
-    bytes_up_activations: int = 0
+    bytes_up_activations: int = 0  # of bytes_up, by kind: the student's cut-layer activations,
+    bytes_up_teacher: int = 0      # the teacher's inputs (its embedding's outputs),
+    bytes_up_labels: int = 0       # the labels,
+    bytes_up_weights: int = 0      # and the trained device parts (the rest is framing and ids)
     exchanges: int = 0
     transport_s: float = 0.0   # wall time waiting for the devices' replies
     server_s: float = 0.0      # wall time of the server's own compute
@@ -341,6 +344,7 @@ class SplitKDServer:
                     try:
                         if request.get("final"):
                             finals[key] = (self.check_final(reply, server_round, seen[key]), seen[key])
+                            stats.bytes_up_weights += sum(a.nbytes for k, a in reply.items() if k.startswith(WEIGHTS))
                             continue
                         self.check_chunk(reply, server_round)
                         teacher[key] = self.teacher_logits(key, reply)
@@ -350,6 +354,8 @@ class SplitKDServer:
                     if any(k.startswith(TEACHER) for k in request):
                         self.has_teacher.add(holder(key))
                     stats.bytes_up_activations += reply["activations"].nbytes
+                    stats.bytes_up_labels += reply["labels"].nbytes
+                    stats.bytes_up_teacher += reply["teacher-input"].nbytes if "teacher-input" in reply else 0
                     chunks[key], asked[key] = reply, request
                 if chunks:
                     grads, loss_sum, diverged = self.train_chunks(chunks, teacher)

@@ -28,6 +28,7 @@ from fedsplitkd.library import edge_server
 from fedsplitkd.protocol.rounds import Evaluation, InProcessFleet, train
 from fedsplitkd.protocol.server import RoundStats, SplitKDServer
 from fedsplitkd.models.teacher import get_teacher
+from fedsplitkd.run.health import Health, top_class_share
 from fedsplitkd import streams
 
 log = logging.getLogger("fedsplitkd")
@@ -43,6 +44,19 @@ class Experiment:
     scheduler: Scheduler
     device_rows: list = field(default_factory=list)  # the cost model's per-device rows, all rounds
     holdout: tuple[np.ndarray, np.ndarray] | None = None  # the server's validation split (x, y)
+    health: Health | None = None  # whether the run learns (summary.json's health fields)
+
+    def check_health(self, row: dict) -> None:
+        """Follow the run's health; log a warning the first time it diverges or stops learning.
+        Methods with a model per device (their accuracy is the devices' mean) are judged on
+        their loss alone: the global student is not what they train."""
+        if self.health is None:
+            self.health = Health(self.dataset.num_classes)
+        per_device = self.cfg.method.name in ("local", "fd", "fedgkt")
+        share = float("nan") if per_device else top_class_share(self.student, self.dataset.x_test)
+        warning = self.health.update(row, share)
+        if warning:
+            log.warning("fedsplitkd: %s", warning)
 
     def evaluate(self) -> tuple[float, float]:
         return evaluate(self.student, self.dataset.x_test, self.dataset.y_test)
@@ -101,7 +115,9 @@ def metrics_row(server_round: int, method: str, accuracy: float, loss: float,
     row = {
         "round": server_round, "method": method, "test_accuracy": accuracy, "test_loss": loss,
         "bytes_up": stats.bytes_up, "bytes_down": stats.bytes_down,
-        "bytes_up_activations": stats.bytes_up_activations, "train_loss": stats.train_loss,
+        "bytes_up_activations": stats.bytes_up_activations, "bytes_up_teacher": stats.bytes_up_teacher,
+        "bytes_up_labels": stats.bytes_up_labels, "bytes_up_weights": stats.bytes_up_weights,
+        "train_loss": stats.train_loss,
         "devices": stats.devices, "completed": stats.completed,
         "dropped_failed": stats.dropped["failed"], "dropped_invalid": stats.dropped["invalid"],
         "dropped_forward": stats.dropped["forward"], "dropped_backward": stats.dropped["backward"],
@@ -145,6 +161,7 @@ def run_inprocess(overrides: dict | None, num_devices: int,
         row = metrics_row(server_round, cfg.method.name, *exp.evaluate(), stats, time.perf_counter() - started,
                           exp.evaluate_holdout(), evaluation)
         rows.append(row)
+        exp.check_health(row)
         exp.device_rows += [{"round": server_round, **r} for r in stats.device_costs]
         checkpoint.maybe_save(exp, server_round, rngs, rows, checkpoint_dir)
         if on_round:
