@@ -34,7 +34,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedsplitkd.tools.localsim import _free_port, _toml_value, descendants
+from fedsplitkd.tools.localsim import _toml_value
+from fedsplitkd.tools.processes import ProcessTree, alive, descendants, free_port, local_superlink_env
+
+__all__ = ["DeploymentResult", "LocalDeployment", "alive", "parse_run_config", "write_tls_certificates"]
 
 CONNECTION = "fedsplitkd-deploy"
 
@@ -73,15 +76,6 @@ def write_tls_certificates(directory: Path) -> tuple[Path, Path, Path]:
                                            serialization.NoEncryption()))
     paths[2].chmod(0o600)
     return paths
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie waiting for its parent to reap it counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 @dataclass
@@ -125,14 +119,16 @@ class LocalDeployment:
         # the SuperLink never saw (partition ids from num_supernodes on), which it must refuse.
         self.auth, self.unregistered = auth or bool(unregistered), unregistered
         self.supernodes: dict[int, subprocess.Popen] = {}
-        self.port = _free_port()
+        self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.ca: Path | None = None
         self.processes: list[subprocess.Popen] = []
-        self.seen: set[int] = set()  # every PID observed under our processes, for the clean-up
-        self.env = {**os.environ, "FLWR_HOME": str(self.home),
-                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                    **(env or {})}  # e.g. FLWR_SUPEREXEC_TASK_POLL_INTERVAL, FEDSPLITKD_TIMING
+        self.tree = ProcessTree()  # every process started under this deployment, to stop on exit
+        # flwr's own local SuperLink gets free ports too, should anything run `flwr run` without ours
+        self.env = self.tree.env({**os.environ, "FLWR_HOME": str(self.home),
+                                  "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                                  "FLWR_DISABLE_UPDATE_CHECK": "1", **local_superlink_env(),
+                                  **(env or {})})  # e.g. FLWR_SUPEREXEC_TASK_POLL_INTERVAL, FEDSPLITKD_TIMING
 
     # -- start and stop ---------------------------------------------------------------
 
@@ -142,6 +138,7 @@ class LocalDeployment:
             process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                        cwd=self.home, start_new_session=True)
         self.processes.append(process)
+        self.tree.add_root(process.pid)
         return process
 
     def superlink_command(self) -> list[str]:
@@ -157,7 +154,7 @@ class LocalDeployment:
             security += ["--auth-supernode-private-key", str(self.key(partition_id))]
         # Each SuperNode serves its ClientApps on its own local port; the default collides.
         return ["flower-supernode", *security, "--superlink", self.address, "--host", "127.0.0.1",
-                "--port", str(_free_port()),
+                "--port", str(free_port()),
                 "--node-config", " ".join(f"{k}={_toml_value(str(v) if isinstance(v, Path) else v)}"
                                          for k, v in self.node_config(partition_id).items())]
 
@@ -199,9 +196,8 @@ class LocalDeployment:
     def kill_supernode(self, partition_id: int) -> None:
         """SIGKILL SuperNode ``partition_id`` and what it started (a node that dies)."""
         process = self.supernodes[partition_id]
-        tree = [process.pid, *descendants(process.pid)]
-        self.seen |= set(tree)
-        for pid in tree:
+        self.tree.members()  # remembered for the clean-up, should any of them outlive the kill
+        for pid in [process.pid, *descendants(process.pid)]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -270,31 +266,17 @@ class LocalDeployment:
         raise RuntimeError(f"fewer than {count} SuperNodes came online in {self.startup_timeout:.0f} s")
 
     def pids(self) -> set[int]:
-        """Our processes and all their descendants now (also remembered for the clean-up)."""
-        roots = [p.pid for p in self.processes]
-        now = {*roots, *descendants(*roots)}
-        self.seen |= now
-        return now
+        """Our processes and all they started, running now (also remembered for the clean-up)."""
+        return set(self.tree.members())
+
+    @property
+    def seen(self) -> set[int]:
+        """Every PID observed under our processes so far."""
+        return set(self.tree.seen)
 
     def __exit__(self, *exc) -> None:
-        tree = self.pids() | self.seen
-        for process in self.processes:
-            if process.poll() is None:
-                try:
-                    os.killpg(process.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(alive(p) for p in tree):
-            for process in self.processes:
-                process.poll()
-            time.sleep(0.1)
-        for pid in tree:  # only PIDs seen under our own processes; a stray that left our group too
-            if alive(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        """Stop every process of the deployment's tree: SIGTERM, then SIGKILL after 10 s."""
+        self.tree.stop(grace=10.0)
         for process in self.processes:
             try:
                 process.wait(timeout=10)

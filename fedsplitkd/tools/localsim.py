@@ -1,8 +1,11 @@
 """Run the app through Flower's simulation on a private SuperLink, then stop it.
 
-``flwr run .`` starts a detached SuperLink on a fixed port that outlives the run. Tests,
-benchmarks and sweeps instead start their own on a free port (we own its PID), point a
-named connection in a private FLWR_HOME at it, and stop its whole process group.
+``flwr run .`` starts a detached SuperLink on a fixed port (39091, whatever FLWR_HOME says)
+that outlives the run, so two such runs on one machine cross. Tests, benchmarks and sweeps
+instead start their own on a free port, point a named connection in a private FLWR_HOME at
+it (and give ``flwr``'s own local SuperLink free ports too, should anything ask for it), and
+on exit stop every process the SuperLink started: SuperExec, ServerApp, simulation, Ray
+(``fedsplitkd.tools.processes``).
 
     with LocalSimulation() as sim:
         sim.run(".", {"num-rounds": 3}, num_supernodes=5)
@@ -10,11 +13,9 @@ named connection in a private FLWR_HOME at it, and stop its whole process group.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -22,32 +23,15 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from fedsplitkd.tools.processes import ProcessTree, descendants, free_port, local_superlink_env
+
+__all__ = ["LocalSimulation", "descendants", "tree_rss_bytes"]
+
 CONNECTION = "fedsplitkd-sim"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def descendants(*roots: int) -> list[int]:
-    """Every process below ``roots`` (Linux /proc). Flower's superexec starts its own session,
-    so killing the SuperLink's process group does not reach the ServerApp."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue  # the process ended while we looked
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, stack = [], list(roots)
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
+def _free_port() -> int:  # kept for callers of the old name
+    return free_port()
 
 
 def tree_rss_bytes(pid: int) -> int:
@@ -77,12 +61,13 @@ class LocalSimulation:
     def __init__(self, flwr_home: str | Path | None = None, startup_timeout: float = 60.0):
         self._tmp = None if flwr_home else tempfile.mkdtemp(prefix="fedsplitkd-flwr-")
         self.home = Path(flwr_home or self._tmp)
-        self.port = _free_port()
+        self.port = free_port()
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen | None = None
-        self.env = {**os.environ, "FLWR_HOME": str(self.home),
-                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                    "FLWR_DISABLE_UPDATE_CHECK": "1"}
+        self.tree = ProcessTree()  # everything started under this simulation, to stop on exit
+        self.env = self.tree.env({**os.environ, "FLWR_HOME": str(self.home),
+                                  "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                                  "FLWR_DISABLE_UPDATE_CHECK": "1", **local_superlink_env()})
 
     def __enter__(self) -> LocalSimulation:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -94,6 +79,7 @@ class LocalSimulation:
             ["flower-superlink", "--insecure", "--simulation", "--host", "127.0.0.1",
              "--port", str(self.port)],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.tree.add_root(self.process.pid)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -143,20 +129,14 @@ class LocalSimulation:
 
     def kill(self) -> None:
         """SIGKILL the SuperLink and everything it started (the ServerApp, the simulation)."""
-        if self.process is not None and self.process.poll() is None:
-            for pid in descendants(self.process.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            os.killpg(self.process.pid, signal.SIGKILL)
+        self.tree.send(signal.SIGKILL)
+        if self.process is not None:
             self.process.wait(timeout=10)
 
     def __exit__(self, *exc) -> None:
-        if self.process is not None and self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(timeout=10)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
+        """Stop the whole tree: SIGTERM, then SIGKILL whatever is left after 10 s."""
+        self.tree.stop(grace=10.0)
+        if self.process is not None:
+            self.process.wait(timeout=10)
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)

@@ -1,0 +1,151 @@
+"""Local runs that never cross, and launchers that leave nothing behind (issue 35).
+
+Each launcher's SuperLink, and the local SuperLink ``flwr run`` would start on its own, get
+free ports; stopping a launcher ends every process started under it, even those that left its
+process tree (a new session, an orphan) or ignore SIGTERM."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedsplitkd.tools.deployment import LocalDeployment
+from fedsplitkd.tools.localsim import LocalSimulation
+from fedsplitkd.tools.processes import (LOCAL_SUPERLINK_PORT_VARIABLES, TAG, ProcessTree, alive, descendants,
+                                        free_ports, tagged)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A parent that starts: a child in its own session, a grandchild it orphans (its parent exits),
+# and a child that ignores SIGTERM. Each writes its PID to the directory given.
+SPAWNER = textwrap.dedent("""
+    import os, signal, subprocess, sys, time
+    out = sys.argv[1]
+    sleeper = [sys.executable, "-c", "import time; time.sleep(300)"]
+    stubborn = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                                      "open(%r, 'w').write('ready'); time.sleep(300)" % (out + '/stubborn.ready')]
+    subprocess.Popen(sleeper, start_new_session=True)
+    middle = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; "
+                               "subprocess.Popen(%r, start_new_session=True)" % (sleeper,)])
+    middle.wait()  # its child is an orphan now
+    subprocess.Popen(stubborn)
+    open(out + "/parent.ready", "w").write("ready")
+    time.sleep(300)
+""")
+
+
+def wait_for(path: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_free_ports_differ_and_each_launcher_gets_its_own():
+    ports = free_ports(8)
+    assert len(set(ports)) == 8 and all(1024 < p < 65536 for p in ports)
+    first, second = LocalSimulation(), LocalSimulation()
+    deployment = LocalDeployment(2)
+    try:
+        local_ports = [tuple(launcher.env[v] for v in LOCAL_SUPERLINK_PORT_VARIABLES)
+                       for launcher in (first, second, deployment)]
+        assert len(set(local_ports)) == 3 and all(len(set(p)) == 2 for p in local_ports)
+        assert "39091" not in {p for pair in local_ports for p in pair}
+        assert len({first.port, second.port, deployment.port}) == 3
+        assert len({first.env[TAG], second.env[TAG], deployment.env[TAG]}) == 3
+        # SuperNodes each on their own port too
+        node_ports = {deployment.supernode_command(i)[deployment.supernode_command(i).index("--port") + 1]
+                      for i in range(2)}
+        assert len(node_ports) == 2
+    finally:
+        for launcher in (first, second):
+            launcher.__exit__(None, None, None)  # never entered: only its temporary home to remove
+        deployment.__exit__(None, None, None)
+
+
+def test_a_process_tree_stops_with_its_escapees_and_leaves_others_alone(tmp_path):
+    tree = ProcessTree()
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])  # not ours
+    parent = subprocess.Popen([sys.executable, "-c", SPAWNER, str(tmp_path)], env=tree.env({}) | _path_env())
+    tree.add_root(parent.pid)
+    try:
+        wait_for(tmp_path / "parent.ready")
+        wait_for(tmp_path / "stubborn.ready")
+        members = tree.members()
+        below = descendants(parent.pid)
+        # the parent, two sleepers (one in a session of its own, one orphaned when the middle
+        # process exited: no longer below the parent) and the stubborn one
+        assert len(members) == 4 and len(below) == 2, (members, below)
+        assert set(tagged(tree.id)) == set(members)
+        stubborn = tree.stop(grace=1.0)
+        parent.wait(timeout=10)
+        assert len(stubborn) == 1  # the one that ignored SIGTERM needed SIGKILL
+        assert not [pid for pid in members if alive(pid)] and not tagged(tree.id)
+        assert alive(bystander.pid)
+    finally:
+        bystander.kill()
+        bystander.wait()
+        tree.stop(grace=0.5)
+
+
+def _path_env() -> dict:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "PYTHONPATH", "LANG")}
+
+
+def read_rounds(directory: Path) -> list[int]:
+    with open(directory / "metrics.csv", newline="") as f:
+        return [int(row["round"]) for row in csv.DictReader(f)]
+
+
+@pytest.mark.integration
+def test_two_simulations_at_once_each_get_their_own_results_and_leave_nothing(tmp_path):
+    """Two LocalSimulations side by side (2 SuperNodes, 2 rounds, digits): each run lands on its
+    own SuperLink and writes its own results; afterwards no process of either is left."""
+    common = {"dataset": "digits", "num-rounds": 2, "teacher-epochs": 5, "teacher-cache-dir": str(tmp_path / "cache"),
+              "output-dir": str(tmp_path / "out")}
+    sims = [LocalSimulation(), LocalSimulation()]
+    results: dict[str, subprocess.CompletedProcess] = {}
+    trees = []
+
+    def run(sim: LocalSimulation, name: str, seed: int) -> None:
+        with sim:
+            results[name] = sim.run(ROOT, {**common, "run-name": name, "seed": seed}, num_supernodes=2,
+                                    cpus_per_client=1, timeout=900)
+            listed = sim_runs(sim)
+            results[name + "-runs"] = listed
+            trees.append((sim.tree, sim.tree.members()))
+
+    threads = [threading.Thread(target=run, args=(sim, f"run{i}", i)) for i, sim in enumerate(sims)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=1200)
+    for name in ("run0", "run1"):
+        directory = tmp_path / "out" / name
+        assert (directory / "metrics.csv").is_file(), results[name].stdout[-2000:] + results[name].stderr[-2000:]
+        assert read_rounds(directory) == [0, 1, 2]
+        assert yaml.safe_load((directory / "config.yaml").read_text())["seed"] == int(name[-1])  # its own config
+        assert (directory / "summary.json").is_file()
+        assert len(results[name + "-runs"]) == 1  # its SuperLink saw its run alone
+    assert len(trees) == 2 and all(members for _, members in trees)
+    for tree, members in trees:
+        assert not [pid for pid in members if alive(pid)], "a process of the simulation outlived it"
+        assert not tagged(tree.id)
+
+
+def sim_runs(sim: LocalSimulation) -> list[dict]:
+    """The runs the simulation's own SuperLink knows (``flwr ls``)."""
+    done = subprocess.run(["flwr", "ls", "fedsplitkd-sim", "--format", "json"], env=sim.env, capture_output=True,
+                          text=True, timeout=120)
+    return json.loads(done.stdout).get("runs", []) if done.returncode == 0 and done.stdout.strip() else []
