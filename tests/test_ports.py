@@ -149,3 +149,13 @@ def sim_runs(sim: LocalSimulation) -> list[dict]:
     done = subprocess.run(["flwr", "ls", "fedsplitkd-sim", "--format", "json"], env=sim.env, capture_output=True,
                           text=True, timeout=120)
     return json.loads(done.stdout).get("runs", []) if done.returncode == 0 and done.stdout.strip() else []
+
+
+def test_the_shell_helper_exports_free_local_superlink_ports(capsys):
+    from fedsplitkd.tools.processes import main
+
+    assert main() == 0
+    lines = capsys.readouterr().out.splitlines()
+    exported = dict(line.removeprefix("export ").split("=") for line in lines)
+    assert set(exported) == set(LOCAL_SUPERLINK_PORT_VARIABLES)
+    assert len(set(exported.values())) == 2 and "39091" not in exported.values()

@@ -1,5 +1,7 @@
 """The processes a launcher starts, and everything they start in turn, stopped together; free ports.
 
+``eval "$(python -m fedsplitkd.tools.processes)"`` gives a shell's ``flwr run`` free local ports.
+
 Flower's processes do not stay in one tree: the SuperLink's SuperExec starts its own session,
 and once a ``flwr-simulation`` ends its Ray agents are orphans (parent 1) that no tree walk
 finds. So a ``ProcessTree`` tags its environment (``FEDSPLITKD_PROCESS_TREE=<id>``), which
@@ -140,3 +142,15 @@ class ProcessTree:
         while time.monotonic() < deadline and self.members():
             time.sleep(0.05)
         return stubborn
+
+
+def main() -> int:
+    """``eval "$(python -m fedsplitkd.tools.processes)"``: this shell's ``flwr run`` gets a local
+    SuperLink of its own, on free ports, instead of one another run started."""
+    for name, port in local_superlink_env().items():
+        print(f"export {name}={port}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
