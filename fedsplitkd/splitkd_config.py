@@ -99,8 +99,11 @@ class _SplitKDConfigMethods:
 
     def __post_init__(self) -> None:
         resolved = self._resolve()  # raises ConfigError naming the bad key
-        for key in PROTOCOL_KEYS:   # as resolved: a TOML 32.0 for an integer key is the int 32
-            object.__setattr__(self, field_name(key), resolved[key])
+        for key in PROTOCOL_KEYS:  # a TOML 32.0 for an integer key is the int 32, as resolved
+            if type(DEFAULTS[key]) is int and isinstance(getattr(self, field_name(key)), float):
+                object.__setattr__(self, field_name(key), resolved[key])
+        # Other values stay as given (an 'auto' the resolved config decides stays 'auto', so a
+        # dataclasses.replace of another key decides it again).
         object.__setattr__(self, "_resolved", resolved)
 
     def _resolve(self) -> RunConfig:

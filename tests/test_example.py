@@ -28,9 +28,14 @@ def test_example_keeps_split_kd_code_small():
 def test_example_own_model_app_runs_split_kd_through_flwr_run(tmp_path):
     result = tmp_path / "result.json"
     with LocalSimulation() as sim:
-        run = sim.run(EXAMPLE, {"result-file": str(result)}, num_supernodes=3, cpus_per_client=1, timeout=900)
+        # a protocol key the app declares, overridden on the command line
+        run = sim.run(EXAMPLE, {"result-file": str(result), "teacher-input": "embedding"}, num_supernodes=3,
+                      cpus_per_client=1, timeout=900)
     assert result.is_file(), run.stdout[-3000:] + run.stderr[-3000:]
-    rounds = {int(r): m for r, m in json.loads(result.read_text())["rounds"].items()}
+    written = json.loads(result.read_text())
+    assert written["teacher_input"] == "embedding"
+    assert written["teacher_accuracy"] > 0.5  # the teacher, reported by from_models (chance is 0.1)
+    rounds = {int(r): m for r, m in written["rounds"].items()}
     first, last = rounds[0]["test_accuracy"], rounds[max(rounds)]["test_accuracy"]
     assert max(rounds) == 5
     assert last >= first + 0.2 and last >= 0.4, rounds  # chance is 0.1: the student learned

@@ -190,3 +190,24 @@ def test_the_toml_block_declares_every_protocol_key_at_its_default(capsys):
         main(["--keys", "dataset"])
     assert "not a split-KD protocol key: 'dataset'" in capsys.readouterr().err
     assert set(PROTOCOL_KEYS) <= set(SCHEMA)
+
+
+def test_values_stay_as_given_so_a_replace_decides_again():
+    """Only a whole float for an integer key is rewritten; a value the resolved run config
+    decides (e.g. an 'auto') stays as given, so replacing another key decides it anew."""
+    first = SplitKDConfig(local_epochs=2.0)
+    assert first.local_epochs == 2 and type(first.local_epochs) is int
+    assert first.teacher_input == DEFAULTS["teacher-input"]
+    mutual = dataclasses.replace(first, kd_mode="mutual")  # valid whatever the default teacher input
+    assert mutual.run_config().split.teacher_input == "embedding"
+
+
+def test_the_example_app_declares_every_protocol_key():
+    """examples/own-model's pyproject declares every protocol key (so each can be overridden
+    with --run-config) beside its own keys, and the whole table reads without complaint."""
+    with open(ROOT / "examples" / "own-model" / "pyproject.toml", "rb") as f:
+        table = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+    assert set(PROTOCOL_KEYS) <= set(table), set(PROTOCOL_KEYS) - set(table)
+    config = SplitKDConfig.from_run_config(table)
+    assert set(config.ignored_keys) == set(table) - set(PROTOCOL_KEYS)
+    assert (config.cut, config.num_rounds) == ("conv2", 5)
