@@ -37,8 +37,8 @@ from fedsplitkd.protocol.runtime import OptimizerFactory, torch_device
 from fedsplitkd.protocol.server import SplitKDServer
 from fedsplitkd.splitkd_config import PROTOCOL_KEYS, SplitKDConfig, as_run_config
 
-__all__ = ["Blocks", "OptimizerFactory", "PROTOCOL_KEYS", "SplitDevice", "SplitKDConfig", "as_run_config", "edge_server",
-           "split_model", "teacher_accuracy", "teacher_model", "to_arrays"]
+__all__ = ["Blocks", "OptimizerFactory", "PROTOCOL_KEYS", "SplitDevice", "SplitKDConfig", "as_run_config",
+           "edge_server", "split_model", "teacher_accuracy", "teacher_model", "to_arrays"]
 
 Blocks = nn.Sequential | list[tuple[str, nn.Module]]
 TEACHER_EMBEDDING = "embedding"  # the teacher's first block: the one the devices run

@@ -114,7 +114,8 @@ def test_from_models_reports_the_teachers_test_accuracy():
         expected = float((whole(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
     whole.train()
     assert expected > 0.8  # a teacher worth measuring
-    batches = [{"img": torch.from_numpy(x[i:i + 50]), "label": torch.from_numpy(y[i:i + 50])} for i in range(0, 200, 50)]
+    batches = [{"img": torch.from_numpy(x[i:i + 50]), "label": torch.from_numpy(y[i:i + 50])}
+               for i in range(0, 200, 50)]
     by_data = SplitKD.from_models(student(), (FEATURES,), body, embedding, CONFIG, test_data=batches)
     assert by_data.teacher_accuracy == pytest.approx(expected)
 
