@@ -26,7 +26,8 @@ from typing import Any, ClassVar
 
 from fedsplitkd.config import DEFAULTS, SCHEMA, WHERE, ConfigError, RunConfig, SECTIONS, resolve
 
-log = logging.getLogger("fedsplitkd")
+# Flower's logger: the apps' own log lines go there (a plain "fedsplitkd" logger's INFO is unseen).
+log = logging.getLogger("flwr")
 
 PROTOCOL_SECTIONS = ("train", "split", "fleet", "faults")
 # The model section names the zoo's models, except these: how the edge server computes.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import logging
 import tomllib
 from collections import OrderedDict
 from pathlib import Path
@@ -93,7 +94,17 @@ def non_default_values() -> dict:
 def test_from_run_config_reads_every_protocol_key_and_leaves_the_apps_own():
     protocol = non_default_values()
     run_config = {**protocol, "data-file": "x.npz", "samples-per-device": 200, "dataset": "har"}
-    config = SplitKDConfig.from_run_config(run_config)
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    flower = logging.getLogger("flwr")  # where a Flower app's log lines are seen
+    flower.addHandler(handler)
+    try:
+        config = SplitKDConfig.from_run_config(run_config)
+    finally:
+        flower.removeHandler(handler)
+    assert lines == ["fedsplitkd: run-config keys left to the app (not split-KD's): data-file, samples-per-device, "
+                     "dataset"]
     assert {k: getattr(config, k.replace("-", "_")) for k in protocol} == protocol
     assert config.ignored_keys == ("data-file", "samples-per-device", "dataset")
     assert config.as_run_config() == {k: protocol.get(k, DEFAULTS[k]) for k in PROTOCOL_KEYS}
