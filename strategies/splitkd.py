@@ -17,8 +17,9 @@ from flwr.supercore import log
 
 from fedsplitkd.fleet.costs import CostModel
 from fedsplitkd.fleet.schedule import Scheduler
-from fedsplitkd.config import RunConfig
+from fedsplitkd.config import DEFAULTS, ConfigError, RunConfig
 from fedsplitkd.library import Blocks, OptimizerFactory, SplitKDConfig, as_run_config, edge_server, teacher_accuracy
+from fedsplitkd.splitkd_config import CONFIG_APP_KEYS
 from fedsplitkd.protocol.rounds import Evaluation, train
 from fedsplitkd.protocol.runtime import load_numpy_state
 from fedsplitkd.protocol.server import RoundStats, SplitKDServer
@@ -107,6 +108,10 @@ class SplitKD(Strategy):
         ``strategy.teacher_accuracy`` and logged again beside the final round.
         """
         cfg = as_run_config(config)
+        for key in CONFIG_APP_KEYS:  # a RunConfig may carry the config app's wiring: say it is not served
+            if cfg[key] != DEFAULTS[key]:
+                raise ConfigError(f"run-config {key!r} = {cfg[key]!r}: the config app's, not the library's "
+                                  "(SplitKD.from_models serves one node per device and keeps no checkpoints)")
         server = edge_server(student, input_shape, teacher, teacher_embedding, cfg, optimizer, costs)
         strategy = cls(server, cfg.train.fraction_train, cfg.train.fraction_evaluate, cfg.fleet.min_nodes,
                        cfg.faults.round_timeout, seed=cfg.train.seed)

@@ -222,3 +222,12 @@ def test_the_example_app_declares_every_protocol_key():
     config = SplitKDConfig.from_run_config(table)
     assert set(config.ignored_keys) == set(table) - set(PROTOCOL_KEYS)
     assert (config.cut, config.num_rounds) == ("conv2", 5)
+
+
+def test_from_models_refuses_the_config_apps_wiring_in_a_run_config():
+    embedding, body = teacher_parts()
+    with pytest.raises(ConfigError, match="^run-config 'virtual-devices' = 20: the config app's, not the library's"):
+        SplitKD.from_models(student(), (FEATURES,), body, embedding, resolve({"virtual-devices": 20, "cut": "fc1",
+                                                                               "teacher-input": "embedding"}))
+    with pytest.raises(ConfigError, match="run-config 'checkpoint-every' = 2"):
+        SplitKD.from_models(student(), (FEATURES,), body, embedding, resolve({"checkpoint-every": 2, "cut": "fc1"}))
