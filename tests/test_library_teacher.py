@@ -153,3 +153,24 @@ def test_teacher_accuracy_restores_modes_and_names_bad_input():
         SplitKD.from_models(student(), (FEATURES,), config=SplitKDConfig(cut="fc1", kd_alpha=0.0), test_data=[(x, y)])
     server = edge_server(student(), (FEATURES,), body, embedding, CONFIG)
     assert server.teacher[0] is not embedding  # edge_server holds copies too
+
+
+def test_measuring_a_model_leaves_its_modes_and_the_config_apps_teacher_stays_frozen():
+    """protocol.runtime.evaluate gives each module its mode back; so the config app's teacher,
+    measured (Experiment.teacher_accuracy) after the edge server froze it, still runs in eval mode."""
+    from fedsplitkd.config import resolve
+    from fedsplitkd.protocol.runtime import evaluate
+    from fedsplitkd.run.experiment import build
+
+    from conftest import tiny
+
+    embedding, body = teacher_parts()
+    whole = nn.Sequential(embedding, body)
+    body.eval()
+    modes = [m.training for m in whole.modules()]
+    x, y = blobs(40, 3)
+    evaluate(whole, x, y)
+    assert [m.training for m in whole.modules()] == modes
+    exp = build(resolve(tiny()))
+    rest = exp.server.edge.teacher_rest
+    assert rest is not None and not any(m.training for m in rest.modules())

@@ -240,7 +240,9 @@ class EdgeRuntime:
 @torch.no_grad()
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> tuple[float, float]:
     """Accuracy and mean cross-entropy (nats) of ``model`` on (x, y), per label: per token
-    when y holds a label per position (loss / ln 2 is then bits per character)."""
+    when y holds a label per position (loss / ln 2 is then bits per character). Each module
+    gets back its own train/eval mode: a frozen teacher measured here stays in eval mode."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     torch_dev = torch_device_of(model)
     correct, loss = 0, 0.0
@@ -250,5 +252,6 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1
         loss += float(nn.functional.cross_entropy(logits.reshape(target.numel(), -1), target.reshape(-1),
                                                   reduction="sum"))
         correct += int((logits.argmax(-1) == target).sum())
-    model.train()
+    for module, training in modes:
+        module.training = training
     return correct / max(1, y.size), loss / max(1, y.size)
