@@ -183,6 +183,8 @@ def edge_server(student: Blocks, input_shape: tuple[int, ...], teacher: nn.Modul
     kd = cfg.split.kd_alpha > 0
     if isinstance(teacher, SplitModel):
         split_teacher = teacher if kd else None
+        if kd and cfg.split.kd_mode != "mutual":
+            split_teacher.eval()  # frozen on the server (the devices freeze their own embedding copies)
     elif kd and (teacher is None or teacher_embedding is None):
         raise ConfigError("edge_server 'teacher'/'teacher_embedding': kd_alpha > 0 needs both (the devices "
                           "run the embedding so raw inputs never leave them), or kd_alpha = 0")
@@ -193,7 +195,7 @@ def edge_server(student: Blocks, input_shape: tuple[int, ...], teacher: nn.Modul
                                       input_dtype).to(server_device).eval() if kd else None
     # The server sizes the parts with one example through each block: in eval mode, so a
     # BatchNorm neither refuses a batch of one nor takes the zeros into its running statistics.
-    with eval_mode(model):
+    with eval_mode(model), eval_mode(split_teacher) if split_teacher is not None else contextlib.nullcontext():
         num_classes = model.block_stats()[-1].out_shape[-1]
         # adaptive, per-device: the scheduler moves it
         cut = "default" if cfg.split.cut in ("adaptive", "per-device") else cfg.split.cut

@@ -174,3 +174,24 @@ def test_measuring_a_model_leaves_its_modes_and_the_config_apps_teacher_stays_fr
     exp = build(resolve(tiny()))
     rest = exp.server.edge.teacher_rest
     assert rest is not None and not any(m.training for m in rest.modules())
+
+
+def test_building_the_server_leaves_batchnorm_statistics_alone():
+    """The server sizes the parts with an example through each block: a BatchNorm student or zoo
+    (SplitModel) teacher neither refuses a batch of one nor takes it into its running statistics;
+    a mutual teacher keeps its train mode."""
+    from fedsplitkd.library import split_model
+
+    def with_batchnorm() -> nn.Sequential:
+        return nn.Sequential(OrderedDict([("fc1", nn.Sequential(nn.Linear(FEATURES, 12), nn.BatchNorm1d(12))),
+                                          ("head", nn.Sequential(nn.BatchNorm1d(12), nn.Linear(12, CLASSES)))]))
+
+    for kd_mode in ("standard", "mutual"):
+        net, zoo_teacher = with_batchnorm(), split_model(with_batchnorm(), (FEATURES,))
+        for bn in (net.fc1[1], zoo_teacher.fc1[1], zoo_teacher.head[0]):
+            bn.running_mean.fill_(0.5)
+        server = edge_server(net, (FEATURES,), zoo_teacher, config=dataclasses.replace(CONFIG, kd_mode=kd_mode))
+        for bn in (net.fc1[1], zoo_teacher.fc1[1], zoo_teacher.head[0]):
+            assert torch.equal(bn.running_mean, torch.full((12,), 0.5)) and int(bn.num_batches_tracked) == 0
+        assert net.training and net.fc1[1].training  # the student trains
+        assert server.edge.teacher_rest[0][0].training == (kd_mode == "mutual")
