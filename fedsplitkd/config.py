@@ -150,12 +150,25 @@ class SplitConfig:
     kd_alpha: float = key(_float(0.278, 0.0, 1.0))
     kd_temperature: float = key(_float(2.0, 0.0, 100.0, low_open=True))
     kd_mode: str = key(_choice("standard", "mutual"))
-    teacher_input: str = key(_choice("embedding", "cached"))
+    teacher_input: str = key(_choice("auto", "embedding", "cached"))
+
+    # teacher-input 'auto' as resolve() settles it with the fleet's settings ('' = not settled)
+    settled_teacher_input: str = dataclasses.field(default="", repr=False)
 
     @property
     def teacher_mode(self) -> str:
-        """How the teacher's input reaches the server: 'embedding', 'cached' or 'none' (no KD)."""
-        return "none" if self.kd_alpha == 0.0 else self.teacher_input
+        """How the teacher's input reaches the server: 'embedding', 'cached' or 'none' (no KD).
+
+        'auto' is 'cached' (the server computes a frozen teacher's logits once per device sample,
+        and each sample's embedding goes up once, not every round) where the cache can serve, else
+        'embedding': a node serving several devices (virtual-devices), or a teacher that trains
+        (kd-mode mutual)."""
+        if self.kd_alpha == 0.0:
+            return "none"
+        mode = self.settled_teacher_input or self.teacher_input
+        if mode == "auto":
+            return "cached" if self.kd_mode == "standard" else "embedding"
+        return mode
 
 
 @dataclass(frozen=True)
@@ -212,7 +225,7 @@ SECTIONS: dict[str, type] = {"method": MethodConfig, "data": DataConfig, "train"
 # run-config key -> (section, its field), in the order of the sections: the one schema.
 _FIELDS: dict[str, tuple[str, dataclasses.Field]] = {
     (f.metadata["name"] or f.name.replace("_", "-")): (section, f)
-    for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    for section, cls in SECTIONS.items() for f in dataclasses.fields(cls) if "key" in f.metadata}
 WHERE: dict[str, tuple[str, str]] = {name: (section, f.name) for name, (section, f) in _FIELDS.items()}
 SCHEMA: dict[str, Key] = {name: f.metadata["key"] for name, (_, f) in _FIELDS.items()}
 DEFAULTS: dict[str, Any] = {name: spec.default for name, spec in SCHEMA.items()}
@@ -276,7 +289,7 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> RunConfig:
     if values["virtual-devices"] and values["teacher-input"] == "cached":
         raise ConfigError("run-config 'virtual-devices': teacher-input 'cached' needs each device's "
                           "upload record on its own node; use 'embedding'")
-    if values["kd-mode"] == "mutual" and (values["method"] != "splitkd" or values["teacher-input"] != "embedding"
+    if values["kd-mode"] == "mutual" and (values["method"] != "splitkd" or values["teacher-input"] == "cached"
                                           or values["kd-alpha"] == 0.0):
         raise ConfigError("run-config 'kd-mode' = 'mutual' trains the server's teacher on the devices' "
                           "embedding outputs: it needs method 'splitkd', teacher-input 'embedding' and "
@@ -298,4 +311,6 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> RunConfig:
     sections: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for name, (section, attr) in WHERE.items():
         sections[section][attr] = values[name]
+    if values["teacher-input"] == "auto" and values["virtual-devices"]:
+        sections["split"]["settled_teacher_input"] = "embedding"
     return RunConfig(**{s: SECTIONS[s](**fields) for s, fields in sections.items()})

@@ -41,7 +41,7 @@ MEANING: dict[str, str] = {
     'kd-alpha': 'α of the loss `α·T²·KL(teacher_T ‖ student_T) + (1−α)·CE`; α = 0 is plain split learning (default tuned on digits)',
     'kd-temperature': 'T of that loss (default tuned on digits)',
     'kd-mode': "`mutual`: deep mutual learning, the server's teacher also trains each step (split-KD with `teacher-input = embedding`)",
-    'teacher-input': "`embedding`: the device runs the teacher's frozen first block and uploads its output (as in the paper); `cached`: that output is uploaded once per sample, the server caches the teacher's logits by sample id",
+    'teacher-input': "`embedding`: the device runs the teacher's frozen first block and uploads its output every round (as in the paper); `cached`: that output is uploaded once per sample, the server caches the teacher's logits by sample id (the same training, far fewer bytes and teacher passes); `auto`: `cached` where it can serve (no `virtual-devices`, `kd-mode` standard), else `embedding`",
     'teacher-path': 'load the teacher from this file instead of training it: our state dict, or a published CIFAR ResNet checkpoint (`{"state_dict"}` with `module.` keys) for `teacher-model`; a file that does not fit is refused naming it',
     'teacher-model': 'a published pre-trained CIFAR ResNet as the frozen teacher (its stem is the devices\' embedding; never trained further); `auto` = `resnet56` for `cifar10`, else the zoo\'s larger model trained on the public split. Weights from `teacher-path`, else downloaded from the release (sha256-checked, cached)',
     'teacher-cache-dir': 'where trained teachers are cached, keyed by architecture, public data and training settings (default `~/.cache/fedsplitkd/teachers`, or `$FEDSPLITKD_CACHE/teachers`)',

@@ -25,7 +25,7 @@ from malformed import MUTATIONS
 RUN_ID, SERVER_NODE, DEVICE_NODE = 7, 1, 1234
 FORWARD, BACKWARD, EVALUATE = "train.split_forward", "train.split_backward", "evaluate"
 NODE_CONFIG = {"partition-id": 0, "num-partitions": 4}
-OVERRIDES = tiny(exchange_batches=8, batch_size=32)
+OVERRIDES = tiny(exchange_batches=8, batch_size=32, teacher_input="embedding")  # what a bundle of virtual devices uses
 
 
 @pytest.fixture(autouse=True)

@@ -28,7 +28,9 @@ def test_defaults_resolve():
     assert isinstance(cfg, RunConfig)
     assert dict(cfg) == DEFAULTS
     assert resolve({}) == resolve(None) == cfg
-    assert cfg["exchange-batches"] == 8 and cfg["teacher-input"] == "embedding"
+    assert cfg["exchange-batches"] == 8 and cfg["teacher-input"] == "auto" and cfg.split.teacher_mode == "cached"
+    assert resolve({"virtual-devices": 4}).split.teacher_mode == "embedding"
+    assert resolve({"kd-mode": "mutual"}).split.teacher_mode == "embedding"
 
 
 def test_the_default_job_runs_split_kd_as_the_bench_tuned_it_on_digits():

@@ -210,7 +210,7 @@ def test_values_stay_as_given_so_a_replace_decides_again():
     assert first.local_epochs == 2 and type(first.local_epochs) is int
     assert first.teacher_input == DEFAULTS["teacher-input"]
     mutual = dataclasses.replace(first, kd_mode="mutual")  # valid whatever the default teacher input
-    assert mutual.run_config().split.teacher_input == "embedding"
+    assert mutual.run_config().split.teacher_mode == "embedding"
 
 
 def test_the_example_app_declares_every_protocol_key():
