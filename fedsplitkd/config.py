@@ -72,7 +72,7 @@ class MethodConfig:
     """What runs: the method, and the knobs only some baselines have."""
 
     name: str = key(_choice("splitkd", "split", "splitfed", "fedavg", "fedprox", "feddf", "fd", "fedgkt",
-                            "local", "central-kd"), "method")
+                            "local", "central-kd", "public-kd"), "method")
     proximal_mu: float = key(_float(0.01, 0.0, 1e6))
     distill_steps: int = key(_int(100, 0))
     server_epochs: int = key(_int(1, 1))

@@ -51,7 +51,8 @@ def run_split(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
 METHODS = {"splitkd": run_split, "split": run_split, "splitfed": run_split, "fedavg": fedavg.run,
            "fedprox": fedavg.run,
            "feddf": fedavg.run,
-           "local": local.run, "fd": local.run, "fedgkt": fedgkt.run, "central-kd": central.run}
+           "local": local.run, "fd": local.run, "fedgkt": fedgkt.run, "central-kd": central.run,
+           "public-kd": central.run}
 
 
 def run(grid: Grid, cfg) -> Path:
