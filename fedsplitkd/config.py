@@ -114,6 +114,7 @@ class TrainConfig:
     learning_rate: float = key(_float(0.0222, 0.0, 10.0, low_open=True))
     lr_schedule: str = key(_choice("constant", "cosine"))
     momentum: float = key(_float(0.9, 0.0, 0.999))
+    grad_clip: float = key(_float(0.0, 0.0, 1e6))
 
 
 @dataclass(frozen=True)

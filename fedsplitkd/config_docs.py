@@ -17,6 +17,7 @@ MEANING: dict[str, str] = {
     'data-path': "the dataset's file or directory (`''` = its default source)",
     'label-column': 'the label column of a CSV',
     'seq-len': 'Shakespeare: characters per window, and between window starts',
+    'grad-clip': 'every method: scale each step\'s gradient (of a split part, or of a whole model) down to this L2 norm; 0 = no clipping. Bounds the step that KD towards a confident teacher can take',
     'text-stride': 'Shakespeare: characters per window, and between window starts',
     'train-samples': 'use a fixed random subset of this many training samples (the same for every run and seed; drawn before the public, holdout and device splits); 0 = all',
     'partition': "`iid`, `dirichlet`, `pathological` (k classes per device) or `natural` (the dataset's own ids)",

@@ -77,7 +77,7 @@ class DeviceSetup:
         cut = cut or self.cfg.split.cut
         if cut not in self.runtimes:
             self.runtimes[cut] = DeviceRuntime(self.student, cut, self.cfg.train.learning_rate,
-                                               self.cfg.train.momentum, self.embedding)
+                                               self.cfg.train.momentum, self.embedding, self.cfg.train.grad_clip)
         return self.runtimes[cut]
 
 

@@ -83,6 +83,14 @@ def load_numpy_state(module: nn.Module, arrays: dict[str, np.ndarray]) -> None:
     module.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()})
 
 
+def clip(params, max_norm: float) -> None:
+    """Scale a step's gradient down to L2 norm ``max_norm`` (``grad-clip``; 0 = never). KD towards a
+    teacher whose logits reach +-30 can take steps that kill a small student's ReLUs in one go;
+    a bounded step cannot, and a step already within the bound is left exactly as it was."""
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm, foreach=True)
+
+
 def freeze(module: nn.Module) -> nn.Module:
     module.eval()
     for p in module.parameters():
@@ -94,8 +102,9 @@ class DeviceRuntime:
     """The device's student part and optimizer; weights load from and save to plain arrays."""
 
     def __init__(self, student: SplitModel, cut: str, lr: float, momentum: float,
-                 teacher_embedding: nn.Module | None = None):
+                 teacher_embedding: nn.Module | None = None, grad_clip: float = 0.0):
         self.part = student.device_part(cut)
+        self.grad_clip = grad_clip
         self.teacher_embedding = freeze(teacher_embedding) if teacher_embedding is not None else None
         self.optimizer = DeviceSGD(self.part.parameters(), lr, momentum)  # no torch.optim import per message
 
@@ -134,6 +143,7 @@ class DeviceRuntime:
         for step_grads in per_batch:
             for p, g in zip(params, step_grads):
                 p.grad = g
+            clip(params, self.grad_clip)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -148,8 +158,10 @@ class EdgeRuntime:
 
     def __init__(self, student: SplitModel, cut: str, teacher: SplitModel | None,
                  alpha: float, temperature: float, lr: float, momentum: float, mutual: bool = False,
-                 optimizer: OptimizerFactory | None = None, precision: str = "fp32", compiled: bool = False):
+                 optimizer: OptimizerFactory | None = None, precision: str = "fp32", compiled: bool = False,
+                 grad_clip: float = 0.0):
         self.part = student.server_part(cut)
+        self.grad_clip = grad_clip
         rest = teacher.server_part(teacher.cut_points[0]) if teacher else None
         self.mutual = mutual and rest is not None
         self.teacher_rest = rest if self.mutual or rest is None else freeze(rest)
@@ -214,6 +226,7 @@ class EdgeRuntime:
         if not torch.stack(checks).all():
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLoss([0] if len(sizes) == 1 else None)
+        clip(self.part.parameters(), self.grad_clip)
         self.optimizer.step()
         if self.mutual:  # the teacher towards the labels and the student's softened predictions
             teacher_loss = kd_loss(t_logits, logits.detach(), y, self.alpha, self.temperature)

@@ -103,7 +103,8 @@ class SplitKDServer:
         mutual = cfg.split.kd_mode == "mutual"
         self.edge = EdgeRuntime(student, self.cut, teacher if self.mode != "none" else None,
                                 cfg.split.kd_alpha, cfg.split.kd_temperature, cfg.train.learning_rate,
-                                cfg.train.momentum, mutual, optimizer, cfg.model.precision, cfg.model.compile)
+                                cfg.train.momentum, mutual, optimizer, cfg.model.precision, cfg.model.compile,
+                                cfg.train.grad_clip)
         self.device_part = student.device_part(self.cut)
         self.flops = SplitFlops.of(student, self.cut, teacher if self.mode != "none" else None, mutual)
         stats = student.block_stats()

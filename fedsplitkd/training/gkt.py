@@ -16,7 +16,7 @@ from torch import nn
 from fedsplitkd.data.datasets import DeviceData
 from fedsplitkd.protocol.kd import kd_loss
 from fedsplitkd.training.local import train_whole
-from fedsplitkd.protocol.runtime import make_optimizer, round_lr, set_lr
+from fedsplitkd.protocol.runtime import clip, make_optimizer, round_lr, set_lr
 from fedsplitkd import streams
 
 
@@ -55,6 +55,7 @@ def train_server(server_part: nn.Module, optimizer: torch.optim.Optimizer, featu
                            torch.from_numpy(labels[idx]), cfg.split.kd_alpha, cfg.split.kd_temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            clip(server_part.parameters(), cfg.train.grad_clip)
             optimizer.step()
             loss_sum += float(loss.detach()) * len(idx)
     return loss_sum

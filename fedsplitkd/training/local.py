@@ -11,7 +11,7 @@ from torch import nn
 from fedsplitkd.data.datasets import DeviceData
 from fedsplitkd.protocol.device import batch_plan
 from fedsplitkd.protocol.kd import kd_loss
-from fedsplitkd.protocol.runtime import torch_device_of, per_sample, round_lr
+from fedsplitkd.protocol.runtime import clip, torch_device_of, per_sample, round_lr
 from fedsplitkd.protocol.sgd import DeviceSGD
 
 # KD targets for a batch, from its sample indices, inputs and labels.
@@ -50,6 +50,7 @@ def train_whole(model: nn.Module, data: DeviceData, cfg, server_round: int, devi
             objective = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
+        clip(model.parameters(), cfg.train.grad_clip)
         optimizer.step()
         samples += len(batch)
         loss_sum += float(loss.detach()) * len(batch)
