@@ -105,3 +105,14 @@ def test_a_bad_sweep_stops_before_running(tmp_path):
     sweep.write_text(MICRO.replace("holdout-fraction: 0.1", "holdout-fraction: 0.0"))
     with pytest.raises(SystemExit, match="tuning needs a holdout split"):
         bench.main([str(sweep), "--out", str(tmp_path / "out")])
+
+
+def test_a_run_that_diverged_or_never_learned_scores_zero():
+    from fedsplitkd.tools.bench import score
+
+    rows = [{"holdout_accuracy": 0.3}, {"holdout_accuracy": 0.9, "health": "ok"}]
+    assert score(rows) == 0.9
+    rows[-1]["health"] = "not learning"
+    assert score(rows) == 0.0
+    rows[-1]["health"] = "diverged"
+    assert score(rows) == 0.0
