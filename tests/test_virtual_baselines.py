@@ -2,7 +2,9 @@
 
 Every device sampled in a round trains and is averaged, whatever the node count: 2 nodes
 serving a fleet of 6 virtual devices give, round by round, what 6 nodes (a node per device)
-give with the same seed.
+give with the same seed. The 6 nodes run on the in-process grid (the same ServerApp and
+ClientApp handlers, one node per device, no Flower run to start): tests/test_baselines.py
+holds it equal to `flwr run` for every method.
 """
 
 import csv
@@ -10,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from fedsplitkd.strategies.inprocess import run_app
 from fedsplitkd.tools.localsim import LocalSimulation
+
+from conftest import warm_teachers
 
 pytestmark = pytest.mark.integration  # Flower runs through a SuperLink
 
@@ -20,16 +25,19 @@ FLEET, NODES, ROUNDS, FRACTION = 6, 2, 2, 0.5
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, shared_teachers):
     out = tmp_path_factory.mktemp("virtual-baselines")
     common = {"output-dir": str(out), "num-rounds": ROUNDS, "fraction-train": FRACTION, "learning-rate": 0.05,
               "local-epochs": 2, "distill-steps": 20, "proximal-mu": 0.1, "teacher-epochs": 2,
-              "teacher-cache-dir": str(tmp_path_factory.mktemp("teachers"))}
-    runs = [({**common, **extra, "method": method, "run-name": f"{method}-{name}"}, nodes) for method in METHODS
-            for name, extra, nodes in (("virtual", {"virtual-devices": FLEET}, NODES), ("nodes", {}, FLEET))]
+              "teacher-cache-dir": str(shared_teachers)}
+    runs = [({**common, "virtual-devices": FLEET, "method": method, "run-name": f"{method}-virtual"}, NODES)
+            for method in METHODS]
+    warm_teachers(config for config, _ in runs)
     with LocalSimulation() as sim:
         for (config, _), result in zip(runs, sim.run_many(ROOT, runs, cpus_per_client=1)):
             assert (out / config["run-name"] / "metrics.csv").is_file(), result.stdout[-3000:]
+    for method in METHODS:  # a node per device
+        run_app({**common, "method": method, "run-name": f"{method}-nodes"}, FLEET)
     return out
 
 
