@@ -2,6 +2,7 @@
 
 import csv
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from fedsplitkd.config import ConfigError
 from fedsplitkd.run.experiment import run_inprocess
 from fedsplitkd.tools.localsim import LocalSimulation
 
-from conftest import tiny
+from conftest import tiny, warm_teachers
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICES = 4
@@ -76,30 +77,33 @@ def test_resume_refuses_a_changed_config_or_a_missing_checkpoint(tmp_path):
 
 
 @pytest.mark.integration
-def test_flower_run_killed_mid_way_resumes_to_the_uninterrupted_end(tmp_path):
+def test_flower_run_killed_mid_way_resumes_to_the_uninterrupted_end(tmp_path, shared_teachers):
     """SIGKILL the whole Flower run after a checkpoint; `resume` ends where an unbroken run ends.
     Two unbroken runs of one config also write byte-identical metrics.csv files."""
     common = {**tiny(num_rounds=10, teacher_epochs=5), "output-dir": str(tmp_path),
-              "teacher-cache-dir": str(tmp_path / "teachers"), "checkpoint-every": 2}
-    with LocalSimulation() as sim:
-        sim.run_many(ROOT, [({**common, "run-name": "whole"}, 3), ({**common, "run-name": "again"}, 3)])
-    whole = (tmp_path / "whole" / "metrics.csv").read_text()
-    assert whole.count("\n") == 12, "the unbroken run did not finish"  # header + rounds 0..10
-    assert (tmp_path / "again" / "metrics.csv").read_text() == whole
-
+              "teacher-cache-dir": str(shared_teachers), "checkpoint-every": 2}
+    warm_teachers([common])
     killed = tmp_path / "killed"
-    with LocalSimulation() as sim:
-        sim.start(ROOT, {**common, "run-name": "killed"}, num_supernodes=3)
+    # The run to kill has a SuperLink of its own (the kill takes its whole tree); the unbroken
+    # run goes on beside it, then the second unbroken run beside the resumed one.
+    with LocalSimulation() as sim, LocalSimulation() as doomed, ThreadPoolExecutor(1) as pool:
+        unbroken = pool.submit(sim.run, ROOT, {**common, "run-name": "whole"}, 3)
+        doomed.start(ROOT, {**common, "run-name": "killed"}, num_supernodes=3)
         deadline = time.monotonic() + 300
         while not ((killed / "checkpoint.pt").is_file() and checkpoint.load(killed)["round"] >= 4):
             assert time.monotonic() < deadline, "no checkpoint of round 4 within 300 s"
             time.sleep(0.05)
-        sim.kill()
-    assert not (killed / "summary.json").exists(), "the run ended before the kill: nothing was tested"
-    at_kill = checkpoint.load(killed)["round"]
-    assert at_kill < 10
-    with LocalSimulation() as sim:
-        sim.run(ROOT, {**common, "run-name": "unused", "resume": str(killed)}, num_supernodes=3)
+        doomed.kill()
+        assert not (killed / "summary.json").exists(), "the run ended before the kill: nothing was tested"
+        at_kill = checkpoint.load(killed)["round"]
+        assert at_kill < 10
+        unbroken.result()
+        sim.run_many(ROOT, [({**common, "run-name": "again"}, 3),
+                            ({**common, "run-name": "unused", "resume": str(killed)}, 3)])
+    whole = (tmp_path / "whole" / "metrics.csv").read_text()
+    assert whole.count("\n") == 12, "the unbroken run did not finish"  # header + rounds 0..10
+    assert (tmp_path / "again" / "metrics.csv").read_text() == whole
+
     ours = list(csv.DictReader(open(killed / "metrics.csv")))
     theirs = list(csv.DictReader(open(tmp_path / "whole" / "metrics.csv")))
     same_rows(ours, theirs, LEARNED)
