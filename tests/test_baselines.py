@@ -10,6 +10,8 @@ from fedsplitkd.data.datasets import device_data
 from fedsplitkd.tools.localsim import LocalSimulation
 from fedsplitkd.models.zoo import build_student
 
+from conftest import warm_teachers
+
 pytestmark = pytest.mark.integration  # Flower runs through a SuperLink
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,12 +20,13 @@ METHODS = ["splitkd", "split", "splitfed", "fedavg", "fedprox", "feddf", "fd", "
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(tmp_path_factory, shared_teachers):
     out = tmp_path_factory.mktemp("baselines")
     common = {"output-dir": str(out), "num-rounds": ROUNDS, "learning-rate": 0.05, "teacher-epochs": 20,
-              "teacher-cache-dir": str(tmp_path_factory.mktemp("teachers"))}
+              "teacher-cache-dir": str(shared_teachers)}
+    runs = [({**common, "method": method, "run-name": method}, DEVICES) for method in METHODS]
+    warm_teachers(config for config, _ in runs)
     with LocalSimulation() as sim:
-        runs = [({**common, "method": method, "run-name": method}, DEVICES) for method in METHODS]
         logs = dict(zip(METHODS, sim.run_many(ROOT, runs, cpus_per_client=1)))
     rows = {}
     for method in METHODS:

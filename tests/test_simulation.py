@@ -18,6 +18,8 @@ from fedsplitkd.models.zoo import build_student, build_teacher
 from fedsplitkd.run.results import load_student
 from fedsplitkd.protocol.runtime import evaluate
 
+from conftest import warm_teachers
+
 pytestmark = pytest.mark.integration  # Flower runs through a SuperLink
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,10 +30,9 @@ VIRTUAL = {"virtual-devices": 12, "fraction-train": 0.5, "fraction-evaluate": 0.
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, shared_teachers):
     out = tmp_path_factory.mktemp("outputs")
-    cache = tmp_path_factory.mktemp("teachers")
-    common = {"output-dir": str(out), "teacher-cache-dir": str(cache), "teacher-epochs": 20,
+    common = {"output-dir": str(out), "teacher-cache-dir": str(shared_teachers), "teacher-epochs": 20,
               "num-rounds": ROUNDS}
     configs = [{**common, "run-name": "good", "fraction-evaluate": 1.0},
                {**common, "run-name": "bad", "kd-alpha": 1.5},
@@ -39,6 +40,7 @@ def runs(tmp_path_factory):
                {**common, **VIRTUAL, "run-name": "virtual-splitkd"},
                {**common, "run-name": "npz", "dataset": "npz", "num-rounds": 1, "learning-rate": 0.05,
                 "batch-size": 16, "public-fraction": 0.1, "data-path": str(write_sensor_npz(out / "mine.npz"))}]
+    warm_teachers(configs)
     with LocalSimulation() as sim:
         good, bad, _, _, own = sim.run_many(ROOT, [(config, DEVICES) for config in configs])
     assert (out / "npz" / "metrics.csv").is_file(), own.stdout[-3000:]
