@@ -135,6 +135,8 @@ def test_lenet_is_the_image_student_and_cuts():
 def test_resnet_shapes_and_checkpoint_errors(tmp_path):
     model = cifar_resnet("resnet20", (3, 32, 32), 10)
     assert sum(p.numel() for p in model.parameters()) == 269722
+    gray = cifar_resnet("resnet20", (1, 28, 28), 10)  # the teacher of a gray image set, trained here
+    assert gray(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     assert model.block_names[0] == "stem" and model.block_names[-1] == "head"
     assert model.block_stats()[0].out_shape == (16, 32, 32)
     # our own state dict round-trips exactly

@@ -52,7 +52,8 @@ class Normalize(nn.Module):
 class Stem(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.normalize = Normalize(MEAN, STD)
+        # RGB as the checkpoints were trained; any other channel count (a teacher trained here) alike
+        self.normalize = Normalize(MEAN, STD) if channels == 3 else Normalize((0.5,) * channels, (0.25,) * channels)
         self.conv1 = nn.Conv2d(channels, 16, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
 
