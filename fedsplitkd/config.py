@@ -162,8 +162,8 @@ class SplitConfig:
 
         'auto' is 'cached' (the server computes a frozen teacher's logits once per device sample,
         and each sample's embedding goes up once, not every round) where the cache can serve, else
-        'embedding': a node serving several devices (virtual-devices), or a teacher that trains
-        (kd-mode mutual)."""
+        'embedding': a node serving several devices (virtual-devices), a teacher that trains
+        (kd-mode mutual), or a run with checkpoints (a checkpoint does not keep the server's cache)."""
         if self.kd_alpha == 0.0:
             return "none"
         mode = self.settled_teacher_input or self.teacher_input
@@ -312,6 +312,7 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> RunConfig:
     sections: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for name, (section, attr) in WHERE.items():
         sections[section][attr] = values[name]
-    if values["teacher-input"] == "auto" and values["virtual-devices"]:
+    if values["teacher-input"] == "auto" and (values["virtual-devices"] or values["checkpoint-every"]
+                                              or values["resume"]):
         sections["split"]["settled_teacher_input"] = "embedding"
     return RunConfig(**{s: SECTIONS[s](**fields) for s, fields in sections.items()})

@@ -143,7 +143,7 @@ def test_profile_file_and_bad_profiles(tmp_path):
 
 # ---- the clock in a run --------------------------------------------------------------------
 def test_the_clock_adds_round_delays_and_prices_what_was_sent():
-    exp, rows = run_inprocess(tiny(num_rounds=2), 3)
+    exp, rows = run_inprocess(tiny(num_rounds=2, teacher_input="embedding"), 3)
     assert rows[2]["sim_time_s"] == pytest.approx(rows[1]["round_delay_s"] + rows[2]["round_delay_s"])
     for r in rows[1:]:
         per_device = [d for d in exp.device_rows if d["round"] == r["round"]]
@@ -151,6 +151,11 @@ def test_the_clock_adds_round_delays_and_prices_what_was_sent():
         assert sum(d["energy_j"] for d in per_device) == pytest.approx(r["device_energy_j"])
         assert r["device_flops"] == sum(d["samples"] for d in per_device) * 3 * exp.server.flops.device \
             + sum(d["samples"] for d in per_device) * exp.server.flops.teacher_device
+    # cached teacher inputs: the device runs the teacher's embedding in a sample's first round only
+    exp, rows = run_inprocess(tiny(num_rounds=2, teacher_input="cached"), 3)
+    samples = [sum(d["samples"] for d in exp.device_rows if d["round"] == r) for r in (1, 2)]
+    assert rows[1]["device_flops"] == samples[0] * (3 * exp.server.flops.device + exp.server.flops.teacher_device)
+    assert rows[2]["device_flops"] == samples[1] * 3 * exp.server.flops.device
 
 
 def test_stragglers_past_the_deadline_are_dropped_or_waited_for():
@@ -195,6 +200,7 @@ def test_the_adaptive_cuts_predicted_traffic_is_what_a_round_sends(tmp_path, cas
     from test_lm import lm_run
     overrides = tiny(local_epochs=2) if case == "classifier" else {**lm_run(_play(tmp_path / "play.txt")),
                                                                     "local-epochs": 2}
+    overrides["teacher-input"] = "embedding"  # the teacher input of every sample, each round
     exp = experiment.build(resolve(overrides))
     stats = exp.server.run_round(InProcessTransport({0: device_setup(exp.cfg, 0, 4)}), [0], 1)
     real = stats.traffic[0]

@@ -30,7 +30,8 @@ from malformed import FINAL_MUTATIONS, MUTATIONS, Tampering
 from test_client_handlers import new_context
 
 DEVICES, TARGET = 3, 1
-OVERRIDES = tiny(exchange_batches=2, batch_size=16)  # several chunks per device, then the final reply
+OVERRIDES = tiny(exchange_batches=2, batch_size=16,  # several chunks per device, then the final reply
+                 teacher_input="embedding")  # what a node serving several devices uses
 
 
 @pytest.fixture(scope="module")

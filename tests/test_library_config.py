@@ -79,7 +79,7 @@ def test_every_key_the_protocol_reads_is_a_field():
 def non_default_values() -> dict:
     """A valid value other than the default for every protocol key that has one."""
     values = {"seed": 3, "num-rounds": 4, "fraction-train": 0.5, "fraction-evaluate": 0.5, "batch-size": 8,
-              "local-epochs": 2, "learning-rate": 0.05, "lr-schedule": "cosine", "momentum": 0.5,
+              "local-epochs": 2, "learning-rate": 0.05, "lr-schedule": "cosine", "momentum": 0.5, "grad-clip": 5.0,
               "torch-device": "auto", "precision": "bf16", "compile": False, "cut": "fc1", "exchange-batches": 2,
               "server-batching": "joint", "kd-alpha": 0.5, "kd-temperature": 3.0, "kd-mode": "standard",
               "teacher-input": "cached", "min-nodes": 2, "clusters": "2", "cluster-features": "compute,link",

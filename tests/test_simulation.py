@@ -96,7 +96,9 @@ def test_flower_run_equals_the_in_process_reference(runs):
 
 
 def test_bytes_up_equals_the_payloads_sent(runs):
-    """Activations, labels, batch sizes, teacher inputs and final weights, counted exactly."""
+    """Activations, labels, batch sizes, teacher inputs and final weights, counted exactly. The
+    default teacher input ('auto': cached here) sends each sample's embedding output and its id
+    once, in its first round, and the sample ids of every chunk."""
     out, _, _, common = runs
     cfg = resolve({**common, "run-name": "good"})
     rows = read_metrics(out / "good")
@@ -111,9 +113,11 @@ def test_bytes_up_equals_the_payloads_sent(runs):
             n = len(device_data(cfg, pid, DEVICES).y_train)
             batches = len(batch_plan(n, cfg["batch-size"], 1, cfg["seed"], int(r["round"]), pid))
             expected_acts += n * act * 4
-            expected_total += n * (act * 4 + 8 + emb * 4) + 8 * batches + 4 * device_params
+            first = int(r["round"]) == 1  # every sample is new to the server's teacher cache
+            expected_total += n * (act * 4 + 8 + 8 + first * (emb * 4 + 8)) + 8 * batches + 4 * device_params
         assert int(r["bytes_up_activations"]) == expected_acts
         assert int(r["bytes_up"]) == expected_total
+        assert (int(r["bytes_up_teacher"]) > 0) == (int(r["round"]) == 1)
 
 
 def test_final_student_loads_and_matches_the_reported_accuracy(runs):
