@@ -18,7 +18,8 @@ from conftest import tiny, warm_teachers
 ROOT = Path(__file__).resolve().parents[1]
 DEVICES = 4
 # Adaptive cuts per cluster, so the checkpoint must carry clusters, cuts and several optimizers.
-RUN = tiny(num_rounds=4, clusters="2", cut="adaptive", fraction_train=0.75, exchange_batches=2)
+RUN = tiny(num_rounds=4, clusters="2", cut="adaptive", fraction_train=0.75, exchange_batches=2,
+           teacher_input="embedding")  # what a run with checkpoints uses (teacher-input auto)
 # A resumed run re-sends the teacher's embedding (devices keep nothing across runs), so its
 # bytes down and virtual clock run ahead; everything learned is the same.
 LEARNED = ("test_accuracy", "test_loss", "train_loss", "bytes_up", "bytes_up_activations", "devices",
