@@ -98,11 +98,14 @@ def test_from_run_config_reads_every_protocol_key_and_leaves_the_apps_own():
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())
     flower = logging.getLogger("flwr")  # where a Flower app's log lines are seen
+    level = flower.level  # an earlier test may have raised it (the suite runs them in one process)
     flower.addHandler(handler)
+    flower.setLevel(logging.INFO)
     try:
         config = SplitKDConfig.from_run_config(run_config)
     finally:
         flower.removeHandler(handler)
+        flower.setLevel(level)
     assert lines == ["fedsplitkd: run-config keys left to the app (not split-KD's): data-file, samples-per-device, "
                      "dataset"]
     assert {k: getattr(config, k.replace("-", "_")) for k in protocol} == protocol
