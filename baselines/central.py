@@ -18,6 +18,7 @@ from fedsplitkd.fleet.costs import BACKWARD_FACTOR
 from fedsplitkd.data.datasets import DeviceData, device_data, server_splits, take
 from fedsplitkd.run.experiment import Experiment
 from fedsplitkd.training.local import pooled, train_whole
+from fedsplitkd.protocol.runtime import eval_mode, torch_device_of
 from fedsplitkd.protocol.server import RoundStats
 from fedsplitkd.strategies.grid import NodeMap, discover
 from fedsplitkd.strategies.recorder import Recorder
@@ -38,10 +39,10 @@ def server_data(grid: Grid, exp: Experiment) -> tuple[DeviceData, int]:
 
 @torch.no_grad()
 def teacher_logits(teacher: torch.nn.Module, x: np.ndarray, batch_size: int = 512) -> torch.Tensor:
-    teacher.eval()
-    device = next(teacher.parameters()).device
-    return torch.cat([teacher(torch.from_numpy(x[i:i + batch_size]).to(device)).float().cpu()
-                      for i in range(0, len(x), batch_size)])
+    device = torch_device_of(teacher)
+    with eval_mode(teacher):
+        return torch.cat([teacher(torch.from_numpy(x[i:i + batch_size]).to(device)).float().cpu()
+                          for i in range(0, len(x), batch_size)])
 
 
 def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
@@ -50,7 +51,7 @@ def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
     teacher = exp.teacher if cfg.split.teacher_mode != "none" else None
     student_flops = sum(s.forward_flops for s in exp.student.block_stats())
     recorder.round(0, *exp.evaluate(), None)
-    targets = None
+    targets, teacher_flops = None, 0.0
     if teacher is not None:
         logits = teacher_logits(teacher, data.x_train)
         targets = lambda idx, x, y: logits[idx].to(x.device)  # noqa: E731
@@ -59,6 +60,6 @@ def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
         samples, loss = train_whole(exp.student, data, cfg, server_round, count, teacher=targets)
         stats = RoundStats(samples=samples, loss_sum=loss)
         # the teacher's one pass over the data is priced in the first round
-        once = teacher_flops if teacher is not None and server_round == 1 else 0.0
+        once = teacher_flops if server_round == 1 else 0.0
         stats.costs = exp.server.costs.account_server(samples * (1 + BACKWARD_FACTOR) * student_flops + once)
         recorder.round(server_round, *exp.evaluate(), stats)

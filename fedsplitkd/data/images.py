@@ -25,7 +25,6 @@ from fedsplitkd.data.sources import DataError, Source, cache_dir, fetch, sha256_
 # The original release (Krizhevsky 2009); its publisher gives an md5, which we check as well.
 CIFAR10 = Source("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", None, "cifar-10-python.tar.gz",
                  md5="c58f30108f718f92721af3b95e74349a")
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 TEST_FRACTION = 0.2  # of a folder that has no test/ sub-folder
 
 
@@ -122,9 +121,9 @@ def image_folder(path: str) -> dict:
 
 def _arrays(split, where: Path) -> tuple[np.ndarray, np.ndarray]:
     """float32 (N, C, H, W) in [0, 1] and int64 labels; gray stays one channel, all else is RGB."""
-    gray = all(img.mode in ("L", "1", "I;16", "I") for img in split["image"])
-    mode = "L" if gray else "RGB"
-    pixels = [np.asarray(img.convert(mode)) for img in split["image"]]
+    decoded = list(split["image"])  # the column is lazy: each pass over it decodes every file again
+    gray = all(img.mode in ("L", "1", "I;16", "I") for img in decoded)
+    pixels = [np.asarray(img.convert("L" if gray else "RGB")) for img in decoded]
     sizes = {p.shape for p in pixels}
     if len(sizes) > 1:
         raise DataError(f"data-path '{where}': images of {len(sizes)} sizes ({sorted(sizes)[:3]}...): "

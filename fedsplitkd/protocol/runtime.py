@@ -7,8 +7,9 @@ teacher, computes the KD loss, steps its optimizer and returns the cut-layer gra
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -250,21 +251,30 @@ class EdgeRuntime:
                           for a in arrays])
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode; afterwards each module gets back its own train/eval mode (a frozen
+    teacher measured here stays in eval mode, a training student goes back to training)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> tuple[float, float]:
     """Accuracy and mean cross-entropy (nats) of ``model`` on (x, y), per label: per token
-    when y holds a label per position (loss / ln 2 is then bits per character). Each module
-    gets back its own train/eval mode: a frozen teacher measured here stays in eval mode."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
+    when y holds a label per position (loss / ln 2 is then bits per character)."""
     torch_dev = torch_device_of(model)
     correct, loss = 0, 0.0
-    for i in range(0, len(x), batch_size):
-        logits = model(torch.from_numpy(x[i:i + batch_size]).to(torch_dev))
-        target = torch.from_numpy(y[i:i + batch_size]).to(torch_dev)
-        loss += float(nn.functional.cross_entropy(logits.reshape(target.numel(), -1), target.reshape(-1),
-                                                  reduction="sum"))
-        correct += int((logits.argmax(-1) == target).sum())
-    for module, training in modes:
-        module.training = training
+    with eval_mode(model):
+        for i in range(0, len(x), batch_size):
+            logits = model(torch.from_numpy(x[i:i + batch_size]).to(torch_dev))
+            target = torch.from_numpy(y[i:i + batch_size]).to(torch_dev)
+            loss += float(nn.functional.cross_entropy(logits.reshape(target.numel(), -1), target.reshape(-1),
+                                                      reduction="sum"))
+            correct += int((logits.argmax(-1) == target).sum())
     return correct / max(1, y.size), loss / max(1, y.size)
