@@ -21,7 +21,7 @@ import contextlib
 import copy
 import dataclasses
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -33,7 +33,7 @@ from fedsplitkd.fleet.costs import CostModel
 from fedsplitkd.data.datasets import DeviceData
 from fedsplitkd.protocol.device import DeviceSetup
 from fedsplitkd.models.splitmodel import Part, SplitModel
-from fedsplitkd.protocol.runtime import OptimizerFactory, torch_device
+from fedsplitkd.protocol.runtime import OptimizerFactory, eval_mode, torch_device
 from fedsplitkd.protocol.server import SplitKDServer
 from fedsplitkd.splitkd_config import PROTOCOL_KEYS, SplitKDConfig, as_run_config
 
@@ -202,18 +202,6 @@ def edge_server(student: Blocks, input_shape: tuple[int, ...], teacher: nn.Modul
         model.cut_index(cut)  # fail early, naming the cut points, on a bad cut
         return SplitKDServer(model, split_teacher, cfg, num_classes,
                              costs if costs is not None else CostModel.from_config(cfg), cut, optimizer)
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """``module`` in eval mode for the block; then each of its modules has its own mode back."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield module
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def teacher_accuracy(teacher: nn.Module, test_data: Iterable | None = None,
