@@ -152,6 +152,8 @@ class SplitConfig:
     kd_temperature: float = key(_float(2.0, 0.0, 100.0, low_open=True))
     kd_mode: str = key(_choice("standard", "mutual"))
     teacher_input: str = key(_choice("auto", "embedding", "cached"))
+    teacher_cut: str = key(_str("default", "a cut-point name of the teacher ('default' = its first block: the "
+                                "embedding the devices run)"))
 
     # teacher-input 'auto' as resolve() settles it with the fleet's settings ('' = not settled)
     settled_teacher_input: str = dataclasses.field(default="", repr=False)

@@ -154,21 +154,26 @@ def test_resnet_shapes_and_checkpoint_errors(tmp_path):
         load_checkpoint(model, tmp_path / "junk.th")
 
 
-@needs_cifar
-def test_published_resnet56_on_real_cifar_images(tmp_path):
-    """The shared checkpoint loads exactly and classifies 200 random JPEG test images as published
-    (0.832 on all 10,000 here); the run's teacher is that ResNet-56, frozen."""
+def cifar_sample(path: Path, train_count: int = 100, test_count: int = 200) -> Path:
+    """A zip of random real CIFAR-10 JPEGs from the shared set (the files are sorted by class)."""
     with zipfile.ZipFile(CIFAR_ZIP) as z:
         names = sorted(n for n in z.namelist() if n.endswith(".jpg"))
         rng = np.random.default_rng(0)
         train = [n for n in names if "/train/" in n]
         test = [n for n in names if "/test/" in n]
-        picked = [train[i] for i in rng.choice(len(train), 100, replace=False)] + \
-                 [test[i] for i in rng.choice(len(test), 200, replace=False)]
-        with zipfile.ZipFile(tmp_path / "cifar-small.zip", "w") as out:
+        picked = [train[i] for i in rng.choice(len(train), train_count, replace=False)] + \
+                 [test[i] for i in rng.choice(len(test), test_count, replace=False)]
+        with zipfile.ZipFile(path, "w") as out:
             for name in picked:
                 out.writestr(name, z.read(name))
-    cfg = resolve({"dataset": "cifar10", "data-path": str(tmp_path / "cifar-small.zip"),
+    return path
+
+
+@needs_cifar
+def test_published_resnet56_on_real_cifar_images(tmp_path):
+    """The shared checkpoint loads exactly and classifies 200 random JPEG test images as published
+    (0.832 on all 10,000 here); the run's teacher is that ResNet-56, frozen."""
+    cfg = resolve({"dataset": "cifar10", "data-path": str(cifar_sample(tmp_path / "cifar-small.zip")),
                    "teacher-path": str(RESNET56)})
     ds = load_dataset(cfg)
     assert ds.input_shape == (3, 32, 32) and len(ds.y_test) == 200
@@ -181,3 +186,22 @@ def test_published_resnet56_on_real_cifar_images(tmp_path):
     accuracy, _ = evaluate(teacher, ds.x_test, ds.y_test)
     assert accuracy >= 0.75
     assert student_for(cfg, ds).block_names[0] == "conv1"  # LeNet-5 for CIFAR-10
+
+
+@needs_cifar
+def test_teacher_cut_trades_device_compute_for_bytes(tmp_path):
+    """A teacher cut after the first downsampling block: the same teacher logits (so the same round),
+    half the stem's bytes a sample up (32 x 16 x 16 against 16 x 32 x 32 floats), more device FLOPs;
+    a name that is not a block of the teacher is refused naming the key."""
+    from fedsplitkd.config import ConfigError
+    from fedsplitkd.run.experiment import run_inprocess
+
+    base = {"dataset": "cifar10", "data-path": str(cifar_sample(tmp_path / "cifar.zip", 60, 40)),
+            "teacher-path": str(RESNET56), "num-rounds": 1, "teacher-input": "embedding", "public-fraction": 0.1}
+    rows = {cut: run_inprocess({**base, "teacher-cut": cut}, 2)[1][1] for cut in ("default", "layer2_0")}
+    stem, deeper = rows["default"], rows["layer2_0"]
+    assert deeper["train_loss"] == pytest.approx(stem["train_loss"], rel=1e-5)
+    assert deeper["bytes_up_teacher"] * 2 == pytest.approx(stem["bytes_up_teacher"], rel=0.01)
+    assert deeper["device_flops"] > stem["device_flops"] * 1.5
+    with pytest.raises(ConfigError, match="teacher-cut 'layer9_0' is not a cut point of the teacher"):
+        run_inprocess({**base, "teacher-cut": "layer9_0"}, 2)

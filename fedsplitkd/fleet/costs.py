@@ -51,14 +51,16 @@ class SplitFlops:
     teacher_server: float  # the rest of the teacher (on the server)
 
     @classmethod
-    def of(cls, student: SplitModel, cut: str, teacher: SplitModel | None, teacher_trains: bool = False
-           ) -> SplitFlops:
-        """``teacher_trains`` (mutual learning): the teacher's server part also runs backward."""
+    def of(cls, student: SplitModel, cut: str, teacher: SplitModel | None, teacher_trains: bool = False,
+           teacher_cut: str = "default") -> SplitFlops:
+        """``teacher_trains`` (mutual learning): the teacher's server part also runs backward.
+        ``teacher_cut``: the teacher's blocks up to it run on the device."""
         stats, k = student.block_stats(), student.cut_index(cut)
         tstats = teacher.block_stats() if teacher is not None else []
-        rest = sum(s.forward_flops for s in tstats[1:]) * ((1 + BACKWARD_FACTOR) if teacher_trains else 1)
+        t = teacher.cut_index(teacher_cut) if teacher is not None else 0
+        rest = sum(s.forward_flops for s in tstats[t:]) * ((1 + BACKWARD_FACTOR) if teacher_trains else 1)
         return cls(sum(s.forward_flops for s in stats[:k]), sum(s.forward_flops for s in stats[k:]),
-                   sum(s.forward_flops for s in tstats[:1]), rest)
+                   sum(s.forward_flops for s in tstats[:t]), rest)
 
 
 @dataclass(frozen=True)

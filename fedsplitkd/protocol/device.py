@@ -92,7 +92,7 @@ def _models(cfg: RunConfig, shape=None) -> tuple[SplitModel, nn.Module | None, d
     embedding = None
     if cfg.split.teacher_mode != "none":
         teacher = teacher_for(cfg, dataset)
-        embedding = teacher.device_part(teacher.cut_points[0])
+        embedding = teacher.device_part(cfg.split.teacher_cut)
     return student_for(cfg, dataset), embedding, {}
 
 

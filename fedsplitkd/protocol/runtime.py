@@ -160,10 +160,10 @@ class EdgeRuntime:
     def __init__(self, student: SplitModel, cut: str, teacher: SplitModel | None,
                  alpha: float, temperature: float, lr: float, momentum: float, mutual: bool = False,
                  optimizer: OptimizerFactory | None = None, precision: str = "fp32", compiled: bool = False,
-                 grad_clip: float = 0.0):
+                 grad_clip: float = 0.0, teacher_cut: str = "default"):
         self.part = student.server_part(cut)
         self.grad_clip = grad_clip
-        rest = teacher.server_part(teacher.cut_points[0]) if teacher else None
+        rest = teacher.server_part(teacher_cut) if teacher else None
         self.mutual = mutual and rest is not None
         self.teacher_rest = rest if self.mutual or rest is None else freeze(rest)
         self.alpha, self.temperature = alpha, temperature

@@ -18,6 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
+from fedsplitkd.config import ConfigError
 from fedsplitkd.fleet.costs import CostModel, DeviceTraffic, SplitFlops
 from fedsplitkd.protocol.device import BACKWARD_KIND, FORWARD_KIND
 from fedsplitkd.models.zoo import SplitModel
@@ -101,19 +102,23 @@ class SplitKDServer:
         self.mode = cfg.split.teacher_mode
         self.num_classes = num_classes
         mutual = cfg.split.kd_mode == "mutual"
+        if self.mode != "none" and cfg.split.teacher_cut not in ("default", *teacher.cut_points):
+            raise ConfigError(f"teacher-cut {cfg.split.teacher_cut!r} is not a cut point of the teacher: "
+                              f"{teacher.cut_points}")
         self.edge = EdgeRuntime(student, self.cut, teacher if self.mode != "none" else None,
                                 cfg.split.kd_alpha, cfg.split.kd_temperature, cfg.train.learning_rate,
                                 cfg.train.momentum, mutual, optimizer, cfg.model.precision, cfg.model.compile,
-                                cfg.train.grad_clip)
+                                cfg.train.grad_clip, cfg.split.teacher_cut)
         self.device_part = student.device_part(self.cut)
-        self.flops = SplitFlops.of(student, self.cut, teacher if self.mode != "none" else None, mutual)
+        self.flops = SplitFlops.of(student, self.cut, teacher if self.mode != "none" else None, mutual,
+                                   cfg.split.teacher_cut)
         stats = student.block_stats()
         self.act_shape = stats[student.cut_index(self.cut) - 1].out_shape
         self.label_shape = stats[-1].out_shape[:-1]  # () for a class, (T,) for a next token per position
         if self.mode != "none":
-            embedding = teacher.device_part(teacher.cut_points[0])
+            embedding = teacher.device_part(cfg.split.teacher_cut)
             self.teacher_weights = state_to_numpy(embedding)
-            self.emb_shape = teacher.block_stats()[0].out_shape
+            self.emb_shape = teacher.block_stats()[len(embedding) - 1].out_shape
         self.max_chunk = cfg.split.exchange_batches * cfg.train.batch_size
         # Who holds the teacher's embedding: devices, or the nodes serving bundles of virtual
         # devices (``transport.holder``), which keep one copy for all they serve.
