@@ -18,7 +18,7 @@ from fedsplitkd.fleet.costs import BACKWARD_FACTOR
 from fedsplitkd.data.datasets import DeviceData, device_data, server_splits, take
 from fedsplitkd.run.experiment import Experiment
 from fedsplitkd.training.local import pooled, train_whole
-from fedsplitkd.protocol.runtime import eval_mode, torch_device_of
+from fedsplitkd.protocol.teacher_memo import frozen_logits
 from fedsplitkd.protocol.server import RoundStats
 from fedsplitkd.strategies.grid import NodeMap, discover
 from fedsplitkd.strategies.recorder import Recorder
@@ -37,12 +37,8 @@ def server_data(grid: Grid, exp: Experiment) -> tuple[DeviceData, int]:
     return pooled([device_data(cfg, d, count) for d in range(count)]), count
 
 
-@torch.no_grad()
-def teacher_logits(teacher: torch.nn.Module, x: np.ndarray, batch_size: int = 512) -> torch.Tensor:
-    device = torch_device_of(teacher)
-    with eval_mode(teacher):
-        return torch.cat([teacher(torch.from_numpy(x[i:i + batch_size]).to(device)).float().cpu()
-                          for i in range(0, len(x), batch_size)])
+def teacher_logits(teacher: torch.nn.Module, x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(frozen_logits(teacher, x))
 
 
 def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:

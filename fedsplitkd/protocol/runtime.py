@@ -17,6 +17,7 @@ from torch import nn
 
 from fedsplitkd.protocol.kd import kd_loss
 from fedsplitkd.models.zoo import SplitModel
+from fedsplitkd.protocol import teacher_memo
 from fedsplitkd.protocol.sgd import DeviceSGD
 
 
@@ -190,9 +191,13 @@ class EdgeRuntime:
     @torch.no_grad()
     def teacher_logits(self, teacher_input: np.ndarray) -> np.ndarray:
         assert self.teacher_rest is not None
-        with self.autocast():
-            logits = self.teacher_forward(torch.from_numpy(teacher_input).to(self.torch_dev))
-        return logits.float().cpu().numpy()
+
+        def compute(rows: np.ndarray) -> np.ndarray:
+            with self.autocast():
+                logits = self.teacher_forward(torch.from_numpy(rows).to(self.torch_dev))
+            return logits.float().cpu().numpy()
+
+        return teacher_memo.outputs(self.teacher_rest, teacher_input, compute)
 
     def train_step(self, activations: list[np.ndarray], labels: list[np.ndarray],
                    teacher_logits: list[np.ndarray | None]) -> tuple[list[np.ndarray], float]:

@@ -119,8 +119,10 @@ class CachedRunner:
             return read_rows(directory)
         full = {**config, "output-dir": str(directory.parent), "run-name": directory.name}
         if self.backend == "inprocess":
+            from fedsplitkd.protocol import teacher_memo
             from fedsplitkd.strategies.inprocess import run_app
 
+            teacher_memo.enable()  # a frozen teacher's outputs, once per sample for all the runs here
             run_app(full, self.devices)
         else:
             if self.sim is None:
