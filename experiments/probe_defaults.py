@@ -4,6 +4,7 @@ accuracy and train loss printed, and the run's health at the end.
 
     python experiments/probe_defaults.py --case cifar10 --set server-batching=joint
     python experiments/probe_defaults.py --case all
+    python experiments/probe_defaults.py --case digits,har --vary momentum=0 --vary learning-rate=0.01
 
 Cases: digits, har (the shared subset), cifar10 (the shared JPEG zip, a 10,000-image training
 subset, the shared ResNet-56 as teacher), cifar10-0.1 (Dirichlet 0.1), gray28 (an npz of 10,000
@@ -87,11 +88,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", default="all", help=f"one of {', '.join(CASES)}, or all")
     parser.add_argument("--set", action="append", default=[], help="run-config key=value (repeatable)")
+    parser.add_argument("--vary", action="append", default=[],
+                        help="one more run per case with these key=value,key=value on top of --set "
+                             "(repeatable; the runs share one process and the frozen teacher's outputs)")
     parser.add_argument("--devices", type=int, default=20)
     args = parser.parse_args()
     overrides = {k: parse(v) for k, v in (item.split("=", 1) for item in args.set)}
+    variants = [{}] if not args.vary else [
+        {k: parse(v) for k, v in (item.split("=", 1) for item in group.split(",") if item)} for group in args.vary]
+    from fedsplitkd.protocol import teacher_memo
+
+    teacher_memo.enable()
     for case in CASES if args.case == "all" else args.case.split(","):
-        probe(case, overrides, args.devices)
+        for variant in variants:
+            probe(case, {**overrides, **variant}, args.devices)
 
 
 if __name__ == "__main__":
