@@ -147,7 +147,7 @@ class SplitConfig:
     cut: str = key(_str("default", "a cut-point name of the student ('default' = its first block, "
                         "'adaptive' = chosen per cluster from the cost model, 'per-device' = per device)"))
     exchange_batches: int = key(_int(8, 1))
-    server_batching: str = key(_choice("per-device", "joint"))
+    server_batching: str = key(_choice("per-device", "joint", "interleaved"))
     kd_alpha: float = key(_float(0.278, 0.0, 1.0))
     kd_temperature: float = key(_float(2.0, 0.0, 100.0, low_open=True))
     kd_mode: str = key(_choice("standard", "mutual"))

@@ -207,7 +207,10 @@ class SplitKDServer:
 
         ``server-batching = per-device``: one step per device minibatch, device by device
         (sequential split learning on the server side). ``joint``: step j takes minibatch j
-        of every device at once (CPSL), fewer and larger server steps.
+        of every device at once (CPSL), fewer and larger server steps. ``interleaved``: one
+        step per device minibatch, minibatch j of every device before minibatch j + 1 of any,
+        so consecutive steps see different devices' data (label-skewed devices one after
+        another drag a momentum SGD towards each device's classes in turn).
         """
         batches = []  # (key, activations, labels, teacher logits) per minibatch
         for key, reply in chunks.items():
@@ -215,8 +218,12 @@ class SplitKDServer:
             t = np.split(teacher[key], bounds) if teacher[key] is not None else [None] * (len(bounds) + 1)
             batches.append(list(zip([key] * (len(bounds) + 1), np.split(reply["activations"], bounds),
                                     np.split(reply["labels"], bounds), t)))
-        if self.cfg.split.server_batching == "joint" and not self.per_device_server:
-            steps = [[b[j] for b in batches if j < len(b)] for j in range(max(map(len, batches)))]
+        batching = "per-device" if self.per_device_server else self.cfg.split.server_batching
+        depth = range(max(map(len, batches)))
+        if batching == "joint":
+            steps = [[b[j] for b in batches if j < len(b)] for j in depth]
+        elif batching == "interleaved":
+            steps = [[b[j]] for j in depth for b in batches if j < len(b)]
         else:
             steps = [[minibatch] for device_batches in batches for minibatch in device_batches]
         grads: dict[Hashable, list[np.ndarray]] = {key: [] for key in chunks}
@@ -322,7 +329,7 @@ class SplitKDServer:
         ready: dict[Hashable, Payload] = {}  # next requests computed but not sent yet
         while order:
             stats.exchanges += 1
-            groups = [order] if self.cfg.split.server_batching == "joint" else [[k] for k in order]
+            groups = [order] if self.cfg.split.server_batching in ("joint", "interleaved") else [[k] for k in order]
             remaining = Counter(holder(k) for k in order)  # per holder, devices still to step this exchange
             order = []
             for group in groups:
