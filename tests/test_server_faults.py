@@ -23,7 +23,7 @@ def first_chunks(exp, setups):
     return {k: handle_train(requests[k], {}, setups[k])[0] for k in setups}
 
 
-@pytest.mark.parametrize("batching", ["per-device", "joint"])
+@pytest.mark.parametrize("batching", ["per-device", "joint", "interleaved"])
 def test_only_the_nan_device_is_dropped_and_its_later_minibatches_skipped(batching):
     cfg, exp, setups = setup({"server_batching": batching, "exchange_batches": 4})
     chunks = first_chunks(exp, setups)
@@ -40,6 +40,27 @@ def test_only_the_nan_device_is_dropped_and_its_later_minibatches_skipped(batchi
     assert np.isfinite(loss_sum)
     if batching == "per-device":  # device 0's minibatches, then device 1's first (failed) only
         assert len(steps) == len(chunks[0]["batch-sizes"]) + 1
+
+
+@pytest.mark.parametrize("batching, expected", [("per-device", [[0]] * 4 + [[1]] * 4),
+                                                ("interleaved", [[0], [1]] * 4), ("joint", [[0, 1]] * 4)])
+def test_server_batching_orders_the_steps(batching, expected):
+    """Which devices' minibatches each server step takes: device after device, alternating, together."""
+    cfg, exp, setups = setup({"server_batching": batching, "exchange_batches": 4})
+    chunks = first_chunks(exp, setups)
+    assert all(len(c["batch-sizes"]) == 4 for c in chunks.values())
+    teacher = {k: exp.server.teacher_logits(k, c) for k, c in chunks.items()}
+    steps = []
+    original = exp.server.edge.train_step
+
+    def spy(acts, labels, logits):
+        steps.append([k for a in acts for k, c in chunks.items() if np.shares_memory(a, c["activations"])])
+        return original(acts, labels, logits)
+
+    exp.server.edge.train_step = spy
+    grads, _, _ = exp.server.train_chunks(chunks, teacher)
+    assert steps == expected
+    assert all(grads[k].shape == chunks[k]["activations"].shape for k in chunks)
 
 
 def test_huge_activations_are_rejected_and_leave_no_trace():
