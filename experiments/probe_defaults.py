@@ -9,7 +9,8 @@ accuracy and train loss printed, and the run's health at the end.
 Cases: digits, har (the shared subset), cifar10 (the shared JPEG zip, a 10,000-image training
 subset, the shared ResNet-56 as teacher), cifar10-0.1 (Dirichlet 0.1), gray28 (an npz of 10,000
 real 28x28 grayscale images made here from CIFAR-10's JPEGs: 8,000 train, 2,000 test; a set the
-defaults were never tuned on). 20 devices, 25 rounds unless ``--set num-rounds=N``.
+defaults were never tuned on), shakespeare and shakespeare-lm (the shared Tiny Shakespeare: the next
+character, and a character language model). 20 devices, 25 rounds unless ``--set num-rounds=N``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ CASES = {
     "cifar10": CIFAR,
     "cifar10-0.1": {**CIFAR, "dirichlet-alpha": 0.1},
     "gray28": {"dataset": "npz"},  # data-path: made on first use
+    "shakespeare": {"dataset": "shakespeare", "data-path": str(SHARED / "datasets" / "tiny_shakespeare.txt")},
+    "shakespeare-lm": {"dataset": "shakespeare-lm", "data-path": str(SHARED / "datasets" / "tiny_shakespeare.txt")},
 }
 
 
