@@ -101,10 +101,10 @@ def main() -> None:
         {k: parse(v) for k, v in (item.split("=", 1) for item in group.split(",") if item)} for group in args.vary]
     from fedsplitkd.protocol import teacher_memo
 
-    teacher_memo.enable()
-    for case in CASES if args.case == "all" else args.case.split(","):
-        for variant in variants:
-            probe(case, {**overrides, **variant}, args.devices)
+    with teacher_memo.kept():
+        for case in CASES if args.case == "all" else args.case.split(","):
+            for variant in variants:
+                probe(case, {**overrides, **variant}, args.devices)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ MEANING: dict[str, str] = {
     'local-epochs': 'passes over the local data per round',
     'exchange-batches': 'minibatches whose activations travel in one message (see below)',
     'server-batching': '`per-device`: one server step per device minibatch, device after device; `joint`: one step over minibatch j of all devices (CPSL); `interleaved`: one step per device minibatch, minibatch j of every device before minibatch j + 1 of any (waits for the exchange, as joint does)',
-    'learning-rate': 'SGD learning rate, device and server parts (the default is split-KD\'s tuned config on digits)',
+    'learning-rate': 'SGD learning rate, device and server parts (the default learns on every built-in dataset; tune it per dataset)',
     'lr-schedule': "`cosine`: round r trains at `learning-rate` × (1 + cos(π (r − 1) / num-rounds)) / 2, on devices and server (every method's SGD), so the last rounds settle; a resumed cosine run keeps its `num-rounds`",
     'momentum': 'SGD momentum, device and server parts',
     'kd-alpha': 'α of the loss `α·T²·KL(teacher_T ‖ student_T) + (1−α)·CE`; α = 0 is plain split learning (default tuned on digits)',

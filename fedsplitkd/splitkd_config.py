@@ -40,7 +40,8 @@ PROTOCOL_KEYS: tuple[str, ...] = tuple(
     if (section in PROTOCOL_SECTIONS or name in SERVER_COMPUTE_KEYS) and name not in CONFIG_APP_KEYS)
 # A key in no schema is taken for a misspelling of a protocol key that difflib rates this
 # close and that two typed characters (edits) turn it into: 'kd-alfa' (0.80, 2 edits) is one
-# of 'kd-alpha'; an app's own 'teacher-ckpt' (0.80 against 'teacher-input', 4 edits) is not.
+# of 'kd-alpha'; an app's own 'teacher-checkpoint' (0.71 against 'teacher-input') is not, while
+# 'teacher-ckpt' is taken for 'teacher-cut' (2 edits; app_keys= says it is the app's).
 MISSPELLING_CUTOFF = 0.75
 MISSPELLING_EDITS = 2
 

@@ -128,8 +128,8 @@ def test_a_misspelt_protocol_key_is_refused_unless_the_app_owns_it():
     config = SplitKDConfig.from_run_config({"kd-alfa": 0.5}, app_keys=["kd-alfa"])
     assert config.kd_alpha == DEFAULTS["kd-alpha"] and config.ignored_keys == ("kd-alfa",)
     # keys far from any protocol key, and the config app's own schema keys, are the app's
-    assert SplitKDConfig.from_run_config({"teacher-ckpt": "t.pt", "teacher-epochs": 3}).ignored_keys == \
-        ("teacher-ckpt", "teacher-epochs")
+    assert SplitKDConfig.from_run_config({"teacher-checkpoint": "t.pt", "teacher-epochs": 3}).ignored_keys == \
+        ("teacher-checkpoint", "teacher-epochs")
 
 
 def test_bad_values_name_their_key():

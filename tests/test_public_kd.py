@@ -17,7 +17,8 @@ def test_server_distillation_learns_with_one_teacher_pass(method, tmp_path, monk
     passes = []
     once = central.teacher_logits
     monkeypatch.setattr(central, "teacher_logits", lambda teacher, x: passes.append(len(x)) or once(teacher, x))
-    directory = run_app({**tiny(num_rounds=8, teacher_epochs=20), "method": method, "output-dir": str(tmp_path),
+    directory = run_app({**tiny(num_rounds=8, teacher_epochs=20, learning_rate=0.0222), "method": method,
+                         "output-dir": str(tmp_path),
                          "run-name": method}, 4)
     rows = list(csv.DictReader(open(directory / "metrics.csv")))
     assert len(passes) == 1  # the frozen teacher ran over the data once, not every round

@@ -12,9 +12,8 @@ from fedsplitkd.protocol import teacher_memo
 
 @pytest.fixture
 def memo():
-    teacher_memo.enable()
-    yield
-    teacher_memo.disable()
+    with teacher_memo.kept():
+        yield
 
 
 def counted(model: nn.Module, seen: list[int]):
@@ -39,9 +38,13 @@ def test_only_new_rows_and_new_weights_are_computed(memo):
         model.weight.mul_(2)  # other weights: nothing is reused
     teacher_memo.outputs(model, x, counted(model, seen))
     assert seen == [6, 2, 6]
+    teacher_memo.outputs(model, x, counted(model, seen), variant="bf16")  # another computation
+    assert seen == [6, 2, 6, 6]
 
 
-def test_off_by_default_computes_everything():
+def test_off_by_default_and_after_kept_computes_everything():
+    with teacher_memo.kept():
+        assert teacher_memo.enabled()
     assert not teacher_memo.enabled()
     model, seen = nn.Linear(4, 3), []
     x = np.zeros((5, 4), np.float32)

@@ -197,7 +197,7 @@ class EdgeRuntime:
                 logits = self.teacher_forward(torch.from_numpy(rows).to(self.torch_dev))
             return logits.float().cpu().numpy()
 
-        return teacher_memo.outputs(self.teacher_rest, teacher_input, compute)
+        return teacher_memo.outputs(self.teacher_rest, teacher_input, compute, self.precision)
 
     def train_step(self, activations: list[np.ndarray], labels: list[np.ndarray],
                    teacher_logits: list[np.ndarray | None]) -> tuple[list[np.ndarray], float]:

@@ -2,39 +2,43 @@
 
 A benchmark runs one dataset many times (trials, seeds, methods), and a frozen pre-trained
 teacher gives a sample the same logits every time: ResNet-56 over a 10,000-image CIFAR-10
-subset takes a minute or more of a run whose LeNet student trains in seconds. Once
-``enable()`` is called (the bench harness does), each row's output is kept by the digest of
-the module's weights and of the row's bytes, and only rows never seen go through the
+subset takes a minute or more of a run whose LeNet student trains in seconds. Within
+``kept()`` (the bench harness wraps each run in it), each row's output is kept by the digest
+of the module's weights and of the row's bytes, and only rows never seen go through the
 teacher. Off by default: a run on its own computes everything, as before. A teacher that
 trains (``kd-mode = mutual``) never comes here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-_outputs: dict[bytes, np.ndarray] | None = None  # None: off
+_outputs: dict[bytes, np.ndarray] = {}
+_active = False
 MAX_ROWS = 2_000_000  # a bound on memory (10 float32 logits a row: 80 MB)
 
 
-def enable() -> None:
-    global _outputs
-    if _outputs is None:
-        _outputs = {}
-
-
-def disable() -> None:
-    global _outputs
-    _outputs = None
+@contextlib.contextmanager
+def kept() -> Iterator[None]:
+    """Within: outputs are kept and reused (and stay for the next ``kept()``); afterwards the
+    memo is as it was (the bench harness wraps each run in it, so nothing else in the
+    process, a test included, sees outputs computed elsewhere)."""
+    global _active
+    before, _active = _active, True
+    try:
+        yield
+    finally:
+        _active = before
 
 
 def enabled() -> bool:
-    return _outputs is not None
+    return _active
 
 
 def weights_digest(module: nn.Module) -> bytes:
@@ -45,12 +49,14 @@ def weights_digest(module: nn.Module) -> bytes:
     return h.digest()
 
 
-def outputs(module: nn.Module, x: np.ndarray, compute: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """``compute(x)``, the frozen ``module``'s outputs for the rows of ``x``; with the memo on,
-    rows seen before (same weights, same bytes) are not computed again."""
-    if _outputs is None or not len(x):
+def outputs(module: nn.Module, x: np.ndarray, compute: Callable[[np.ndarray], np.ndarray],
+            variant: str = "") -> np.ndarray:
+    """``compute(x)``, the frozen ``module``'s outputs for the rows of ``x``; within ``kept()``,
+    rows seen before (same weights, same ``variant`` of the computation, same bytes) are not
+    computed again. ``variant`` names what else changes the outputs (the precision)."""
+    if not _active or not len(x):
         return compute(x)
-    prefix = weights_digest(module)
+    prefix = weights_digest(module) + variant.encode()
     keys = [prefix + hashlib.blake2b(np.ascontiguousarray(row).tobytes(), digest_size=16).digest() for row in x]
     missing = [i for i, k in enumerate(keys) if k not in _outputs]
     if missing:

@@ -122,8 +122,8 @@ class CachedRunner:
             from fedsplitkd.protocol import teacher_memo
             from fedsplitkd.strategies.inprocess import run_app
 
-            teacher_memo.enable()  # a frozen teacher's outputs, once per sample for all the runs here
-            run_app(full, self.devices)
+            with teacher_memo.kept():  # a frozen teacher's outputs, once per sample for all the runs here
+                run_app(full, self.devices)
         else:
             if self.sim is None:
                 from fedsplitkd.tools.localsim import LocalSimulation
