@@ -301,7 +301,7 @@ def write_report(table: list[dict], chosen: dict, out: Path, command: str) -> st
 
 def plot(table: list[dict], directory: Path) -> None:
     """Test accuracy against cumulative device energy and simulated time: one line per tuned
-    method (the mean over seeds) with its 95 % band."""
+    method (the mean over seeds) with its 95 % band, and the teacher's accuracy as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -319,6 +319,10 @@ def plot(table: list[dict], directory: Path) -> None:
                 mean, band = zip(*(interval(list(col)) for col in y.T))
                 line, = ax.plot(x, mean, marker=".", label=r["method"])
                 ax.fill_between(x, np.subtract(mean, band), np.add(mean, band), color=line.get_color(), alpha=0.2)
+            teachers = [r["teacher_accuracy"] for r in table if (r["dataset"], r["partition"]) == (dataset, partition)
+                        and not math.isnan(r["teacher_accuracy"])]
+            if teachers:  # the model being distilled, as a line: what the students are measured against
+                ax.axhline(statistics.fmean(teachers), color="black", linestyle="--", linewidth=1, label="teacher")
             ax.set_xscale("symlog" if column == "cum_device_energy_j" else "linear")
             ax.set_xlabel(label)
             ax.set_ylabel("test accuracy")
