@@ -121,6 +121,10 @@ def image_folder(path: str) -> dict:
 
 def _arrays(split, where: Path) -> tuple[np.ndarray, np.ndarray]:
     """float32 (N, C, H, W) in [0, 1] and int64 labels; gray stays one channel, all else is RGB."""
+    return _pixels(split, where), np.asarray(split["label"], dtype=np.int64)
+
+
+def _pixels(split, where: Path) -> np.ndarray:
     decoded = list(split["image"])  # the column is lazy: each pass over it decodes every file again
     gray = all(img.mode in ("L", "1", "I;16", "I") for img in decoded)
     pixels = [np.asarray(img.convert("L" if gray else "RGB")) for img in decoded]
@@ -130,5 +134,95 @@ def _arrays(split, where: Path) -> tuple[np.ndarray, np.ndarray]:
                         "resize them to one size first")
     x = np.stack(pixels).astype(np.float32) / 255.0
     x = x[:, None] if gray else x.transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(x), np.asarray(split["label"], dtype=np.int64)
+    return np.ascontiguousarray(x)
 
+
+
+CLASS_LIST = "classes.txt"  # a device folder's class names, one a line, in label order
+
+
+def folder_version(where: Path) -> str:
+    """What identifies a folder's contents for the cache: every file's path, size and mtime."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for file in sorted(p for p in where.rglob("*") if p.is_file()):
+        stat = file.stat()
+        h.update(f"{file.relative_to(where)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def device_folder(path: Path) -> dict:
+    """One device's images: a folder or zip of ``train/<class>/*`` (and optionally ``validation/``)
+    or of ``<class>/*`` alone. A device holds a few of the classes, so a folder's name says which
+    label it is: its line in ``classes.txt`` (``fedsplitkd-split`` writes one), else the folder
+    name is the label itself (``0``, ``1``, ...). Decoded once; later messages read the cache."""
+    root = _root(unpacked(path) if path.is_file() else path)
+    cached = cache_dir() / "device-images" / f"{folder_version(root)}.npz"
+    if cached.is_file():
+        with np.load(cached, allow_pickle=False) as arrays:
+            return {k: arrays[k] for k in arrays.files}
+    names = (root / CLASS_LIST).read_text().split() if (root / CLASS_LIST).is_file() else None
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        loaded = datasets.load_dataset("imagefolder", data_dir=str(root), cache_dir=str(cache_dir() / "hf-imagefolder"))
+    except (ValueError, FileNotFoundError) as err:
+        raise DataError(f"device data folder '{path}': no images in class sub-folders ({err})") from err
+    raw: dict = {}
+    for split, prefix in (("train", "train"), ("validation", "val")):
+        if split not in loaded:
+            continue
+        data = loaded[split]
+        if "label" in data.features:
+            folders, local = data.features["label"].names, None
+        else:  # one class folder: the loader infers no labels
+            folders = [d.name for d in (root / split if (root / split).is_dir() else root).iterdir() if d.is_dir()]
+        x, labels = _arrays(data, path) if "label" in data.features else (_pixels(data, path), None)
+        local = labels if labels is not None else np.zeros(len(x), np.int64)
+        # files numbered 000000.png ... (fedsplitkd-split's) come back in that order, not class by class
+        stems = [Path(f["path"]).stem for f in data.cast_column("image", datasets.Image(decode=False))["image"]]
+        order = np.argsort([int(t) for t in stems], kind="stable") if all(t.isdigit() for t in stems) \
+            else np.arange(len(x))
+        raw[f"x_{prefix}"], raw[f"y_{prefix}"] = x[order], _labels(folders, local, names, path)[order]
+    if "x_train" not in raw:
+        raise DataError(f"device data folder '{path}': no train/ images")
+    raw["num_classes"] = np.int64(len(names) if names else max(int(raw["y_train"].max()), 0) + 1)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(f"{cached.stem}.tmp{os.getpid()}.npz")
+    np.savez(tmp, **raw)
+    os.replace(tmp, cached)
+    return raw
+
+
+def _labels(folders: list[str], local: np.ndarray, names: list[str] | None, path: Path) -> np.ndarray:
+    """The run's labels of a device's images, from their class folders' names."""
+    if names is not None:
+        unknown = [f for f in folders if f not in names]
+        if unknown:
+            raise DataError(f"device data folder '{path}': class folder {unknown[0]!r} is not in its {CLASS_LIST}")
+        table = [names.index(f) for f in folders]
+    else:
+        if not all(f.isdigit() for f in folders):
+            raise DataError(f"device data folder '{path}': class folders {folders[:3]} need a {CLASS_LIST} "
+                            "(one class name a line, in label order) or names that are the labels (0, 1, ...)")
+        table = [int(f) for f in folders]
+    return np.asarray(table, np.int64)[local]
+
+
+def write_device_folder(out: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], num_classes: int) -> Path:
+    """A device's images as PNG files (lossless for 8-bit pixels): ``<split>/<label>/<n>.png`` and
+    ``classes.txt``; ``splits`` maps 'train'/'validation' to float (N, C, H, W) in [0, 1] and labels."""
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CLASS_LIST).write_text("".join(f"{c}\n" for c in range(num_classes)))
+    for split, (x, y) in splits.items():
+        pixels = np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+        for n, (image, label) in enumerate(zip(pixels, y)):
+            folder = out / split / str(int(label))
+            folder.mkdir(parents=True, exist_ok=True)
+            img = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+            Image.fromarray(img, "L" if image.shape[0] == 1 else "RGB").save(folder / f"{n:06d}.png")
+    return out

@@ -7,7 +7,8 @@ its own public (teacher) and test data through the run config's ``dataset``/``da
 A device file is an ``.npz`` with ``x_train``, ``y_train``, ``num_classes`` and optionally
 ``x_val``, ``y_val`` (else ``val-fraction`` of the training data becomes the validation
 split), or a ``.csv`` of numeric feature columns and an integer label column
-(``label-column``; the class count then comes from the node config's ``num-classes``).
+(``label-column``; the class count then comes from the node config's ``num-classes``), or a
+folder or zip of images (``images.device_folder``: class sub-folders, decoded once and cached).
 Features are used as they are: prepare them as the server prepares its data
 (``fedsplitkd-split`` writes files exactly so, from the project's own loaders and partitioners).
 
@@ -39,8 +40,15 @@ class ModelShape:
 
 
 def _read(file: Path, label_column: str, num_classes: int | None) -> dict:
-    if not file.is_file():
+    if not file.exists():
         raise DataError(f"device data file '{file}' does not exist")
+    if file.is_dir() or file.suffix == ".zip":  # the device's images, as a camera holds them
+        from fedsplitkd.data.images import device_folder
+
+        raw = dict(device_folder(file))
+        if num_classes is not None:
+            raw["num_classes"] = num_classes
+        return raw
     if file.suffix == ".csv":
         import pandas as pd
 
@@ -64,7 +72,7 @@ def _read(file: Path, label_column: str, num_classes: int | None) -> dict:
 
 @functools.lru_cache(maxsize=16)
 def load(path: str, label_column: str, num_classes: int | None, val_fraction: float, seed: int,
-         device: int, mtime: float = 0.0) -> tuple[DeviceData, ModelShape]:
+         device: int, mtime: float | str = 0.0) -> tuple[DeviceData, ModelShape]:
     """A device's data and the model shape, from its file alone (cached per file version)."""
     file = Path(path).expanduser()
     raw = _read(file, label_column, num_classes)
@@ -93,22 +101,37 @@ def device_file(node_config, cfg, device: int) -> tuple[DeviceData, ModelShape]:
     """The data of the device whose node config names ``data-path``."""
     path = str(node_config["data-path"])
     file = Path(path).expanduser()
-    mtime = file.stat().st_mtime if file.is_file() else 0.0
+    if file.is_dir():
+        from fedsplitkd.data.images import folder_version
+
+        mtime = folder_version(file)  # a folder's version: its files' names, sizes and times
+    else:
+        mtime = file.stat().st_mtime if file.is_file() else 0.0
     classes = node_config.get("num-classes")
     return load(path, cfg.data.label_column, None if classes is None else int(classes), cfg.data.val_fraction,
                 cfg.train.seed, device, mtime)
 
 
-def write_device_files(cfg, devices: int, out: Path) -> list[Path]:
-    """One ``.npz`` per device: exactly the data the run config gives device i of ``devices``
-    (the same loaders, public split, partitioner and validation split)."""
+def write_device_files(cfg, devices: int, out: Path, images: bool = False) -> list[Path]:
+    """One ``.npz`` per device (``images``: a folder of PNG files per device): exactly the data the
+    run config gives device i of ``devices`` (the same loaders, public split, partitioner and
+    validation split)."""
     out.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(cfg)
     if dataset.sequence or dataset.tokens:
         raise DataError(f"dataset '{dataset.name}': device files hold classification features, not token windows")
+    if images and len(dataset.input_shape) != 3:
+        raise DataError(f"dataset '{dataset.name}': its samples {dataset.input_shape} are not images (C, H, W)")
     files = []
     for i in range(devices):
         local = device_data(cfg, i, devices)
+        if images:
+            from fedsplitkd.data.images import write_device_folder
+
+            files.append(write_device_folder(out / f"device-{i}", {
+                "train": (local.x_train, local.y_train), "validation": (local.x_val, local.y_val)},
+                dataset.num_classes))
+            continue
         files.append(out / f"device-{i}.npz")
         np.savez(files[-1], x_train=local.x_train, y_train=local.y_train, x_val=local.x_val, y_val=local.y_val,
                  num_classes=dataset.num_classes, dataset=dataset.name)
@@ -125,11 +148,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="directory for device-<i>.npz")
     parser.add_argument("--run-config", default="", help="run-config keys, as for flwr run (" +
                         ", ".join(DATA_KEYS + ("val-fraction",)) + ")")
+    parser.add_argument("--images", action="store_true", help="a folder of PNG files per device "
+                        "(train/<label>/, validation/<label>/, classes.txt) instead of an .npz")
     args = parser.parse_args(argv)
     cfg = resolve(parse_run_config(args.run_config))
-    files = write_device_files(cfg, args.devices, Path(args.out))
-    print(f"{len(files)} device files in {args.out}: give SuperNode i --node-config "
-          f"\"data-path='{Path(args.out).resolve() / 'device-<i>.npz'}' partition-id=i num-partitions={args.devices}\"")
+    files = write_device_files(cfg, args.devices, Path(args.out), args.images)
+    name = "device-<i>" if args.images else "device-<i>.npz"
+    print(f"{len(files)} device {'folders' if args.images else 'files'} in {args.out}: give SuperNode i --node-config "
+          f"\"data-path='{Path(args.out).resolve() / name}' partition-id=i num-partitions={args.devices}\"")
 
 
 if __name__ == "__main__":
