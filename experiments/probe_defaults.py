@@ -82,6 +82,7 @@ def probe(case: str, overrides: dict, devices: int) -> dict:
               "train_loss": [round(r["train_loss"], 3) for r in rows[1:]],
               "mb_up_per_round": round(rows[-1]["bytes_up"] / 1e6, 2),
               "mb_up_teacher_round1": round(rows[1]["bytes_up_teacher"] / 1e6, 2),
+              "device_energy_j": round(rows[-1]["cum_device_energy_j"], 1),
               **exp.health.summary(), "wall_s": round(time.perf_counter() - started, 1)}
     print(json.dumps(result), flush=True)
     return result
