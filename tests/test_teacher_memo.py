@@ -61,3 +61,13 @@ def test_frozen_logits_in_eval_mode_and_same_as_a_plain_pass(memo):
     with torch.no_grad():
         plain = model.eval()(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(logits, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_the_memo_is_bounded_in_bytes(memo, monkeypatch):
+    model, seen = nn.Linear(4, 3), []
+    x = np.random.default_rng(2).normal(size=(4, 4)).astype(np.float32)
+    monkeypatch.setattr(teacher_memo, "MAX_BYTES", 4 * 3 * 4 + 1)  # four rows of three float32 logits
+    teacher_memo.outputs(model, x, counted(model, seen))
+    teacher_memo.outputs(model, x + 1, counted(model, seen))  # over the bound: the first rows are let go
+    teacher_memo.outputs(model, x, counted(model, seen))
+    assert seen == [4, 4, 4]

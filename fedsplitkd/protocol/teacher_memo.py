@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 _outputs: dict[bytes, np.ndarray] = {}
+_kept_bytes = 0
 _active = False
-MAX_ROWS = 2_000_000  # a bound on memory (10 float32 logits a row: 80 MB)
+MAX_BYTES = 1 << 30  # kept outputs, at most (a sequence teacher's row is positions x vocabulary floats)
 
 
 @contextlib.contextmanager
@@ -60,10 +61,13 @@ def outputs(module: nn.Module, x: np.ndarray, compute: Callable[[np.ndarray], np
     keys = [prefix + hashlib.blake2b(np.ascontiguousarray(row).tobytes(), digest_size=16).digest() for row in x]
     missing = [i for i, k in enumerate(keys) if k not in _outputs]
     if missing:
+        global _kept_bytes
         fresh = compute(x[missing])
-        if len(_outputs) + len(missing) > MAX_ROWS:
+        if _kept_bytes + fresh.nbytes > MAX_BYTES:
             _outputs.clear()
+            _kept_bytes = 0
         _outputs.update(zip((keys[i] for i in missing), fresh))
+        _kept_bytes += fresh.nbytes
     return np.stack([_outputs[k] for k in keys])
 
 
