@@ -9,7 +9,7 @@ import pytest
 
 from fedsplitkd.config import resolve
 from fedsplitkd.data import own_data
-from fedsplitkd.data.datasets import device_data
+from fedsplitkd.data.datasets import device_data, local_split
 from fedsplitkd.data.sources import DataError
 from test_images import write_folder
 
@@ -57,3 +57,15 @@ def test_class_folders_without_a_class_list_are_refused(tmp_path):
     (tmp_path / "dev" / "classes.txt").write_text("class0\nclass2\n")
     with pytest.raises(DataError, match="class folder 'class1' is not in its classes.txt"):
         own_data.device_file({"data-path": str(tmp_path / "dev")}, cfg, 0)
+
+
+def test_a_device_holding_one_class(tmp_path):
+    """One class folder: the loader infers no labels; the folder's name still says which."""
+    from fedsplitkd.data.images import write_device_folder
+
+    x = np.random.default_rng(0).integers(0, 256, (5, 3, 6, 6)).astype(np.float32) / 255
+    folder = write_device_folder(tmp_path / "dev", {"train": (x, np.full(5, 2))}, 4)
+    local, shape = own_data.device_file({"data-path": str(folder)}, resolve({"val-fraction": 0.0}), 0)
+    assert shape.num_classes == 4 and (local.y_train == 2).all() and len(local.y_train) == 5
+    train, _ = local_split(np.arange(5), 0.0, 0, 0)  # the device's own split of a file without validation/
+    np.testing.assert_array_equal(local.x_train, x[train])

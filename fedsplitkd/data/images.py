@@ -10,6 +10,7 @@ cache (``datasets._load``), so no process decodes a file twice.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import shutil
@@ -137,14 +138,11 @@ def _pixels(split, where: Path) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-
 CLASS_LIST = "classes.txt"  # a device folder's class names, one a line, in label order
 
 
 def folder_version(where: Path) -> str:
     """What identifies a folder's contents for the cache: every file's path, size and mtime."""
-    import hashlib
-
     h = hashlib.sha256()
     for file in sorted(p for p in where.rglob("*") if p.is_file()):
         stat = file.stat()
@@ -176,11 +174,12 @@ def device_folder(path: Path) -> dict:
             continue
         data = loaded[split]
         if "label" in data.features:
-            folders, local = data.features["label"].names, None
+            x, local = _arrays(data, path)
+            folders = data.features["label"].names
         else:  # one class folder: the loader infers no labels
+            x = _pixels(data, path)
+            local = np.zeros(len(x), np.int64)
             folders = [d.name for d in (root / split if (root / split).is_dir() else root).iterdir() if d.is_dir()]
-        x, labels = _arrays(data, path) if "label" in data.features else (_pixels(data, path), None)
-        local = labels if labels is not None else np.zeros(len(x), np.int64)
         # files numbered 000000.png ... (fedsplitkd-split's) come back in that order, not class by class
         stems = [Path(f["path"]).stem for f in data.cast_column("image", datasets.Image(decode=False))["image"]]
         order = np.argsort([int(t) for t in stems], kind="stable") if all(t.isdigit() for t in stems) \
@@ -188,7 +187,7 @@ def device_folder(path: Path) -> dict:
         raw[f"x_{prefix}"], raw[f"y_{prefix}"] = x[order], _labels(folders, local, names, path)[order]
     if "x_train" not in raw:
         raise DataError(f"device data folder '{path}': no train/ images")
-    raw["num_classes"] = np.int64(len(names) if names else max(int(raw["y_train"].max()), 0) + 1)
+    raw["num_classes"] = np.int64(len(names) if names else int(raw["y_train"].max()) + 1)
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_name(f"{cached.stem}.tmp{os.getpid()}.npz")
     np.savez(tmp, **raw)
