@@ -1,9 +1,10 @@
-"""Does other code compute the same runs? Three cells of the standard preset's tuned configs
-(seed 0, 20 devices, the bench's in-process Flower grid), every metrics.csv column compared.
+"""Does other code compute the same runs? Cells of the standard preset's tuned configs (or, for
+a method it has none of, the full preset's untuned one; seed 0, 20 devices, the bench's
+in-process Flower grid), every metrics.csv column compared. Three cells unless named:
 
     git worktree add /tmp/old OLD_COMMIT
-    PYTHONPATH=/tmp/old FEDSPLITKD_CACHE=/tmp/c-old python experiments/same_math.py run old.json
-    FEDSPLITKD_CACHE=/tmp/c-new python experiments/same_math.py run new.json
+    PYTHONPATH=/tmp/old FEDSPLITKD_CACHE=/tmp/c-old python experiments/same_math.py run old.json [digits/dirichlet-0.5/feddf ...]
+    FEDSPLITKD_CACHE=/tmp/c-new python experiments/same_math.py run new.json [the same cells]
     python experiments/same_math.py compare old.json new.json
 
 Each code trains its own teacher (separate caches), so the teacher is compared too.
@@ -24,14 +25,24 @@ CELLS = [("digits", "dirichlet-0.5", "splitkd"), ("har", "dirichlet-0.5", "fedav
 HAR = ROOT.parent / "shared" / "datasets" / "uci_har_subset.npz"
 
 
-def run(out: str) -> None:
+def config(dataset: str, partition: str, method: str) -> dict:
+    """The cell's tuned config, else the full preset's base config for it."""
+    tuned = yaml.safe_load(open(ROOT / "experiments" / "bench-standard" / "tuned.yaml"))
+    if method in tuned.get(dataset, {}).get(partition, {}):
+        return dict(tuned[dataset][partition][method])
+    sweep = yaml.safe_load(open(ROOT / "experiments" / "configs" / "full.yaml"))
+    base = {**sweep["run_config"], **sweep["datasets"][dataset], **sweep["partitions"][partition],
+            "method": method, **(sweep["methods"].get(method) or {})}
+    return {"dataset": dataset, **base}
+
+
+def run(out: str, cells: list[tuple[str, str, str]]) -> None:
     import fedsplitkd
     from fedsplitkd.strategies.inprocess import run_app
 
-    tuned = yaml.safe_load(open(ROOT / "experiments" / "bench-standard" / "tuned.yaml"))
     runs = {}
-    for dataset, partition, method in CELLS:
-        cfg = dict(tuned[dataset][partition][method])
+    for dataset, partition, method in cells:
+        cfg = config(dataset, partition, method)
         if "data-path" in cfg:
             cfg["data-path"] = str(HAR)
         directory = Path(tempfile.mkdtemp())
@@ -56,6 +67,6 @@ def compare(first: str, second: str) -> bool:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["run"]:
-        run(sys.argv[2])
+        run(sys.argv[2], [tuple(cell.split("/")) for cell in sys.argv[3:]] or CELLS)
     else:
         sys.exit(0 if compare(sys.argv[2], sys.argv[3]) else 1)

@@ -213,7 +213,8 @@ def test_the_adaptive_cuts_predicted_traffic_is_what_a_round_sends(tmp_path, cas
 
 
 def test_feddf_distillation_is_priced_as_server_compute():
-    """Per step and sample: each member's forward, the fused model's forward and backward."""
+    """Each member's forward over the public set once; per step and sample, the fused model's
+    forward and backward."""
     from fedsplitkd.baselines.accounting import round_stats, whole_flops
     from fedsplitkd.baselines.feddf import distill_flops
     from fedsplitkd.fleet.costs import CostModel
@@ -221,7 +222,8 @@ def test_feddf_distillation_is_priced_as_server_compute():
     cfg = resolve(tiny())
     student = build_student("auto", (1, 8, 8), 10)
     forward = sum(s.forward_flops for s in student.block_stats())
-    assert distill_flops(student, members=4, steps=100, batch_size=64) == 100 * 64 * forward * (4 + 1 + 2)
+    assert distill_flops(student, members=4, steps=100, batch_size=64, public=500) == forward * (4 * 500 + 100 * 64 * 3)
+    assert distill_flops(student, members=4, steps=0, batch_size=64, public=500) == 0
     traffic = {0: DeviceTraffic(bytes_up=1000, bytes_down=1000, samples=50)}
     plain = round_stats(CostModel.from_config(cfg), dict(traffic), whole_flops(student), 1)
     costs = CostModel.from_config(cfg)
