@@ -1,13 +1,19 @@
-"""Every method through `flwr run`, on the same partitions and cost accounting."""
+"""Every method through `flwr run`, on the same partitions and cost accounting, on two private
+SuperLinks side by side (each launcher's own ports: tests/test_ports.py)."""
 
 import csv
+import json
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fedsplitkd.config import resolve
 from fedsplitkd.data.datasets import device_data
 from fedsplitkd.tools.localsim import LocalSimulation
+from fedsplitkd.tools.processes import alive, tagged
 from fedsplitkd.models.zoo import build_student
 
 from conftest import warm_teachers
@@ -24,16 +30,51 @@ def results(tmp_path_factory, shared_teachers):
     out = tmp_path_factory.mktemp("baselines")
     common = {"output-dir": str(out), "num-rounds": ROUNDS, "learning-rate": 0.05, "teacher-epochs": 20,
               "teacher-cache-dir": str(shared_teachers)}
-    runs = [({**common, "method": method, "run-name": method}, DEVICES) for method in METHODS]
-    warm_teachers(config for config, _ in runs)
-    with LocalSimulation() as sim:
-        logs = dict(zip(METHODS, sim.run_many(ROOT, runs, cpus_per_client=1)))
+    warm_teachers({**common, "method": method} for method in METHODS)
+    # Half of the methods on each of two LocalSimulations at once, a run at a time on each.
+    halves = [METHODS[0::2], METHODS[1::2]]
+    sims, logs, launchers = [LocalSimulation(), LocalSimulation()], {}, []
+
+    def run(sim: LocalSimulation, methods: list[str]) -> None:
+        with sim:
+            runs = [({**common, "method": method, "run-name": method}, DEVICES) for method in methods]
+            logs.update(zip(methods, sim.run_many(ROOT, runs, cpus_per_client=1, parallel=1)))
+            launchers.append({"methods": methods, "listed": listed_runs(sim), "tree": sim.tree,
+                              "members": sim.tree.members()})
+
+    with ThreadPoolExecutor(2) as pool:
+        for done in [pool.submit(run, sim, half) for sim, half in zip(sims, halves)]:
+            done.result()
     rows = {}
     for method in METHODS:
         path = out / method / "metrics.csv"
         assert path.is_file(), f"{method} wrote no metrics: {logs[method].stdout[-2000:]}"
         rows[method] = list(csv.DictReader(open(path)))
-    return rows, common
+    return rows, common, launchers
+
+
+def listed_runs(sim: LocalSimulation) -> list[dict]:
+    """The runs the simulation's own SuperLink knows (``flwr ls``)."""
+    done = subprocess.run(["flwr", "ls", "fedsplitkd-sim", "--format", "json"], env=sim.env, capture_output=True,
+                          text=True, timeout=120)
+    return json.loads(done.stdout).get("runs", []) if done.returncode == 0 and done.stdout.strip() else []
+
+
+def test_two_simulations_at_once_each_get_their_own_results_and_leave_nothing(results):
+    """The two LocalSimulations ran side by side: each SuperLink saw its own runs alone, each run
+    wrote its own results (its own config), and afterwards no process of either is left."""
+    rows, common, launchers = results
+    assert len(launchers) == 2
+    for launcher in launchers:
+        assert len(launcher["listed"]) == len(launcher["methods"])  # its SuperLink saw its runs alone
+        for method in launcher["methods"]:
+            directory = Path(common["output-dir"]) / method
+            assert [int(r["round"]) for r in rows[method]] == list(range(ROUNDS + 1))
+            assert yaml.safe_load((directory / "config.yaml").read_text())["method"] == method  # its own config
+            assert (directory / "summary.json").is_file()
+        assert launcher["members"], "no process was recorded under the simulation"
+        assert not [pid for pid in launcher["members"] if alive(pid)], "a process of the simulation outlived it"
+        assert not tagged(launcher["tree"].id)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -46,7 +87,7 @@ def test_each_method_beats_its_initial_accuracy(results, method):
 
 def test_weights_and_activations_are_priced_alike(results):
     """FedAvg moves the whole student both ways; split methods move activations and the device part."""
-    rows, common = results
+    rows, common, _ = results
     cfg = resolve({**common, "run-name": "x"})
     params = sum(p.numel() for p in build_student("auto", (1, 8, 8), 10).parameters())
     for r in rows["fedavg"][1:]:
@@ -65,7 +106,7 @@ def test_the_in_process_grid_repeats_the_flower_run(results, method, tmp_path):
     handlers in one process. It must compute what `flwr run` computed, round by round."""
     from fedsplitkd.strategies.inprocess import run_app
 
-    rows, common = results
+    rows, common, _ = results
     directory = run_app({**common, "method": method, "output-dir": str(tmp_path), "run-name": method}, DEVICES)
     local = list(csv.DictReader(open(directory / "metrics.csv")))
     for flower, here in zip(rows[method], local, strict=True):

@@ -1,5 +1,7 @@
-"""A real deployment on 127.0.0.1 (SuperLink + 3 SuperNodes, insecure and TLS), and the README's
-example app (experiments/deploy/my_app.py) over an in-process Grid."""
+"""A real deployment on 127.0.0.1 (SuperLink + 3 SuperNodes, TLS with authentication, and a node
+killed and restarted), and the README's example app (experiments/deploy/my_app.py) over an
+in-process Grid. The insecure deployment's checks (it completes with the in-process math and
+stops every process) run on the own-data deployment: tests/test_own_data.py."""
 
 from __future__ import annotations
 
@@ -41,32 +43,6 @@ CONFIG = {"dataset": "digits", "num-rounds": 1, "teacher-epochs": 5, "exchange-b
 def reference() -> list[dict]:
     """The same config in one process: what every Flower run of it must reproduce."""
     return run_inprocess(dict(CONFIG), DEVICES)[1]
-
-
-def deploy(tls: bool, config: dict, tmp_path: Path, reference: list[dict]) -> None:
-    with LocalDeployment(DEVICES, tls=tls) as dep:
-        started = dep.pids()
-        if tls:  # the SuperLink speaks TLS only
-            with pytest.raises(OSError):
-                urllib.request.urlopen(f"http://{dep.address}/health", timeout=5)
-        result = dep.run(ROOT, {**config, "output-dir": str(tmp_path), "run-name": "run"})
-        started |= dep.pids() | dep.seen
-    assert len(started) >= 1 + 2 * DEVICES  # SuperLink, SuperNodes and their SuperExecs
-    assert not [pid for pid in started if alive(pid)], "processes outlived the deployment"
-    assert result.ok, f"{result.problems}\n{result.stdout[-3000:]}\n{result.stderr[-2000:]}"
-    assert result.status == "finished:completed"
-    rows = result.rows
-    assert [int(r["round"]) for r in rows] == list(range(config["num-rounds"] + 1))
-    assert all(int(r["completed"]) == DEVICES for r in rows[1:])
-    # Each SuperNode served the partition its node config named: the in-process math, exactly.
-    for got, want in zip(rows, reference):
-        assert float(got["test_accuracy"]) == pytest.approx(want["test_accuracy"], abs=1e-9)
-        assert int(got["bytes_up"]) == want["bytes_up"]
-    assert (tmp_path / "run" / "summary.json").is_file()
-
-
-def test_insecure_deployment_completes_and_stops_everything(tmp_path, reference):
-    deploy(False, CONFIG, tmp_path, reference)
 
 
 def test_a_completed_status_is_not_enough(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 from fedsplitkd.config import resolve
 from fedsplitkd.data.datasets import DataError, device_data
-from fedsplitkd.tools.deployment import LocalDeployment
+from fedsplitkd.tools.deployment import LocalDeployment, alive
 from fedsplitkd.run.experiment import run_inprocess
 from fedsplitkd.data.own_data import device_file, main as split_main, write_device_files
 from fedsplitkd.strategies.inprocess import InProcessGrid, _server_identity
@@ -96,18 +96,26 @@ def test_a_device_whose_file_is_missing_is_dropped_and_the_others_go_on(files, t
 
 @pytest.mark.integration
 def test_own_data_deployment_matches_the_in_process_run(files, tmp_path):
-    """3 SuperNodes with a file each and one whose file is missing: the run completes without
-    it, with the metrics of the same per-device data in one process."""
+    """An insecure deployment: 3 SuperNodes with a file each and one whose file is missing. The
+    run completes without it, with the metrics of the same per-device data in one process, and
+    every process the deployment started is gone afterwards."""
     nodes = [*files, tmp_path / "missing.npz"]
     reference = in_process(nodes, CONFIG, tmp_path / "reference")
     with LocalDeployment(len(nodes), node_configs=[{"data-path": str(f)} for f in nodes]) as dep:
+        started = dep.pids()
         result = dep.run(ROOT, {**CONFIG, "output-dir": str(tmp_path), "run-name": "run"})
+        started |= dep.pids() | dep.seen
+    assert len(started) >= 1 + 2 * len(nodes)  # SuperLink, SuperNodes and their SuperExecs
+    assert not [pid for pid in started if alive(pid)], "processes outlived the deployment"
     # The one problem the judge finds is the device we meant to fail.
     assert result.problems == ["devices failed in a round (completed < devices)"], \
         f"{result.problems}\n{result.stdout[-3000:]}\n{result.stderr[-2000:]}"
+    assert result.status == "finished:completed"
     rows = result.rows
+    assert [int(r["round"]) for r in rows] == list(range(CONFIG["num-rounds"] + 1))
     assert [int(r["completed"]) for r in rows[1:]] == [DEVICES] and int(rows[1]["dropped_failed"]) == 1
-    for got, want in zip(rows, reference):
+    for got, want in zip(rows, reference, strict=True):
         assert float(got["test_accuracy"]) == pytest.approx(float(want["test_accuracy"]), abs=1e-9)
         assert int(got["bytes_up"]) == int(want["bytes_up"])
+    assert (tmp_path / "run" / "summary.json").is_file()
     assert "missing.npz' does not exist" in (tmp_path / "run" / "dropped.csv").read_text()

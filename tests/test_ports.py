@@ -1,4 +1,5 @@
 """Local runs that never cross, and launchers that leave nothing behind (issue 35).
+Two simulations at once, each with its own results: tests/test_baselines.py runs its methods so.
 
 Each launcher's SuperLink, and the local SuperLink ``flwr run`` would start on its own, get
 free ports; stopping a launcher ends every process started under it, even those that left its
@@ -6,17 +7,12 @@ process tree (a new session, an orphan) or ignore SIGTERM."""
 
 from __future__ import annotations
 
-import csv
-import json
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
-import pytest
-import yaml
 
 from fedsplitkd.tools.deployment import LocalDeployment
 from fedsplitkd.tools.localsim import LocalSimulation
@@ -101,54 +97,6 @@ def _path_env() -> dict:
     import os
 
     return {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "PYTHONPATH", "LANG")}
-
-
-def read_rounds(directory: Path) -> list[int]:
-    with open(directory / "metrics.csv", newline="") as f:
-        return [int(row["round"]) for row in csv.DictReader(f)]
-
-
-@pytest.mark.integration
-def test_two_simulations_at_once_each_get_their_own_results_and_leave_nothing(tmp_path):
-    """Two LocalSimulations side by side (2 SuperNodes, 2 rounds, digits): each run lands on its
-    own SuperLink and writes its own results; afterwards no process of either is left."""
-    common = {"dataset": "digits", "num-rounds": 2, "teacher-epochs": 5, "teacher-cache-dir": str(tmp_path / "cache"),
-              "output-dir": str(tmp_path / "out")}
-    sims = [LocalSimulation(), LocalSimulation()]
-    results: dict[str, subprocess.CompletedProcess] = {}
-    trees = []
-
-    def run(sim: LocalSimulation, name: str, seed: int) -> None:
-        with sim:
-            results[name] = sim.run(ROOT, {**common, "run-name": name, "seed": seed}, num_supernodes=2,
-                                    cpus_per_client=1, timeout=900)
-            listed = sim_runs(sim)
-            results[name + "-runs"] = listed
-            trees.append((sim.tree, sim.tree.members()))
-
-    threads = [threading.Thread(target=run, args=(sim, f"run{i}", i)) for i, sim in enumerate(sims)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=1200)
-    for name in ("run0", "run1"):
-        directory = tmp_path / "out" / name
-        assert (directory / "metrics.csv").is_file(), results[name].stdout[-2000:] + results[name].stderr[-2000:]
-        assert read_rounds(directory) == [0, 1, 2]
-        assert yaml.safe_load((directory / "config.yaml").read_text())["seed"] == int(name[-1])  # its own config
-        assert (directory / "summary.json").is_file()
-        assert len(results[name + "-runs"]) == 1  # its SuperLink saw its run alone
-    assert len(trees) == 2 and all(members for _, members in trees)
-    for tree, members in trees:
-        assert not [pid for pid in members if alive(pid)], "a process of the simulation outlived it"
-        assert not tagged(tree.id)
-
-
-def sim_runs(sim: LocalSimulation) -> list[dict]:
-    """The runs the simulation's own SuperLink knows (``flwr ls``)."""
-    done = subprocess.run(["flwr", "ls", "fedsplitkd-sim", "--format", "json"], env=sim.env, capture_output=True,
-                          text=True, timeout=120)
-    return json.loads(done.stdout).get("runs", []) if done.returncode == 0 and done.stdout.strip() else []
 
 
 def test_the_shell_helper_exports_free_local_superlink_ports(capsys):
