@@ -1,4 +1,5 @@
-"""experiments/readme_table.py: a generated table goes between its markers, whole or one partition's rows."""
+"""experiments/readme_table.py: a generated table goes between its markers, whole or one partition's rows;
+experiments/bench_goals.py: the comparison's goals read from a generated summary.csv."""
 
 import sys
 from pathlib import Path
@@ -33,3 +34,22 @@ def test_the_table_replaces_what_was_between_the_markers():
     assert "old table" not in out and out.startswith("intro\n") and out.endswith("after\n")
     with pytest.raises(SystemExit, match="no '<!-- bench:cifar -->'"):
         insert(readme, "cifar", TABLE)
+
+
+def test_goals_measure_split_kd_against_the_best_federated_and_every_distillation_baseline():
+    from bench_goals import goals
+
+    def row(method, acc, energy):
+        return {"dataset": "d", "partition": "p", "method": method, "test_accuracy": str(acc),
+                "test_ci95": "0.01", "device_energy_j": str(energy)}
+
+    rows = [row("splitkd", 0.90, 5.0), row("split", 0.95, 1.0), row("fedavg", 0.904, 100.0),
+            row("fedprox", 0.80, 60.0), row("fd", 0.70, 40.0), row("feddf", 0.92, 100.0)]
+    line = goals(rows)[2]
+    # best federated is FedDF (split learning is no federated baseline), 2 pt above: not met
+    assert "feddf 0.9200" in line and "-2.00" in line and "not met" in line and "no: feddf 0.9200" in line
+    rows[-1] = row("feddf", 0.85, 100.0)  # now FedAvg leads by 0.4 pt at 20x the energy: met
+    line = goals(rows)[2]
+    assert "fedavg 0.9040" in line and "-0.40" in line and "**met**" in line and line.endswith("| yes |")
+    rows[2] = row("fedavg", 0.904, 40.0)  # 1/8 of its energy is not 1/10
+    assert "not met" in goals(rows)[2]
