@@ -300,8 +300,9 @@ def write_report(table: list[dict], chosen: dict, out: Path, command: str) -> st
 
 
 def plot(table: list[dict], directory: Path) -> None:
-    """Test accuracy against cumulative device energy and simulated time: one line per tuned
-    method (the mean over seeds) with its 95 % band, and the teacher's accuracy as a dashed line."""
+    """Test accuracy against cumulative device energy (log scale) and simulated time: one line per
+    tuned method (the mean over seeds) with its 95 % band, a method no device spends on (central-kd,
+    public-kd) as a dotted line at its final accuracy, and the teacher's accuracy as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -309,26 +310,36 @@ def plot(table: list[dict], directory: Path) -> None:
     import numpy as np
 
     directory.mkdir(parents=True, exist_ok=True)
+    colors = plt.get_cmap("tab20").colors  # twelve methods need more than the default ten colours
     for dataset, partition in sorted({(r["dataset"], r["partition"]) for r in table}):
         for column, label in (("cum_device_energy_j", "cumulative device energy (J)"),
                               ("sim_time_s", "simulated time (s)")):
             fig, ax = plt.subplots(figsize=(6.5, 4))
-            for r in (r for r in table if (r["dataset"], r["partition"]) == (dataset, partition)):
+            cell = [r for r in table if (r["dataset"], r["partition"]) == (dataset, partition)]
+            for i, r in enumerate(cell):
                 x = np.mean([[row[column] for row in rows] for rows in r["curves"]], axis=0)
                 y = np.array([[row["test_accuracy"] for row in rows] for rows in r["curves"]])
                 mean, band = zip(*(interval(list(col)) for col in y.T))
-                line, = ax.plot(x, mean, marker=".", label=r["method"])
-                ax.fill_between(x, np.subtract(mean, band), np.add(mean, band), color=line.get_color(), alpha=0.2)
+                color = colors[(2 * i) % len(colors) + (2 * i) // len(colors)]
+                if not np.any(x):  # no device spends anything (central-kd, public-kd): its final accuracy as a line
+                    ax.axhline(mean[-1], color=color, linestyle=":", linewidth=1.5, label=f"{r['method']} (final)")
+                    continue
+                ax.plot(x, mean, marker=".", color=color, label=r["method"])
+                ax.fill_between(x, np.clip(np.subtract(mean, band), 0, 1), np.clip(np.add(mean, band), 0, 1),
+                                color=color, alpha=0.15)
             teachers = [r["teacher_accuracy"] for r in table if (r["dataset"], r["partition"]) == (dataset, partition)
                         and not math.isnan(r["teacher_accuracy"])]
             if teachers:  # the model being distilled, as a line: what the students are measured against
                 ax.axhline(statistics.fmean(teachers), color="black", linestyle="--", linewidth=1, label="teacher")
-            ax.set_xscale("symlog" if column == "cum_device_energy_j" else "linear")
+            if column == "cum_device_energy_j":
+                ax.set_xscale("symlog", linthresh=0.1)  # log scale that still shows round 0 (0 J)
+            ax.set_xlim(left=0)
+            ax.set_ylim(0, 1)
             ax.set_xlabel(label)
             ax.set_ylabel("test accuracy")
             ax.set_title(f"{dataset}, {partition} (tuned, mean and 95 % band over seeds)")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7, ncol=2)
             fig.tight_layout()
             fig.savefig(directory / f"{dataset}_{partition}_accuracy_vs_{column}.png", dpi=110)
             plt.close(fig)
