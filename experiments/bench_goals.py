@@ -34,7 +34,10 @@ def goals(rows: list[dict]) -> list[str]:
         ours = cell[OURS]
         acc = float(ours["test_accuracy"])
         rivals = [cell[m] for m in FEDERATED if m in cell]
+        if not rivals:
+            continue
         best = max(rivals, key=lambda r: float(r["test_accuracy"]))
+        missing = [m for m in FEDERATED if m not in cell]  # a sweep still running: say what is not compared
         gap = 100 * (acc - float(best["test_accuracy"]))
         ratio = float(ours["device_energy_j"]) / float(best["device_energy_j"])
         energy_met = ratio <= 0.1
@@ -45,7 +48,8 @@ def goals(rows: list[dict]) -> list[str]:
                  "no: " + ", ".join(f"{r['method']} {float(r['test_accuracy']):.4f}" for r in distillers
                                     if r["method"] not in beaten)) if distillers else "—"
         lines.append(f"| {dataset} | {partition} | {acc:.4f} ± {float(ours['test_ci95']):.4f} | "
-                     f"{best['method']} {float(best['test_accuracy']):.4f} ± {float(best['test_ci95']):.4f} | "
+                     f"{best['method']} {float(best['test_accuracy']):.4f} ± {float(best['test_ci95']):.4f}"
+                     f"{' (not yet run: ' + ', '.join(missing) + ')' if missing else ''} | "
                      f"{gap:+.2f} | {ratio:.3f} ({float(ours['device_energy_j']):.1f} J / "
                      f"{float(best['device_energy_j']):.1f} J) | {'**met**' if near else 'not met'} | {above} |")
     return lines

@@ -53,3 +53,4 @@ def test_goals_measure_split_kd_against_the_best_federated_and_every_distillatio
     assert "fedavg 0.9040" in line and "-0.40" in line and "**met**" in line and line.endswith("| yes |")
     rows[2] = row("fedavg", 0.904, 40.0)  # 1/8 of its energy is not 1/10
     assert "not met" in goals(rows)[2]
+    assert "(not yet run: fedgkt)" in goals(rows)[2]  # a baseline the sweep has not reached is named
