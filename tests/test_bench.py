@@ -24,10 +24,15 @@ seeds: [0, 1]
 """
 
 
-def fake_rows(holdout: float, test: float) -> list[dict]:
-    row = {"round": 1.0, "test_accuracy": test, "holdout_accuracy": holdout, "cum_device_energy_j": 1.0,
-           "bytes_up": 10.0, "bytes_down": 10.0, "sim_time_s": 1.0, "teacher_test_accuracy": math.nan}
-    return [{**row, "round": 0.0}, row]
+def fake_rows(holdout: float, test: float, holdout_loss: float = 0.5, rounds: int = 4) -> list[dict]:
+    row = {"test_accuracy": test, "holdout_accuracy": holdout, "holdout_loss": holdout_loss,
+           "cum_device_energy_j": 1.0, "bytes_up": 10.0, "bytes_down": 10.0, "sim_time_s": 1.0,
+           "teacher_test_accuracy": math.nan}
+    return [{**row, "round": 0.0, "holdout_loss": 2.3}] + [{**row, "round": float(r)} for r in range(1, rounds + 1)]
+
+
+def ten_classes(base: dict) -> int:
+    return 10
 
 
 def test_selection_follows_the_holdout_split_and_never_the_test_split():
@@ -42,7 +47,7 @@ def test_selection_follows_the_holdout_split_and_never_the_test_split():
     sweep = {"datasets": {"digits": {}}, "partitions": {"iid": {"partition": "iid"}},
              "methods": {"split": {}}, "run_config": {"holdout-fraction": 0.1}, "seeds": [0, 1, 2],
              "search": {"split": {"learning-rate": {"choices": [0.01, 0.1]}}}, "tuning": {"trials": 6, "seed": 0}}
-    table, chosen = bench.bench(sweep, runner, progress=lambda line: None)
+    table, chosen = bench.bench(sweep, runner, progress=lambda line: None, classes=ten_classes)
     assert {c["learning-rate"] for c in ran[:6]} == {0.01, 0.1}  # both were tried
     assert chosen["digits"]["iid"]["split"]["learning-rate"] == 0.01
     assert [c["learning-rate"] for c in ran[6:]] == [0.01] * 3 and [c["seed"] for c in ran[6:]] == [0, 1, 2]
@@ -107,12 +112,63 @@ def test_a_bad_sweep_stops_before_running(tmp_path):
         bench.main([str(sweep), "--out", str(tmp_path / "out")])
 
 
-def test_a_run_that_diverged_or_never_learned_scores_zero():
-    from fedsplitkd.tools.bench import score
+def test_a_run_that_diverged_or_never_learned_on_the_holdout_scores_zero():
+    """Collapse is judged on the holdout curve, never on the test split (whose health the run
+    reports): a run the test split calls "not learning" still scores its holdout accuracy."""
+    assert bench.score(fake_rows(0.9, 0.1), 10) == 0.9
+    assert bench.score([*fake_rows(0.9, 0.1)[:-1], {**fake_rows(0.9, 0.1)[-1], "health": "not learning"}], 10) == 0.9
+    diverged = fake_rows(0.9, 0.5)
+    diverged[2]["holdout_loss"] = math.nan  # a round in the middle: a later recovery does not undo it
+    assert bench.collapse(diverged, 10) == "diverged" and bench.score(diverged, 10) == 0.0
+    at_chance = fake_rows(0.15, 0.5, holdout_loss=math.log(10) + 0.01)
+    assert bench.collapse(at_chance, 10) == "not learning" and bench.score(at_chance, 10) == 0.0
+    assert bench.collapse(fake_rows(0.25, 0.5, holdout_loss=math.log(10) + 0.01), 10) is None  # above 2 / C
+    assert bench.collapse(fake_rows(0.15, 0.5, holdout_loss=math.log(10) + 0.01, rounds=2), 10) is None  # grace
+    assert bench.collapse(fake_rows(0.15, 0.5, holdout_loss=2.0), 10) is None  # below ln C: learning
 
-    rows = [{"holdout_accuracy": 0.3}, {"holdout_accuracy": 0.9, "health": "ok"}]
-    assert score(rows) == 0.9
-    rows[-1]["health"] = "not learning"
-    assert score(rows) == 0.0
-    rows[-1]["health"] = "diverged"
-    assert score(rows) == 0.0
+
+def test_a_tuned_config_that_collapses_at_a_seed_gives_way_to_the_next_best_trial():
+    """lr 0.3 scores best on the tuning seed but diverges at seed 1; lr 0.1 is next best and
+    holds at every seed: the harness reports 0.1 and names 0.3 and why."""
+    ran = []
+
+    def runner(config):
+        ran.append(config)
+        lr = config["learning-rate"]
+        return fake_rows({0.3: 0.95, 0.1: 0.9}[lr], 0.8,
+                         holdout_loss=math.inf if (lr, config["seed"]) == (0.3, 1) else 0.5)
+
+    sweep = {"datasets": {"digits": {}}, "partitions": {"iid": {"partition": "iid"}}, "methods": {"split": {}},
+             "run_config": {"holdout-fraction": 0.1}, "seeds": [0, 1, 2],
+             "search": {"split": {"learning-rate": {"choices": [0.3, 0.1]}}}, "tuning": {"trials": 6, "seed": 100}}
+    table, chosen = bench.bench(sweep, runner, progress=lambda line: None, classes=ten_classes)
+    assert chosen["digits"]["iid"]["split"]["learning-rate"] == 0.1
+    assert [(c["learning-rate"], c["seed"]) for c in ran[6:]] == [(0.3, 0), (0.3, 1), (0.3, 2),
+                                                                  (0.1, 0), (0.1, 1), (0.1, 2)]
+    assert table[0]["passed_over"] == ['{"learning-rate": 0.3} (seed 1: diverged)']
+    assert table[0]["holdout_accuracy"] == 0.9 and table[0]["unhealthy"] == []
+
+    ran.clear()  # no fallback budget: the tuned pick stays, its collapsed seed in the table
+    table, chosen = bench.bench({**sweep, "tuning": {**sweep["tuning"], "fallbacks": 0}}, runner,
+                                progress=lambda line: None, classes=ten_classes)
+    assert chosen["digits"]["iid"]["split"]["learning-rate"] == 0.3 and table[0]["passed_over"] == []
+    assert len(ran) == 6 + 3
+
+
+def test_fallbacks_follow_the_trials_score_and_keep_the_best_mean_holdout_when_all_collapse():
+    records = [{"values": {"lr": lr}, "score": s} for lr, s in ((0.01, 0.5), (0.3, 0.95), (0.1, 0.9), (0.3, 0.95))]
+    ran = []
+
+    def runner(config):  # every config collapses at seed 2; elsewhere 0.1 holds the best holdout
+        ran.append((config["lr"], config["seed"]))
+        if config["seed"] == 2:
+            return fake_rows(0.1, 0.1, holdout_loss=math.nan)
+        return fake_rows({0.3: 0.2, 0.1: 0.9, 0.01: 0.5}[config["lr"]], 0.8)
+
+    values, per_seed, passed = bench.evaluate({}, records, [0, 1, 2], 2, runner, 10)
+    assert [lr for lr, _ in ran[::3]] == [0.3, 0.1, 0.01]  # by score, a repeated trial once
+    assert values == {"lr": 0.1} and len(per_seed) == 3
+    assert passed == ['{"lr": 0.3} (seed 2: diverged)', '{"lr": 0.01} (seed 2: diverged)']
+    ran.clear()
+    assert bench.evaluate({}, records, [0, 1, 2], 1, runner, 10)[0] == {"lr": 0.1}
+    assert len(ran) == 6  # one fallback: two configs

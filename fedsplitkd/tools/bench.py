@@ -50,6 +50,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from fedsplitkd.config import ConfigError, resolve
+from fedsplitkd.run.health import GRACE_ROUNDS
 
 SECTIONS = ("datasets", "partitions", "methods")
 KD_METHODS = ("splitkd", "mutual")  # rows that get a KD gain against "split"
@@ -157,12 +158,30 @@ def suggest(trial, space: dict) -> dict:
     return values
 
 
-def score(rows: list[dict]) -> float:
-    """What selection reads: the final round's holdout accuracy; a run that diverged or never
-    learned (``run/health.py``) scores 0, the same rule for every method, so a config that
-    collapses on the tuning seed is never picked."""
+def collapse(rows: list[dict], num_classes: int) -> str | None:
+    """Why a run is no fair pick, judged on the holdout split alone (``run/health.py`` judges the
+    same on the test split, for the report): ``diverged`` when its holdout loss turned non-finite
+    in some round, ``not learning`` when, from round ``GRACE_ROUNDS`` on, its final holdout
+    cross-entropy is at or above chance (ln C) with an accuracy under twice chance (2 / C).
+    None for a run that learns (or that has no holdout loss to judge)."""
+    losses = [r.get("holdout_loss") for r in rows[1:]]
+    if any(v is not None and not math.isfinite(v) for v in losses):
+        return "diverged"
+    last = rows[-1]
+    loss, accuracy = last.get("holdout_loss"), last.get("holdout_accuracy", math.nan)
+    if loss is None or last.get("round", 0) < GRACE_ROUNDS or num_classes < 2:
+        return None
+    if loss >= math.log(num_classes) and accuracy < 2.0 / num_classes:
+        return "not learning"
+    return None
+
+
+def score(rows: list[dict], num_classes: int) -> float:
+    """What selection reads: the final round's holdout accuracy; a run that collapsed on the
+    holdout (``collapse``) scores 0, the same rule for every method, so a config that collapses
+    on the tuning seed is never picked."""
     value = rows[-1].get("holdout_accuracy", math.nan)
-    if rows[-1].get("health", "ok") != "ok":
+    if collapse(rows, num_classes):
         return 0.0
     return 0.0 if value is None or math.isnan(value) else value
 
@@ -173,16 +192,17 @@ def startup_trials(trials: int) -> int:
     return min(10, max(1, trials // 3))
 
 
-def tune(base: dict, space: dict, trials: int, seed: int, run: Runner) -> tuple[dict, list[dict]]:
-    """The best values of ``space`` for ``base`` by ``score`` over ``trials`` runs (Optuna TPE,
-    seeded, ``startup_trials`` random first); with an empty space, ``base`` itself. Returns
-    (values, one record per trial)."""
+def tune(base: dict, space: dict, trials: int, seed: int, run: Runner, num_classes: int
+         ) -> list[dict]:
+    """``trials`` runs of ``base`` over ``space`` (Optuna TPE, seeded, ``startup_trials`` random
+    first, maximising ``score``); with an empty space, ``base`` itself. Returns one record per
+    trial (its values and score), in trial order: ``evaluate`` ranks them."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if not space:
         rows = run(base)
-        return {}, [{"values": {}, "score": score(rows), "test_accuracy": rows[-1]["test_accuracy"]}]
+        return [{"values": {}, "score": score(rows, num_classes), "test_accuracy": rows[-1]["test_accuracy"]}]
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(
         seed=seed, n_startup_trials=startup_trials(trials)))
     records = []
@@ -190,12 +210,13 @@ def tune(base: dict, space: dict, trials: int, seed: int, run: Runner) -> tuple[
     def objective(trial) -> float:
         values = suggest(trial, space)
         rows = run({**base, **values})
-        # Recorded for the report, never for the choice.
-        records.append({"values": values, "score": score(rows), "test_accuracy": rows[-1]["test_accuracy"]})
+        # Test accuracy: recorded for the report, never for the choice.
+        records.append({"values": values, "score": score(rows, num_classes),
+                        "test_accuracy": rows[-1]["test_accuracy"]})
         return records[-1]["score"]
 
     study.optimize(objective, n_trials=trials)
-    return dict(study.best_trial.params), records
+    return records
 
 
 def interval(values: list[float]) -> tuple[float, float]:
@@ -228,19 +249,52 @@ def settings(sweep: dict) -> list[tuple[str, str, str, dict]]:
     return cells
 
 
+def num_classes_of(base: dict) -> int:
+    """The class count of a cell's dataset (what ``collapse`` calls chance), loaded once per process."""
+    from fedsplitkd.data.datasets import load_dataset
+
+    return load_dataset(resolve(base)).num_classes
+
+
+def evaluate(base: dict, records: list[dict], seeds: list, fallbacks: int, run: Runner, num_classes: int
+             ) -> tuple[dict, list[list[dict]], list[str]]:
+    """The tuned config's runs at every seed. A config with a seed that collapsed on the holdout
+    gives way to the next-best trial by score (up to ``fallbacks`` more); the first with no collapsed
+    seed is taken, else the one with the best mean holdout accuracy. Returns (values, the runs per
+    seed, what was passed over and why)."""
+    ranked = []
+    for record in sorted(records, key=lambda r: -r["score"]):  # stable: the earlier of equal trials first
+        if record["values"] not in ranked:
+            ranked.append(record["values"])
+    tried = []
+    for values in ranked[:1 + fallbacks]:
+        per_seed = [run({**base, **values, "seed": seed}) for seed in seeds]
+        why = [f"seed {seed}: {c}" for seed, rows in zip(seeds, per_seed) if (c := collapse(rows, num_classes))]
+        tried.append((values, per_seed, why))
+        if not why:
+            break
+    mean_holdout = lambda entry: statistics.fmean(rows[-1]["holdout_accuracy"] for rows in entry[1])  # noqa: E731
+    values, per_seed, _ = tried[-1] if not tried[-1][2] else max(tried, key=mean_holdout)
+    passed = [f"{json.dumps(v)} ({', '.join(why)})" for v, _, why in tried if v is not values]
+    return values, per_seed, passed
+
+
 def bench(sweep: dict, run: Runner, progress: Callable[[str], None] = print,
-          shard: tuple[int, int] = (0, 1)) -> tuple[list[dict], dict]:
+          shard: tuple[int, int] = (0, 1), classes: Callable[[dict], int] = num_classes_of
+          ) -> tuple[list[dict], dict]:
     """Tune and evaluate every cell (or shard (k, n): every n-th from the k-th); returns the table
-    rows and the chosen configs."""
+    rows and the chosen configs. ``classes`` gives a cell's class count (for ``collapse``)."""
     tuning = sweep.get("tuning", {})
     trials, tuning_seed = int(tuning.get("trials", 8)), int(tuning.get("seed", 100))
+    fallbacks = int(tuning.get("fallbacks", 2))
     table, chosen = [], {}
     for dataset, partition, method, base in settings(sweep)[shard[0]::shard[1]]:
         space = (sweep.get("search") or {}).get(method) or {}
-        values, records = tune({**base, "seed": tuning_seed}, space, trials, tuning_seed, run)
+        num_classes = classes(base)
+        records = tune({**base, "seed": tuning_seed}, space, trials, tuning_seed, run, num_classes)
+        values, per_seed, passed = evaluate(base, records, sweep["seeds"], fallbacks, run, num_classes)
         config = {**base, **values}
         chosen.setdefault(dataset, {}).setdefault(partition, {})[method] = config
-        per_seed = [run({**config, "seed": seed}) for seed in sweep["seeds"]]
         test, half = interval([rows[-1]["test_accuracy"] for rows in per_seed])
         teacher = resolve_teacher(per_seed)
         table.append({
@@ -255,6 +309,7 @@ def bench(sweep: dict, run: Runner, progress: Callable[[str], None] = print,
             # seeds that diverged or never learned: a collapsed seed shows here, never only in a wide CI
             "unhealthy": [f"seed {seed}: {rows[-1]['health']}" for seed, rows in zip(sweep["seeds"], per_seed)
                           if rows[-1].get("health", "ok") != "ok"],
+            "passed_over": passed,  # tuned configs that collapsed on the holdout at a seed, and which seed
         })
         progress(f"{dataset}/{partition}/{method}: {json.dumps(values)} -> test {test:.4f} ± {half:.4f}")
     by_cell = {(r["dataset"], r["partition"], r["method"]): r for r in table}
@@ -283,16 +338,17 @@ def write_report(table: list[dict], chosen: dict, out: Path, command: str) -> st
     fmt = lambda v, spec: "—" if isinstance(v, float) and math.isnan(v) else format(v, spec)  # noqa: E731
     lines = [f"Generated by `{command}`.", "",
              "| dataset | partition | method | test accuracy (95 % CI) | holdout | teacher | gap to teacher | "
-             "KD gain (pt) | device energy J | MB up+down | simulated time s | chosen | seeds not ok |",
+             "KD gain (pt) | device energy J | MB up+down | simulated time s | chosen | seeds not ok, configs passed over |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     cells = list(dict.fromkeys((r["dataset"], r["partition"]) for r in table))  # in the sweep's order
     for r in sorted(table, key=lambda r: (cells.index((r["dataset"], r["partition"])), -r["test_accuracy"])):
+        notes = [*r.get("unhealthy", []), *(f"passed over {p}" for p in r.get("passed_over", []))]
         chosen_text = ", ".join(f"{k}={fmt(v, '.3g') if isinstance(v, float) else v}" for k, v in r["chosen"].items())
         lines.append(f"| {r['dataset']} | {r['partition']} | {r['method']} | {r['test_accuracy']:.4f} ± "
                      f"{r['test_ci95']:.4f} | {r['holdout_accuracy']:.4f} | {fmt(r['teacher_accuracy'], '.4f')} | "
                      f"{fmt(r['gap_to_teacher'], '+.4f')} | {fmt(100 * r['kd_gain'], '+.2f')} | "
                      f"{r['device_energy_j']:.1f} | {r['mb_up_down']:.1f} | {r['sim_time_s']:.1f} | {chosen_text} | "
-                     f"{', '.join(r.get('unhealthy', [])) or '—'} |")
+                     f"{'; '.join(notes) or '—'} |")
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     plot(table, out / "plots")
@@ -353,6 +409,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--app", default=".", help="backend flower: the Flower app directory (this checkout)")
     parser.add_argument("--shard", default="0/1", help="K/N: run every N-th cell from the K-th (N processes "
                         "share one --out; experiments/bench_table.py then writes the whole table)")
+    parser.add_argument("--code", default="", help="keep and reuse runs under this code version instead of "
+                        "this checkout's hash; only where no file a run executes changed since (git diff)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the sweep YAML")
     args = parser.parse_args(argv)
     try:
@@ -369,6 +427,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("fedsplitkd").setLevel(logging.ERROR)
     runner = CachedRunner(out, sweep.get("devices", 20), sweep.get("backend", "inprocess"), args.app,
                           args.cpus_per_client)
+    runner.version = args.code or runner.version
     print(f"code {runner.version}, {sweep.get('devices', 20)} devices, backend {runner.backend}", flush=True)
     try:
         table, chosen = bench(sweep, runner, lambda line: print(line, flush=True), shard)
@@ -378,7 +437,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"shard {args.shard} done: {runner.ran} runs, {runner.cached} cached; the table: "
               f"python experiments/bench_table.py {args.sweep} --out {args.out}")
         return
-    command = " ".join(["fedsplitkd-bench", args.sweep, "--out", args.out, *args.overrides])
+    command = " ".join(["fedsplitkd-bench", args.sweep, "--out", args.out, *(["--code", args.code] if args.code else []),
+                        *args.overrides])
     sys.stdout.write(write_report(table, chosen, out, command))
     print(f"{runner.ran} runs, {runner.cached} cached; tuned configs in {out / 'tuned.yaml'}")
 
