@@ -1,6 +1,6 @@
-"""Does other code compute the same runs? Cells of the standard preset's tuned configs (or, for
-a method it has none of, the full preset's untuned one; seed 0, 20 devices, the bench's
-in-process Flower grid), every metrics.csv column compared. Three cells unless named:
+"""Does other code compute the same runs? Cells of the standard or CIFAR preset's tuned configs
+(or, for a method they have none of, the full or CIFAR preset's untuned one; seed 0, 20 devices,
+the bench's in-process Flower grid), every metrics.csv column compared. Three cells unless named:
 
     git worktree add /tmp/old OLD_COMMIT
     PYTHONPATH=/tmp/old FEDSPLITKD_CACHE=/tmp/c-old python experiments/same_math.py run old.json [digits/dirichlet-0.5/feddf ...]
@@ -22,18 +22,28 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CELLS = [("digits", "dirichlet-0.5", "splitkd"), ("har", "dirichlet-0.5", "fedavg"), ("har", "dirichlet-0.1", "split")]
-HAR = ROOT.parent / "shared" / "datasets" / "uci_har_subset.npz"
+TUNED = ("bench-standard", "bench-cifar")  # experiments/<name>/tuned.yaml, searched in this order
+SWEEPS = ("full", "cifar")  # experiments/configs/<name>.yaml
+PATH_KEYS = ("data-path", "teacher-path")  # relative to the repository root in the presets
 
 
 def config(dataset: str, partition: str, method: str) -> dict:
-    """The cell's tuned config, else the full preset's base config for it."""
-    tuned = yaml.safe_load(open(ROOT / "experiments" / "bench-standard" / "tuned.yaml"))
-    if method in tuned.get(dataset, {}).get(partition, {}):
-        return dict(tuned[dataset][partition][method])
-    sweep = yaml.safe_load(open(ROOT / "experiments" / "configs" / "full.yaml"))
-    base = {**sweep["run_config"], **sweep["datasets"][dataset], **sweep["partitions"][partition],
-            "method": method, **(sweep["methods"].get(method) or {})}
-    return {"dataset": dataset, **base}
+    """The cell's tuned config, else a preset's base config for it; paths made absolute."""
+    for name in TUNED:
+        tuned = yaml.safe_load(open(ROOT / "experiments" / name / "tuned.yaml"))
+        if method in tuned.get(dataset, {}).get(partition, {}):
+            return absolute(dict(tuned[dataset][partition][method]))
+    for name in SWEEPS:
+        sweep = yaml.safe_load(open(ROOT / "experiments" / "configs" / f"{name}.yaml"))
+        if dataset in sweep["datasets"] and method in sweep["methods"]:
+            base = {**sweep["run_config"], **sweep["datasets"][dataset], **sweep["partitions"][partition],
+                    "method": method, **(sweep["methods"].get(method) or {})}
+            return absolute({"dataset": dataset, **base})
+    raise SystemExit(f"same_math: no preset has the cell {dataset}/{partition}/{method}")
+
+
+def absolute(cfg: dict) -> dict:
+    return {k: str((ROOT / v).resolve()) if k in PATH_KEYS and v else v for k, v in cfg.items()}
 
 
 def run(out: str, cells: list[tuple[str, str, str]]) -> None:
@@ -43,8 +53,6 @@ def run(out: str, cells: list[tuple[str, str, str]]) -> None:
     runs = {}
     for dataset, partition, method in cells:
         cfg = config(dataset, partition, method)
-        if "data-path" in cfg:
-            cfg["data-path"] = str(HAR)
         directory = Path(tempfile.mkdtemp())
         run_app({**cfg, "seed": 0, "output-dir": str(directory), "run-name": "run"}, 20)
         runs["/".join((dataset, partition, method))] = list(csv.DictReader(open(directory / "run" / "metrics.csv")))
