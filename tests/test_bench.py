@@ -149,7 +149,7 @@ def test_a_tuned_config_that_collapses_at_a_seed_gives_way_to_the_next_best_tria
     assert chosen["digits"]["iid"]["split"]["learning-rate"] == 0.1
     assert [(c["learning-rate"], c["seed"]) for c in ran[6:]] == [(0.3, 0), (0.3, 1), (0.3, 2),
                                                                   (0.1, 0), (0.1, 1), (0.1, 2)]
-    assert table[0]["passed_over"] == ['{"learning-rate": 0.3} (seed 1: diverged)']
+    assert table[0]["passed_over"] == ["learning-rate=0.3 (seed 1: diverged)"]
     assert table[0]["holdout_accuracy"] == 0.9 and table[0]["unhealthy"] == []
 
     ran.clear()  # no fallback budget: the tuned pick stays, its collapsed seed in the table
@@ -172,7 +172,7 @@ def test_fallbacks_follow_the_trials_score_and_keep_the_best_mean_holdout_when_a
     values, per_seed, passed = bench.evaluate({}, records, [0, 1, 2], 2, runner, 10)
     assert [lr for lr, _ in ran[::3]] == [0.3, 0.1, 0.01]  # by score, a repeated trial once
     assert values == {"lr": 0.1} and len(per_seed) == 3
-    assert passed == ['{"lr": 0.3} (seed 2: diverged)', '{"lr": 0.01} (seed 2: diverged)']
+    assert passed == ["lr=0.3 (seed 2: diverged)", "lr=0.01 (seed 2: diverged)"]
     ran.clear()
     assert bench.evaluate({}, records, [0, 1, 2], 1, runner, 10)[0] == {"lr": 0.1}
     assert len(ran) == 6  # one fallback: two configs

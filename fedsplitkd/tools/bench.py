@@ -256,6 +256,11 @@ def num_classes_of(base: dict) -> int:
     return load_dataset(resolve(base)).num_classes
 
 
+def describe(values: dict) -> str:
+    """Tuned values as the table prints them: ``learning-rate=0.0222, local-epochs=5``."""
+    return ", ".join(f"{k}={format(v, '.3g') if isinstance(v, float) else v}" for k, v in values.items())
+
+
 def evaluate(base: dict, records: list[dict], seeds: list, fallbacks: int, run: Runner, num_classes: int
              ) -> tuple[dict, list[list[dict]], list[str]]:
     """The tuned config's runs at every seed. A config with a seed that collapsed on the holdout
@@ -275,7 +280,7 @@ def evaluate(base: dict, records: list[dict], seeds: list, fallbacks: int, run: 
             break
     mean_holdout = lambda entry: statistics.fmean(rows[-1]["holdout_accuracy"] for rows in entry[1])  # noqa: E731
     values, per_seed, _ = tried[-1] if not tried[-1][2] else max(tried, key=mean_holdout)
-    passed = [f"{json.dumps(v)} ({', '.join(why)})" for v, _, why in tried if v is not values]
+    passed = [f"{describe(v)} ({', '.join(why)})" for v, _, why in tried if v is not values]
     return values, per_seed, passed
 
 
@@ -343,7 +348,7 @@ def write_report(table: list[dict], chosen: dict, out: Path, command: str) -> st
     cells = list(dict.fromkeys((r["dataset"], r["partition"]) for r in table))  # in the sweep's order
     for r in sorted(table, key=lambda r: (cells.index((r["dataset"], r["partition"])), -r["test_accuracy"])):
         notes = [*r.get("unhealthy", []), *(f"passed over {p}" for p in r.get("passed_over", []))]
-        chosen_text = ", ".join(f"{k}={fmt(v, '.3g') if isinstance(v, float) else v}" for k, v in r["chosen"].items())
+        chosen_text = describe(r["chosen"])
         lines.append(f"| {r['dataset']} | {r['partition']} | {r['method']} | {r['test_accuracy']:.4f} ± "
                      f"{r['test_ci95']:.4f} | {r['holdout_accuracy']:.4f} | {fmt(r['teacher_accuracy'], '.4f')} | "
                      f"{fmt(r['gap_to_teacher'], '+.4f')} | {fmt(100 * r['kd_gain'], '+.2f')} | "
