@@ -54,3 +54,23 @@ def test_goals_measure_split_kd_against_the_best_federated_and_every_distillatio
     rows[2] = row("fedavg", 0.904, 40.0)  # 1/8 of its energy is not 1/10
     assert "not met" in goals(rows)[2]
     assert "(not yet run: fedgkt)" in goals(rows)[2]  # a baseline the sweep has not reached is named
+
+
+def test_pretrained_goals_read_fedavg_split_public_and_central_rows_and_every_collapsed_seed():
+    from bench_goals import pretrained_goals
+
+    def row(method, acc, energy=0.0, unhealthy="[]"):
+        return {"dataset": "cifar10", "partition": "p", "method": method, "test_accuracy": str(acc),
+                "test_ci95": "0.02", "device_energy_j": str(energy), "unhealthy": unhealthy}
+
+    rows = [row("splitkd", 0.44, 80.0), row("fedavg", 0.38, 800.0), row("split", 0.42, 70.0),
+            row("public-kd", 0.43), row("central-kd", 0.50)]
+    line = pretrained_goals(rows)[2]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[3] == "+6.0 pt (0.3800): **met**" and cells[4] == "1/10.0 (80.0 J / 800.0 J): **met**"
+    assert cells[5] == "+2.0 pt: not met" and cells[6] == "+1.0 pt: not met" and cells[7] == "-6.0 pt (0.5000)"
+    assert cells[8] == "none: **met**"
+    rows[1] = row("fedavg", 0.38, 700.0, "['seed 2: diverged']")
+    cells = [c.strip() for c in pretrained_goals(rows)[2].strip("|").split("|")]
+    assert cells[4].endswith("not met") and cells[8] == "fedavg (seed 2: diverged)"
+    assert "not run" in pretrained_goals(rows[:1])[2]
