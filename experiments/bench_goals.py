@@ -74,23 +74,25 @@ def pretrained_goals(rows: list[dict]) -> list[str]:
         if OURS not in cell:
             continue
         acc = float(cell[OURS]["test_accuracy"])
-        pt = lambda m: 100 * (acc - float(cell[m]["test_accuracy"]))  # noqa: E731
-        fedavg = (f"{pt('fedavg'):+.1f} pt ({float(cell['fedavg']['test_accuracy']):.4f}): {verdict(pt('fedavg') >= 5)}"
-                  if "fedavg" in cell else "not run")
+
+        def against(method: str, needed: float | None = None) -> str:
+            """split-KD minus ``method`` in points, beside its accuracy, and whether it reaches ``needed``."""
+            if method not in cell:
+                return "not run"
+            other = float(cell[method]["test_accuracy"])
+            text = f"{100 * (acc - other):+.1f} pt ({other:.4f})"
+            return text if needed is None else f"{text}: {verdict(100 * (acc - other) >= needed)}"
+
         if "fedavg" in cell:
-            ratio = float(cell[OURS]["device_energy_j"]) / float(cell["fedavg"]["device_energy_j"])
-            energy = (f"1/{1 / ratio:.1f} ({float(cell[OURS]['device_energy_j']):.1f} J / "
-                      f"{float(cell['fedavg']['device_energy_j']):.1f} J): {verdict(ratio <= 0.1)}")
+            ours, theirs = float(cell[OURS]["device_energy_j"]), float(cell["fedavg"]["device_energy_j"])
+            energy = f"1/{theirs / ours:.1f} ({ours:.1f} J / {theirs:.1f} J): {verdict(ours <= 0.1 * theirs)}"
         else:
             energy = "not run"
-        gain = f"{pt('split'):+.1f} pt: {verdict(pt('split') >= 3)}" if "split" in cell else "not run"
-        public = f"{pt('public-kd'):+.1f} pt: {verdict(pt('public-kd') >= 2)}" if "public-kd" in cell else "not run"
-        central = (f"{pt('central-kd'):+.1f} pt ({float(cell['central-kd']['test_accuracy']):.4f})"
-                   if "central-kd" in cell else "not run")
         bad = [f"{m} ({', '.join(ast.literal_eval(r['unhealthy']))})" for m, r in cell.items()
                if ast.literal_eval(r.get("unhealthy") or "[]")]  # the csv holds the harness's list as text
-        lines.append(f"| {dataset} | {partition} | {acc:.4f} ± {float(cell[OURS]['test_ci95']):.4f} | {fedavg} | "
-                     f"{energy} | {gain} | {public} | {central} | {'; '.join(bad) or 'none: **met**'} |")
+        lines.append(f"| {dataset} | {partition} | {acc:.4f} ± {float(cell[OURS]['test_ci95']):.4f} | "
+                     f"{against('fedavg', 5)} | {energy} | {against('split', 3)} | {against('public-kd', 2)} | "
+                     f"{against('central-kd')} | {'; '.join(bad) or 'none: **met**'} |")
     return lines
 
 
