@@ -87,8 +87,12 @@ def code_version() -> str:
     return digest.hexdigest()[:12]
 
 
-def run_key(config: dict, devices: int, backend: str, version: str) -> str:
-    return hashlib.sha256(json.dumps([config, devices, backend, version], sort_keys=True).encode()).hexdigest()[:16]
+def run_key(config: dict, devices: int, backend: str, version: str, threads: int = 0) -> str:
+    """The cache key of a run. ``threads`` (torch's intra-op threads; 0 = torch's default, keyed as
+    before it was a key) is part of it: another thread count sums floats in another order, and a
+    25-round run can end points apart (HAR, seed 1: 0.917 with 2 threads, 0.879 with 1)."""
+    parts = [config, devices, backend, version] + ([threads] if threads else [])
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def read_rows(directory: Path) -> list[dict]:
@@ -104,14 +108,15 @@ def read_rows(directory: Path) -> list[dict]:
 class CachedRunner:
     """Runs a config once (in-process grid, or ``flwr run``) and keeps its results by key."""
 
-    def __init__(self, out: Path, devices: int, backend: str, app: str = ".", cpus: int = 1):
+    def __init__(self, out: Path, devices: int, backend: str, app: str = ".", cpus: int = 1, threads: int = 0):
         self.out, self.devices, self.backend, self.app, self.cpus = out, devices, backend, app, cpus
+        self.threads = threads
         self.version = code_version()
         self.sim = None
         self.ran = self.cached = 0
 
     def directory(self, config: dict) -> Path:
-        return self.out / "runs" / run_key(config, self.devices, self.backend, self.version)
+        return self.out / "runs" / run_key(config, self.devices, self.backend, self.version, self.threads)
 
     def __call__(self, config: dict) -> list[dict]:
         directory = self.directory(config)
@@ -416,6 +421,9 @@ def main(argv: list[str] | None = None) -> None:
                         "share one --out; experiments/bench_table.py then writes the whole table)")
     parser.add_argument("--code", default="", help="keep and reuse runs under this code version instead of "
                         "this checkout's hash; only where no file a run executes changed since (git diff)")
+    parser.add_argument("--threads", type=int, default=0, help="backend inprocess: torch threads for this process "
+                        "(0 = torch's default). Shards side by side run far faster at cores / shards each (two "
+                        "shards on 2 cores: 3.4x, docs/benchmarks.md); runs are keyed by it, as results differ")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the sweep YAML")
     args = parser.parse_args(argv)
     try:
@@ -430,8 +438,14 @@ def main(argv: list[str] | None = None) -> None:
     import logging
     logging.getLogger("flwr").setLevel(logging.WARNING)
     logging.getLogger("fedsplitkd").setLevel(logging.ERROR)
+    if args.threads < 0:
+        raise SystemExit(f"fedsplitkd-bench: --threads {args.threads}: must be >= 0")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     runner = CachedRunner(out, sweep.get("devices", 20), sweep.get("backend", "inprocess"), args.app,
-                          args.cpus_per_client)
+                          args.cpus_per_client, args.threads)
     runner.version = args.code or runner.version
     print(f"code {runner.version}, {sweep.get('devices', 20)} devices, backend {runner.backend}", flush=True)
     try:
@@ -443,7 +457,7 @@ def main(argv: list[str] | None = None) -> None:
               f"python experiments/bench_table.py {args.sweep} --out {args.out}")
         return
     command = " ".join(["fedsplitkd-bench", args.sweep, "--out", args.out, *(["--code", args.code] if args.code else []),
-                        *args.overrides])
+                        *([f"--threads {args.threads}"] if args.threads else []), *args.overrides])
     sys.stdout.write(write_report(table, chosen, out, command))
     print(f"{runner.ran} runs, {runner.cached} cached; tuned configs in {out / 'tuned.yaml'}")
 
