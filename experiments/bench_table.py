@@ -34,12 +34,13 @@ def main() -> None:
     parser.add_argument("sweep")
     parser.add_argument("--out", required=True)
     parser.add_argument("--code", default="", help="read the runs of this code version (default: this checkout's)")
+    parser.add_argument("--threads", type=int, default=0, help="read the runs made with fedsplitkd-bench --threads N")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     logging.getLogger("fedsplitkd").setLevel(logging.ERROR)
     sweep = bench.load_sweep(args.sweep, args.overrides)
     out = Path(args.out)
-    runner = CacheOnly(out, sweep.get("devices", 20), sweep.get("backend", "inprocess"))
+    runner = CacheOnly(out, sweep.get("devices", 20), sweep.get("backend", "inprocess"), threads=args.threads)
     runner.version = args.code or runner.version
     rows, chosen, missing = [], {}, []
     for dataset in sweep["datasets"]:
@@ -61,7 +62,8 @@ def main() -> None:
         base = split.get((r["dataset"], r["partition"]))
         r["kd_gain"] = r["test_accuracy"] - base["test_accuracy"] if kd and base else float("nan")
     command = " ".join(["python experiments/bench_table.py", args.sweep, "--out", args.out,
-                        *(["--code", args.code] if args.code else []), *args.overrides])
+                        *(["--code", args.code] if args.code else []),
+                        *([f"--threads {args.threads}"] if args.threads else []), *args.overrides])
     text = bench.write_report(rows, chosen, out, command) if rows else ""
     if missing:
         note = f"\nNot complete (not in this table): {', '.join(missing)}.\n"
