@@ -25,16 +25,20 @@ FEDERATED = ("fedavg", "fedprox", "fd", "feddf", "fedgkt")
 DISTILLATION = ("fd", "feddf", "fedgkt")  # federated distillation: split-KD must beat each
 
 
+def cells_with_ours(rows: list[dict]):
+    """(dataset, partition, {method: row}) for every dataset x partition with a split-KD row, in table order."""
+    for dataset, partition in dict.fromkeys((r["dataset"], r["partition"]) for r in rows):
+        cell = {r["method"]: r for r in rows if (r["dataset"], r["partition"]) == (dataset, partition)}
+        if OURS in cell:
+            yield dataset, partition, cell
+
+
 def goals(rows: list[dict]) -> list[str]:
     """Markdown lines, one per dataset x partition that has a split-KD row."""
     lines = ["| dataset | partition | split-KD | best federated baseline | gap (pt) | energy ratio | "
              "within 0.5 pt at ≤ 1/10 energy | above FD, FedDF, FedGKT |",
              "|---|---|---|---|---|---|---|---|"]
-    cells = dict.fromkeys((r["dataset"], r["partition"]) for r in rows)
-    for dataset, partition in cells:
-        cell = {r["method"]: r for r in rows if (r["dataset"], r["partition"]) == (dataset, partition)}
-        if OURS not in cell:
-            continue
+    for dataset, partition, cell in cells_with_ours(rows):
         ours = cell[OURS]
         acc = float(ours["test_accuracy"])
         rivals = [cell[m] for m in FEDERATED if m in cell]
@@ -68,11 +72,7 @@ def pretrained_goals(rows: list[dict]) -> list[str]:
     lines = ["| dataset | partition | split-KD | vs FedAvg (≥ +5 pt) | energy vs FedAvg (≤ 1/10) | "
              "KD gain (≥ +3 pt) | vs public-kd (≥ +2 pt) | vs central-kd | seeds not ok (any method) |",
              "|---|---|---|---|---|---|---|---|---|"]
-    cells = dict.fromkeys((r["dataset"], r["partition"]) for r in rows)
-    for dataset, partition in cells:
-        cell = {r["method"]: r for r in rows if (r["dataset"], r["partition"]) == (dataset, partition)}
-        if OURS not in cell:
-            continue
+    for dataset, partition, cell in cells_with_ours(rows):
         acc = float(cell[OURS]["test_accuracy"])
 
         def against(method: str, needed: float | None = None) -> str:
