@@ -62,8 +62,7 @@ def main() -> None:
         base = split.get((r["dataset"], r["partition"]))
         r["kd_gain"] = r["test_accuracy"] - base["test_accuracy"] if kd and base else float("nan")
     command = " ".join(["python experiments/bench_table.py", args.sweep, "--out", args.out,
-                        *(["--code", args.code] if args.code else []),
-                        *([f"--threads {args.threads}"] if args.threads else []), *args.overrides])
+                        *bench.run_flags(args.code, args.threads), *args.overrides])
     text = bench.write_report(rows, chosen, out, command) if rows else ""
     if missing:
         note = f"\nNot complete (not in this table): {', '.join(missing)}.\n"

@@ -87,6 +87,11 @@ def code_version() -> str:
     return digest.hexdigest()[:12]
 
 
+def run_flags(code: str, threads: int) -> list[str]:
+    """The command-line flags that name which cached runs a table reads (``--code``, ``--threads``)."""
+    return [*(["--code", code] if code else []), *(["--threads", str(threads)] if threads else [])]
+
+
 def run_key(config: dict, devices: int, backend: str, version: str, threads: int = 0) -> str:
     """The cache key of a run. ``threads`` (torch's intra-op threads; 0 = torch's default, keyed as
     before it was a key) is part of it: another thread count sums floats in another order, and a
@@ -453,11 +458,12 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         runner.close()
     if shard[1] > 1:
-        print(f"shard {args.shard} done: {runner.ran} runs, {runner.cached} cached; the table: "
-              f"python experiments/bench_table.py {args.sweep} --out {args.out}")
+        table_command = " ".join(["python experiments/bench_table.py", args.sweep, "--out", args.out,
+                                  *run_flags(args.code, args.threads)])
+        print(f"shard {args.shard} done: {runner.ran} runs, {runner.cached} cached; the table: {table_command}")
         return
-    command = " ".join(["fedsplitkd-bench", args.sweep, "--out", args.out, *(["--code", args.code] if args.code else []),
-                        *([f"--threads {args.threads}"] if args.threads else []), *args.overrides])
+    command = " ".join(["fedsplitkd-bench", args.sweep, "--out", args.out, *run_flags(args.code, args.threads),
+                        *args.overrides])
     sys.stdout.write(write_report(table, chosen, out, command))
     print(f"{runner.ran} runs, {runner.cached} cached; tuned configs in {out / 'tuned.yaml'}")
 
