@@ -9,8 +9,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# One OpenMP thread in every process the tests start (SuperLinks, ServerApps, Ray actors,
+# ClientApp processes inherit it): the suite runs as two pytest workers on 2 cores, and torch's
+# default of a thread per core in each of a dozen processes only makes them wait on each other.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # The shared datasets beside the checkout (../shared/datasets): tests that read them skip
 # where a checkout has none beside it, wherever the tests are run from.
@@ -87,3 +92,11 @@ def _few_threads():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The modules with Flower runs first, the rest after, each in its collected order. The
+    suite runs as two workers taking a module at a time (`make test`: pytest-xdist, --dist
+    loadfile): long modules started last would leave one worker running alone at the end."""
+    flower = {item.module for item in items if item.get_closest_marker("integration")}
+    items.sort(key=lambda item: item.module not in flower)

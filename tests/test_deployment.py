@@ -150,7 +150,7 @@ def test_rejoin_a_killed_node_is_dropped_by_the_round_timeout_and_serves_the_nex
     import threading
     import time
 
-    config = {**CONFIG, "num-rounds": 3, "round-timeout": 45.0, "output-dir": str(tmp_path), "run-name": "run"}
+    config = {**CONFIG, "num-rounds": 3, "round-timeout": 30.0, "output-dir": str(tmp_path), "run-name": "run"}
     metrics = tmp_path / "run" / "metrics.csv"
     with LocalDeployment(DEVICES) as dep:
         outcome: dict = {}

@@ -107,3 +107,26 @@ def test_the_shell_helper_exports_free_local_superlink_ports(capsys):
     exported = dict(line.removeprefix("export ").split("=") for line in lines)
     assert set(exported) == set(LOCAL_SUPERLINK_PORT_VARIABLES)
     assert len(set(exported.values())) == 2 and "39091" not in exported.values()
+
+
+def test_simulation_runs_start_their_own_ray_even_beside_a_recorded_cluster(tmp_path, monkeypatch):
+    """ray.init() with no address joins the cluster `ray start` recorded on the machine; a
+    LocalSimulation's runs must not (they would share its CPUs and die with it). Ray's own
+    address resolution, under each environment, with such a record in its temp dir."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    (tmp_path / "ray_current_cluster").write_text("127.0.0.1:6379")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert canonicalize_bootstrap_address(None, str(tmp_path)).endswith(":6379")  # the hazard: joined
+    sim = LocalSimulation()
+    try:
+        monkeypatch.setenv("RAY_ADDRESS", sim.env["RAY_ADDRESS"])
+        assert canonicalize_bootstrap_address(None, str(tmp_path)) is None  # a Ray of its own
+    finally:
+        sim.__exit__(None, None, None)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.7:6379")  # a cluster named on purpose is kept
+    chosen = LocalSimulation()
+    try:
+        assert chosen.env["RAY_ADDRESS"] == "10.0.0.7:6379"
+    finally:
+        chosen.__exit__(None, None, None)

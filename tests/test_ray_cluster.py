@@ -96,14 +96,16 @@ def status(address: str, env: dict) -> str:
     return subprocess.run(["ray", "status", f"--address={address}"], env=env, capture_output=True, text=True).stdout
 
 
-def test_ray_cluster_runs_an_actor_on_each_node_with_the_single_node_metrics(tmp_path):
+def test_ray_cluster_runs_an_actor_on_each_node_with_the_single_node_metrics(tmp_path, monkeypatch):
     reference = run_inprocess(dict(CONFIG), DEVICES)[1]
     with ray_cluster(tmp_path) as (address, started):
         watcher = subprocess.Popen([sys.executable, "-c", WATCH, address, "600"], stdout=subprocess.PIPE, text=True,
                                    start_new_session=True)
         try:
+            # Named before the SuperLink starts: its simulations inherit its environment, and
+            # without an address a LocalSimulation's runs start a Ray of their own.
+            monkeypatch.setenv("RAY_ADDRESS", address)
             with LocalSimulation() as sim:
-                sim.env["RAY_ADDRESS"] = address  # the SuperLink's simulation joins the cluster
                 run = sim.run(ROOT, {**CONFIG, "output-dir": str(tmp_path), "run-name": "run"},
                               num_supernodes=DEVICES, cpus_per_client=1)
         finally:

@@ -65,7 +65,11 @@ class LocalSimulation:
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen | None = None
         self.tree = ProcessTree()  # everything started under this simulation, to stop on exit
-        self.env = self.tree.env({**os.environ, "FLWR_HOME": str(self.home),
+        # RAY_ADDRESS 'local': each run starts its own Ray. Without an address, ray.init() joins
+        # any cluster that `ray start` recorded on this machine (/tmp/ray/ray_current_cluster), so
+        # runs would land on someone else's cluster and die with it. A RAY_ADDRESS set here stays.
+        self.env = self.tree.env({**os.environ, "RAY_ADDRESS": os.environ.get("RAY_ADDRESS") or "local",
+                                  "FLWR_HOME": str(self.home),
                                   "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                                   "FLWR_DISABLE_UPDATE_CHECK": "1", **local_superlink_env()})
 
