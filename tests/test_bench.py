@@ -111,6 +111,21 @@ def test_micro_sweep_writes_table_tuned_configs_and_plots_then_resumes(tmp_path,
         torch.set_num_threads(before)
     with pytest.raises(SystemExit, match="--threads -1"):
         bench.main([str(sweep), "--out", str(out), "--threads", "-1"])
+    # --jobs: two processes take the cells and make, in a fresh directory, the same runs and the
+    # same table as one process with the same thread count
+    alone = (out / "summary.csv").read_text()
+    bench.main([str(sweep), "--out", str(tmp_path / "jobs"), "--jobs", "2", "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert "2 jobs x 1 threads" in printed and "8 runs, 0 cached" in printed
+    assert (tmp_path / "jobs" / "summary.csv").read_text() == alone
+    with pytest.raises(SystemExit, match="--jobs takes the cells itself"):
+        bench.main([str(sweep), "--out", str(out), "--jobs", "2", "--shard", "0/2"])
+
+
+def test_parallel_jobs_take_the_whole_model_methods_first():
+    sweep = {"search": {"fedavg": {"local-epochs": {"choices": [1, 5]}}, "split": {"learning-rate": {}}}}
+    cells = [("d", "p", "split", {}), ("d", "p", "fedavg", {}), ("e", "p", "split", {}), ("e", "p", "fedavg", {})]
+    assert bench.heaviest_first(sweep, cells) == [1, 3, 0, 2]
 
 
 def test_a_run_is_keyed_by_the_code_as_well_as_its_config():

@@ -42,6 +42,7 @@ import csv
 import hashlib
 import json
 import math
+import os
 import statistics
 import sys
 from collections.abc import Callable
@@ -294,45 +295,120 @@ def evaluate(base: dict, records: list[dict], seeds: list, fallbacks: int, run: 
     return values, per_seed, passed
 
 
-def bench(sweep: dict, run: Runner, progress: Callable[[str], None] = print,
-          shard: tuple[int, int] = (0, 1), classes: Callable[[dict], int] = num_classes_of
-          ) -> tuple[list[dict], dict]:
-    """Tune and evaluate every cell (or shard (k, n): every n-th from the k-th); returns the table
-    rows and the chosen configs. ``classes`` gives a cell's class count (for ``collapse``)."""
+def bench_cell(sweep: dict, cell: tuple[str, str, str, dict], run: Runner,
+               classes: Callable[[dict], int] = num_classes_of) -> tuple[dict, dict]:
+    """Tune and evaluate one cell (dataset, partition, method, base config): its table row
+    (``kd_gain`` still to fill, by ``finish``) and its chosen config."""
+    dataset, partition, method, base = cell
     tuning = sweep.get("tuning", {})
     trials, tuning_seed = int(tuning.get("trials", 8)), int(tuning.get("seed", 100))
-    fallbacks = int(tuning.get("fallbacks", 2))
+    space = (sweep.get("search") or {}).get(method) or {}
+    num_classes = classes(base)
+    records = tune({**base, "seed": tuning_seed}, space, trials, tuning_seed, run, num_classes)
+    values, per_seed, passed = evaluate(base, records, sweep["seeds"], int(tuning.get("fallbacks", 2)), run,
+                                        num_classes)
+    test, half = interval([rows[-1]["test_accuracy"] for rows in per_seed])
+    teacher = resolve_teacher(per_seed)
+    row = {
+        "dataset": dataset, "partition": partition, "method": method, "seeds": len(per_seed),
+        "trials": len(records), "test_accuracy": test, "test_ci95": half,
+        "holdout_accuracy": statistics.fmean(rows[-1]["holdout_accuracy"] for rows in per_seed),
+        "teacher_accuracy": teacher, "gap_to_teacher": teacher - test,
+        "device_energy_j": statistics.fmean(rows[-1]["cum_device_energy_j"] for rows in per_seed),
+        "mb_up_down": statistics.fmean(sum(r["bytes_up"] + r["bytes_down"] for r in rows) for rows in per_seed) / 1e6,
+        "sim_time_s": statistics.fmean(rows[-1]["sim_time_s"] for rows in per_seed),
+        "chosen": values, "curves": per_seed,
+        # seeds that diverged or never learned: a collapsed seed shows here, never only in a wide CI
+        "unhealthy": [f"seed {seed}: {rows[-1]['health']}" for seed, rows in zip(sweep["seeds"], per_seed)
+                      if rows[-1].get("health", "ok") != "ok"],
+        "passed_over": passed,  # tuned configs that collapsed on the holdout at a seed, and which seed
+    }
+    return row, {**base, **values}
+
+
+def finish(sweep: dict, rows: list[tuple[dict, dict]], progress: Callable[[str], None] = print
+           ) -> tuple[list[dict], dict]:
+    """The table (in the sweep's cell order, each KD row with its gain over ``split``) and the
+    chosen configs, from the (row, config) of each cell."""
     table, chosen = [], {}
-    for dataset, partition, method, base in settings(sweep)[shard[0]::shard[1]]:
-        space = (sweep.get("search") or {}).get(method) or {}
-        num_classes = classes(base)
-        records = tune({**base, "seed": tuning_seed}, space, trials, tuning_seed, run, num_classes)
-        values, per_seed, passed = evaluate(base, records, sweep["seeds"], fallbacks, run, num_classes)
-        config = {**base, **values}
-        chosen.setdefault(dataset, {}).setdefault(partition, {})[method] = config
-        test, half = interval([rows[-1]["test_accuracy"] for rows in per_seed])
-        teacher = resolve_teacher(per_seed)
-        table.append({
-            "dataset": dataset, "partition": partition, "method": method, "seeds": len(per_seed),
-            "trials": len(records), "test_accuracy": test, "test_ci95": half,
-            "holdout_accuracy": statistics.fmean(rows[-1]["holdout_accuracy"] for rows in per_seed),
-            "teacher_accuracy": teacher, "gap_to_teacher": teacher - test,
-            "device_energy_j": statistics.fmean(rows[-1]["cum_device_energy_j"] for rows in per_seed),
-            "mb_up_down": statistics.fmean(sum(r["bytes_up"] + r["bytes_down"] for r in rows) for rows in per_seed) / 1e6,
-            "sim_time_s": statistics.fmean(rows[-1]["sim_time_s"] for rows in per_seed),
-            "chosen": values, "curves": per_seed,
-            # seeds that diverged or never learned: a collapsed seed shows here, never only in a wide CI
-            "unhealthy": [f"seed {seed}: {rows[-1]['health']}" for seed, rows in zip(sweep["seeds"], per_seed)
-                          if rows[-1].get("health", "ok") != "ok"],
-            "passed_over": passed,  # tuned configs that collapsed on the holdout at a seed, and which seed
-        })
-        progress(f"{dataset}/{partition}/{method}: {json.dumps(values)} -> test {test:.4f} ± {half:.4f}")
+    for row, config in rows:
+        table.append(row)
+        chosen.setdefault(row["dataset"], {}).setdefault(row["partition"], {})[row["method"]] = config
     by_cell = {(r["dataset"], r["partition"], r["method"]): r for r in table}
     for row in table:
         split = by_cell.get((row["dataset"], row["partition"], "split"))
         kd = row["method"] in KD_METHODS or (sweep["methods"][row["method"]] or {}).get("method") in KD_METHODS
         row["kd_gain"] = row["test_accuracy"] - split["test_accuracy"] if kd and split else math.nan
     return table, chosen
+
+
+def progress_line(row: dict) -> str:
+    return (f"{row['dataset']}/{row['partition']}/{row['method']}: {json.dumps(row['chosen'])} -> test "
+            f"{row['test_accuracy']:.4f} ± {row['test_ci95']:.4f}")
+
+
+def bench(sweep: dict, run: Runner, progress: Callable[[str], None] = print,
+          shard: tuple[int, int] = (0, 1), classes: Callable[[dict], int] = num_classes_of
+          ) -> tuple[list[dict], dict]:
+    """Tune and evaluate every cell (or shard (k, n): every n-th from the k-th); returns the table
+    rows and the chosen configs. ``classes`` gives a cell's class count (for ``collapse``)."""
+    rows = []
+    for cell in settings(sweep)[shard[0]::shard[1]]:
+        rows.append(bench_cell(sweep, cell, run, classes))
+        progress(progress_line(rows[-1][0]))
+    return finish(sweep, rows)
+
+
+def heaviest_first(sweep: dict, cells: list) -> list[int]:
+    """The order in which parallel jobs take cells (indices into ``cells``): the methods that
+    search ``local-epochs`` (a whole model trained for several epochs a round: the longest cells
+    of every preset measured, e.g. HAR FedDF 504 s, split 51 s in the quick preset) first, the
+    rest after, each in sweep order. A long cell taken last would leave the other jobs idle."""
+    light = lambda i: "local-epochs" not in ((sweep.get("search") or {}).get(cells[i][2]) or {})  # noqa: E731
+    return sorted(range(len(cells)), key=light)
+
+
+_RUNNER: CachedRunner | None = None  # each job process's own
+
+
+def _start_job(out: str, devices: int, version: str, threads: int) -> None:
+    global _RUNNER
+    import logging
+
+    import torch
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    logging.getLogger("fedsplitkd").setLevel(logging.ERROR)
+    if threads:
+        torch.set_num_threads(threads)
+    _RUNNER = CachedRunner(Path(out), devices, "inprocess", threads=threads)
+    _RUNNER.version = version
+
+
+def _job_cell(task: tuple[dict, int, tuple]) -> tuple[int, dict, dict, int, int]:
+    sweep, index, cell = task
+    ran, cached = _RUNNER.ran, _RUNNER.cached
+    row, config = bench_cell(sweep, cell, _RUNNER)
+    return index, row, config, _RUNNER.ran - ran, _RUNNER.cached - cached
+
+
+def bench_jobs(sweep: dict, runner: CachedRunner, jobs: int, progress: Callable[[str], None] = print
+               ) -> tuple[list[dict], dict]:
+    """``bench`` with ``jobs`` processes (in-process backend) that each take the next cell when
+    they finish one, heaviest first: the same runs, keyed as ``runner``'s (version, threads),
+    and the same table as one process makes; ``runner`` counts what they ran and found cached."""
+    import multiprocessing
+
+    cells = settings(sweep)
+    rows: dict[int, tuple[dict, dict]] = {}
+    context = multiprocessing.get_context("spawn")  # no forked torch or Flower state
+    with context.Pool(jobs, _start_job, (str(runner.out), runner.devices, runner.version, runner.threads)) as pool:
+        tasks = [(sweep, i, cells[i]) for i in heaviest_first(sweep, cells)]
+        for index, row, config, ran, cached in pool.imap_unordered(_job_cell, tasks):
+            rows[index] = (row, config)
+            runner.ran, runner.cached = runner.ran + ran, runner.cached + cached
+            progress(progress_line(row))
+    return finish(sweep, [rows[i] for i in sorted(rows)])
 
 
 def resolve_teacher(per_seed: list[list[dict]]) -> float:
@@ -429,6 +505,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="backend inprocess: torch threads for this process "
                         "(0 = torch's default). Shards side by side run far faster at cores / shards each (two "
                         "shards on 2 cores: 3.4x, docs/benchmarks.md); runs are keyed by it, as results differ")
+    parser.add_argument("--jobs", type=int, default=1, help="backend inprocess: N processes, each taking the "
+                        "next cell (heaviest first) as it finishes one, one table at the end; --threads "
+                        "defaults to cores / N")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the sweep YAML")
     args = parser.parse_args(argv)
     try:
@@ -445,6 +524,13 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("fedsplitkd").setLevel(logging.ERROR)
     if args.threads < 0:
         raise SystemExit(f"fedsplitkd-bench: --threads {args.threads}: must be >= 0")
+    if args.jobs < 1:
+        raise SystemExit(f"fedsplitkd-bench: --jobs {args.jobs}: must be >= 1")
+    if args.jobs > 1 and (shard[1] > 1 or sweep.get("backend", "inprocess") != "inprocess"):
+        raise SystemExit("fedsplitkd-bench: --jobs takes the cells itself: not with --shard, and only on "
+                         "backend inprocess (a Flower run has its own processes)")
+    if args.jobs > 1 and not args.threads:
+        args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
     if args.threads:
         import torch
 
@@ -452,9 +538,14 @@ def main(argv: list[str] | None = None) -> None:
     runner = CachedRunner(out, sweep.get("devices", 20), sweep.get("backend", "inprocess"), args.app,
                           args.cpus_per_client, args.threads)
     runner.version = args.code or runner.version
-    print(f"code {runner.version}, {sweep.get('devices', 20)} devices, backend {runner.backend}", flush=True)
+    print(f"code {runner.version}, {sweep.get('devices', 20)} devices, backend {runner.backend}"
+          + (f", {args.jobs} jobs x {args.threads} threads" if args.jobs > 1 else ""), flush=True)
+    progress = lambda line: print(line, flush=True)  # noqa: E731
     try:
-        table, chosen = bench(sweep, runner, lambda line: print(line, flush=True), shard)
+        if args.jobs > 1:
+            table, chosen = bench_jobs(sweep, runner, args.jobs, progress)
+        else:
+            table, chosen = bench(sweep, runner, progress, shard)
     finally:
         runner.close()
     if shard[1] > 1:
