@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--code", default="", help="read the runs of this code version (default: this checkout's)")
     parser.add_argument("--threads", type=int, default=0, help="read the runs made with fedsplitkd-bench --threads N")
+    parser.add_argument("--report", default="", help="write summary.md, summary.csv, tuned.yaml and the plots "
+                        "here (default: --out), e.g. for a sweep that reads another sweep's runs")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     logging.getLogger("fedsplitkd").setLevel(logging.ERROR)
@@ -56,17 +58,16 @@ def main() -> None:
                     continue
                 rows += table
                 chosen.setdefault(dataset, {}).setdefault(partition, {}).update(picked[dataset][partition])
-    split = {(r["dataset"], r["partition"]): r for r in rows if r["method"] == "split"}
-    for r in rows:  # KD gain needs the split row of the same cell, which a per-cell replay lacks
-        kd = r["method"] in bench.KD_METHODS or (sweep["methods"][r["method"]] or {}).get("method") in bench.KD_METHODS
-        base = split.get((r["dataset"], r["partition"]))
-        r["kd_gain"] = r["test_accuracy"] - base["test_accuracy"] if kd and base else float("nan")
+    rows, _ = bench.finish(sweep, [(r, {}) for r in rows])  # KD gain: a per-cell replay lacks the split row
+    report = Path(args.report or args.out)
+    report.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python experiments/bench_table.py", args.sweep, "--out", args.out,
+                        *(["--report", args.report] if args.report else []),
                         *bench.run_flags(args.code, args.threads), *args.overrides])
-    text = bench.write_report(rows, chosen, out, command) if rows else ""
+    text = bench.write_report(rows, chosen, report, command) if rows else ""
     if missing:
         note = f"\nNot complete (not in this table): {', '.join(missing)}.\n"
-        (out / "summary.md").write_text(text + note)
+        (report / "summary.md").write_text(text + note)
         text += note
     print(text, end="")
     print(f"code {runner.version}: {len(rows)} cells complete, {len(missing)} not")

@@ -2,6 +2,8 @@
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,6 +120,12 @@ def test_micro_sweep_writes_table_tuned_configs_and_plots_then_resumes(tmp_path,
     printed = capsys.readouterr().out
     assert "2 jobs x 1 threads" in printed and "8 runs, 0 cached" in printed
     assert (tmp_path / "jobs" / "summary.csv").read_text() == alone
+    # bench_table.py replays the cache (it runs nothing) into a report directory of its own
+    table = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_table.py"), str(sweep), "--out",
+                            str(out), "--threads", "1", "--report", str(tmp_path / "report")],
+                           capture_output=True, text=True, timeout=300)
+    assert table.returncode == 0, table.stderr[-2000:]
+    assert (tmp_path / "report" / "summary.csv").read_text() == alone
     with pytest.raises(SystemExit, match="--jobs takes the cells itself"):
         bench.main([str(sweep), "--out", str(out), "--jobs", "2", "--shard", "0/2"])
 

@@ -326,8 +326,7 @@ def bench_cell(sweep: dict, cell: tuple[str, str, str, dict], run: Runner,
     return row, {**base, **values}
 
 
-def finish(sweep: dict, rows: list[tuple[dict, dict]], progress: Callable[[str], None] = print
-           ) -> tuple[list[dict], dict]:
+def finish(sweep: dict, rows: list[tuple[dict, dict]]) -> tuple[list[dict], dict]:
     """The table (in the sweep's cell order, each KD row with its gain over ``split``) and the
     chosen configs, from the (row, config) of each cell."""
     table, chosen = [], {}
