@@ -105,7 +105,7 @@ def test_micro_sweep_writes_table_tuned_configs_and_plots_then_resumes(tmp_path,
     # --threads: torch's thread count is set and keys the runs apart (another float order)
     import torch
 
-    before = torch.get_num_threads()
+    before, earlier = torch.get_num_threads(), set((out / "runs").iterdir())
     try:
         bench.main([str(sweep), "--out", str(out), "--threads", "1"])
         assert torch.get_num_threads() == 1 and "8 runs, 0 cached" in capsys.readouterr().out
@@ -113,13 +113,15 @@ def test_micro_sweep_writes_table_tuned_configs_and_plots_then_resumes(tmp_path,
         torch.set_num_threads(before)
     with pytest.raises(SystemExit, match="--threads -1"):
         bench.main([str(sweep), "--out", str(out), "--threads", "-1"])
-    # --jobs: two processes take the cells and make, in a fresh directory, the same runs and the
-    # same table as one process with the same thread count
+    # --jobs: two processes take the cells, rerun two runs lost (as if interrupted) and read the
+    # others under the same keys: the same table as one process with that thread count
     alone = (out / "summary.csv").read_text()
-    bench.main([str(sweep), "--out", str(tmp_path / "jobs"), "--jobs", "2", "--threads", "1"])
+    for run in sorted(set((out / "runs").iterdir()) - earlier)[:2]:  # two of the 1-thread runs
+        (run / "summary.json").unlink()
+    bench.main([str(sweep), "--out", str(out), "--jobs", "2", "--threads", "1"])
     printed = capsys.readouterr().out
-    assert "2 jobs x 1 threads" in printed and "8 runs, 0 cached" in printed
-    assert (tmp_path / "jobs" / "summary.csv").read_text() == alone
+    assert "2 jobs x 1 threads" in printed and "2 runs, 6 cached" in printed
+    assert (out / "summary.csv").read_text() == alone
     # bench_table.py replays the cache (it runs nothing) into a report directory of its own
     table = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_table.py"), str(sweep), "--out",
                             str(out), "--threads", "1", "--report", str(tmp_path / "report")],
