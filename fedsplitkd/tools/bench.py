@@ -295,6 +295,11 @@ def evaluate(base: dict, records: list[dict], seeds: list, fallbacks: int, run: 
     return values, per_seed, passed
 
 
+def search_space(sweep: dict, method: str) -> dict:
+    """A method's declared search space ({} when it has none)."""
+    return (sweep.get("search") or {}).get(method) or {}
+
+
 def bench_cell(sweep: dict, cell: tuple[str, str, str, dict], run: Runner,
                classes: Callable[[dict], int] = num_classes_of) -> tuple[dict, dict]:
     """Tune and evaluate one cell (dataset, partition, method, base config): its table row
@@ -302,7 +307,7 @@ def bench_cell(sweep: dict, cell: tuple[str, str, str, dict], run: Runner,
     dataset, partition, method, base = cell
     tuning = sweep.get("tuning", {})
     trials, tuning_seed = int(tuning.get("trials", 8)), int(tuning.get("seed", 100))
-    space = (sweep.get("search") or {}).get(method) or {}
+    space = search_space(sweep, method)
     num_classes = classes(base)
     records = tune({**base, "seed": tuning_seed}, space, trials, tuning_seed, run, num_classes)
     values, per_seed, passed = evaluate(base, records, sweep["seeds"], int(tuning.get("fallbacks", 2)), run,
@@ -363,23 +368,29 @@ def heaviest_first(sweep: dict, cells: list) -> list[int]:
     search ``local-epochs`` (a whole model trained for several epochs a round: the longest cells
     of every preset measured, e.g. HAR FedDF 504 s, split 51 s in the quick preset) first, the
     rest after, each in sweep order. A long cell taken last would leave the other jobs idle."""
-    light = lambda i: "local-epochs" not in ((sweep.get("search") or {}).get(cells[i][2]) or {})  # noqa: E731
+    light = lambda i: "local-epochs" not in search_space(sweep, cells[i][2])  # noqa: E731
     return sorted(range(len(cells)), key=light)
 
 
 _RUNNER: CachedRunner | None = None  # each job process's own
 
 
-def _start_job(out: str, devices: int, version: str, threads: int) -> None:
-    global _RUNNER
+def settle_process(threads: int) -> None:
+    """A benchmark process: Flower's and the package's per-round logs quiet, torch's threads set
+    (0 = torch's default)."""
     import logging
-
-    import torch
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     logging.getLogger("fedsplitkd").setLevel(logging.ERROR)
     if threads:
+        import torch
+
         torch.set_num_threads(threads)
+
+
+def _start_job(out: str, devices: int, version: str, threads: int) -> None:
+    global _RUNNER
+    settle_process(threads)
     _RUNNER = CachedRunner(Path(out), devices, "inprocess", threads=threads)
     _RUNNER.version = version
 
@@ -518,9 +529,6 @@ def main(argv: list[str] | None = None) -> None:
     sweep = load_sweep(args.sweep, args.overrides)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    import logging
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    logging.getLogger("fedsplitkd").setLevel(logging.ERROR)
     if args.threads < 0:
         raise SystemExit(f"fedsplitkd-bench: --threads {args.threads}: must be >= 0")
     if args.jobs < 1:
@@ -530,10 +538,7 @@ def main(argv: list[str] | None = None) -> None:
                          "backend inprocess (a Flower run has its own processes)")
     if args.jobs > 1 and not args.threads:
         args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    settle_process(args.threads)
     runner = CachedRunner(out, sweep.get("devices", 20), sweep.get("backend", "inprocess"), args.app,
                           args.cpus_per_client, args.threads)
     runner.version = args.code or runner.version
