@@ -122,6 +122,12 @@ def test_micro_sweep_writes_table_tuned_configs_and_plots_then_resumes(tmp_path,
     printed = capsys.readouterr().out
     assert "2 jobs x 1 threads" in printed and "2 runs, 6 cached" in printed
     assert (out / "summary.csv").read_text() == alone
+    # --report: the table goes elsewhere and the one in --out stays (a sweep sharing another's runs)
+    (out / "summary.csv").write_text("the other sweep's table")
+    bench.main([str(sweep), "--out", str(out), "--threads", "1", "--report", str(tmp_path / "mine")])
+    assert "0 runs, 8 cached" in capsys.readouterr().out
+    assert (tmp_path / "mine" / "summary.csv").read_text() == alone
+    assert (out / "summary.csv").read_text() == "the other sweep's table"
     # bench_table.py replays the cache (it runs nothing) into a report directory of its own
     table = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_table.py"), str(sweep), "--out",
                             str(out), "--threads", "1", "--report", str(tmp_path / "report")],

@@ -518,6 +518,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="backend inprocess: N processes, each taking the "
                         "next cell (heaviest first) as it finishes one, one table at the end; --threads "
                         "defaults to cores / N")
+    parser.add_argument("--report", default="", help="write summary.md, summary.csv, tuned.yaml and the plots here "
+                        "(default: --out), e.g. for a sweep that shares another sweep's runs and must not replace "
+                        "its table")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the sweep YAML")
     args = parser.parse_args(argv)
     try:
@@ -557,10 +560,13 @@ def main(argv: list[str] | None = None) -> None:
                                   *run_flags(args.code, args.threads)])
         print(f"shard {args.shard} done: {runner.ran} runs, {runner.cached} cached; the table: {table_command}")
         return
-    command = " ".join(["fedsplitkd-bench", args.sweep, "--out", args.out, *run_flags(args.code, args.threads),
+    report = Path(args.report or args.out)
+    report.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["fedsplitkd-bench", args.sweep, "--out", args.out,
+                        *(["--report", args.report] if args.report else []), *run_flags(args.code, args.threads),
                         *args.overrides])
-    sys.stdout.write(write_report(table, chosen, out, command))
-    print(f"{runner.ran} runs, {runner.cached} cached; tuned configs in {out / 'tuned.yaml'}")
+    sys.stdout.write(write_report(table, chosen, report, command))
+    print(f"{runner.ran} runs, {runner.cached} cached; tuned configs in {report / 'tuned.yaml'}")
 
 
 if __name__ == "__main__":
