@@ -2,6 +2,8 @@
 
 import hashlib
 import io
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -296,6 +298,19 @@ def test_a_device_left_without_samples_is_an_error_naming_the_sizes():
 
 
 # ---- large datasets: memory-mapped from the cache ---------------------------------------
+def test_digits_come_from_the_cache_without_scikit_learn(tmp_path, monkeypatch):
+    """A ServerApp process of a digits run reads the cached arrays: scikit-learn, whose import
+    alone costs 1.5 s, is imported only to fill the cache."""
+    monkeypatch.setenv("FEDSPLITKD_CACHE", str(tmp_path))
+    script = ("import sys; from fedsplitkd.config import resolve; from fedsplitkd.data.datasets import load_dataset; "
+              "ds = load_dataset(resolve({'dataset': 'digits'})); "
+              "print('sklearn' in sys.modules, len(ds.y_train), float(ds.x_train.sum()))")
+    first, second = (subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+                     .stdout.split() for _ in range(2))
+    assert first[0] == "True" and second[0] == "False"
+    assert first[1:] == second[1:]  # the same arrays
+
+
 @needs_shared
 def test_a_large_dataset_is_memory_mapped_from_the_cache(tmp_path, monkeypatch):
     from fedsplitkd.data import datasets as data_lib

@@ -108,7 +108,7 @@ def test_a_fresh_device_process_imports_only_what_its_message_needs(tmp_path):
     """)
     cold = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
     warm = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
-    assert {"sklearn", "flwr_datasets"} <= set(cold[1:])  # the first process partitions the dataset
+    assert "flwr_datasets" in cold[1:]  # the first process partitions the dataset
     assert warm == cold[:1]                                # the next one reads its file alone
     assert int(warm[0]) == len(device_data(_cfg(), 2, 3).y_train)
 
