@@ -40,7 +40,7 @@ def results(tmp_path_factory, shared_teachers):
     def run(sim: LocalSimulation, methods: list[str]) -> None:
         with sim:
             runs = [({**common, "method": method, "run-name": method}, DEVICES) for method in methods]
-            logs.update(zip(methods, sim.run_many(ROOT, runs, cpus_per_client=1, parallel=1)))
+            logs.update(zip(methods, sim.run_many(ROOT, runs, parallel=1)))
             launchers.append({"methods": methods, "listed": listed_runs(sim), "tree": sim.tree,
                               "members": sim.tree.members()})
 

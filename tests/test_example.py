@@ -29,8 +29,7 @@ def test_example_own_model_app_runs_split_kd_through_flwr_run(tmp_path):
     result = tmp_path / "result.json"
     with LocalSimulation() as sim:
         # a protocol key the app declares, overridden on the command line
-        run = sim.run(EXAMPLE, {"result-file": str(result), "teacher-input": "embedding"}, num_supernodes=3,
-                      cpus_per_client=1, timeout=900)
+        run = sim.run(EXAMPLE, {"result-file": str(result), "teacher-input": "embedding"}, num_supernodes=3, timeout=900)
     assert result.is_file(), run.stdout[-3000:] + run.stderr[-3000:]
     written = json.loads(result.read_text())
     assert written["teacher_input"] == "embedding"

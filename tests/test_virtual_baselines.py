@@ -34,7 +34,7 @@ def runs(tmp_path_factory, shared_teachers):
             for method in METHODS]
     warm_teachers(config for config, _ in runs)
     with LocalSimulation() as sim:
-        for (config, _), result in zip(runs, sim.run_many(ROOT, runs, cpus_per_client=1)):
+        for (config, _), result in zip(runs, sim.run_many(ROOT, runs)):
             assert (out / config["run-name"] / "metrics.csv").is_file(), result.stdout[-3000:]
     for method in METHODS:  # a node per device
         run_app({**common, "method": method, "run-name": f"{method}-nodes"}, FLEET)
