@@ -13,7 +13,7 @@ run: setup
 	$(FLWR) run . --stream --federation-config "num-supernodes=20 client-resources-num-cpus=1"
 
 # Two workers, a test module at a time each (pytest-xdist): a Flower run mostly waits on Ray's
-# start and the engine's polls, so the other worker's tests fill that time (13 min -> 10-12.5 on 2 cores, README).
+# start and the engine's polls, so the other worker's tests fill that time (13 min -> 9.5-10 on 2 cores, README).
 test: setup
 	$(PYTHON) -m pytest -q -n 2 --dist loadfile --durations=15
 
