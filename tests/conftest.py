@@ -94,8 +94,8 @@ def _few_threads():
     torch.set_num_threads(before)
 
 
-# The modules that take longest, slowest first, as measured in the suite (seconds on 2 cores,
-# December): Flower runs and deployments. The rest follow in their collected order.
+# The modules that take longest, slowest first by their durations in the suite on 2 cores
+# (`--durations`): Flower runs and deployments. The rest follow in their collected order.
 LONGEST_FIRST = ("test_baselines", "test_deployment", "test_simulation", "test_virtual_baselines", "test_resume",
                  "test_own_data", "test_bench", "test_ray_cluster", "test_lm", "test_fuzz", "test_example")
 
