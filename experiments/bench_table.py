@@ -3,7 +3,7 @@ stopped, reports the dataset x partition x method cells that are complete and na
 
     python experiments/bench_table.py experiments/configs/quick.yaml --out results/quick
 
-It replays the harness's own protocol (fedsplitkd.tools.bench.bench) with a runner that only reads
+It replays the harness's own protocol (fedsplitkd.tools.bench.bench_cell) with a runner that only reads
 the cache: the seeded tuning asks for the same trials in the same order, so a complete cell
 gives exactly the row the finished sweep would. Nothing is run. summary.md, summary.csv,
 tuned.yaml and the plots are written as the harness writes them, for the complete cells.
@@ -41,24 +41,15 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger("fedsplitkd").setLevel(logging.ERROR)
     sweep = bench.load_sweep(args.sweep, args.overrides)
-    out = Path(args.out)
-    runner = CacheOnly(out, sweep.get("devices", 20), sweep.get("backend", "inprocess"), threads=args.threads)
+    runner = CacheOnly(Path(args.out), sweep.get("devices", 20), sweep.get("backend", "inprocess"), threads=args.threads)
     runner.version = args.code or runner.version
-    rows, chosen, missing = [], {}, []
-    for dataset in sweep["datasets"]:
-        for partition in sweep["partitions"]:
-            for method in sweep["methods"]:
-                cell = {**sweep, "datasets": {dataset: sweep["datasets"][dataset]},
-                        "partitions": {partition: sweep["partitions"][partition]},
-                        "methods": {method: sweep["methods"][method]}}
-                try:
-                    table, picked = bench.bench(cell, runner, progress=lambda line: None)
-                except NotCached:
-                    missing.append(f"{dataset}/{partition}/{method}")
-                    continue
-                rows += table
-                chosen.setdefault(dataset, {}).setdefault(partition, {}).update(picked[dataset][partition])
-    rows, _ = bench.finish(sweep, [(r, {}) for r in rows])  # KD gain: a per-cell replay lacks the split row
+    cells, missing = [], []
+    for cell in bench.settings(sweep):
+        try:
+            cells.append(bench.bench_cell(sweep, cell, runner))
+        except NotCached:
+            missing.append("/".join(cell[:3]))
+    rows, chosen = bench.finish(sweep, cells)  # in the sweep's cell order, each KD row with its gain
     report = Path(args.report or args.out)
     report.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python experiments/bench_table.py", args.sweep, "--out", args.out,
