@@ -58,4 +58,4 @@ def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
         # the teacher's one pass over the data is priced in the first round
         once = teacher_flops if server_round == 1 else 0.0
         stats.costs = exp.server.costs.account_server(samples * (1 + BACKWARD_FACTOR) * student_flops + once)
-        recorder.round(server_round, *exp.evaluate(), stats)
+        recorder.round(server_round, *exp.evaluate(server_round), stats)

@@ -41,7 +41,7 @@ def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
         server_flops = getattr(strategy, "server_flops", 0.0)  # FedDF's distillation
         stats = round_stats(exp.server.costs, fast.traffic, flops, server_round, server_flops) if server_round else None
         fast.traffic = {}
-        return recorder.round(server_round, *exp.evaluate(), stats)
+        return recorder.round(server_round, *exp.evaluate(server_round), stats)
 
     strategy.start(fast, ArrayRecord(torch_state_dict=exp.student.state_dict()), num_rounds=cfg.train.num_rounds,
                    timeout=cfg.faults.round_timeout, evaluate_fn=evaluate_fn)

@@ -82,10 +82,12 @@ def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
         server_flops = features_seen * flops.server * (cfg.method.server_epochs * (1 + BACKWARD_FACTOR) + 1)
         stats = round_stats(exp.server.costs, fast.traffic, device_flops, server_round, server_flops)
         stats.loss_sum = loss_sum
-        evaluation = FastGrid(grid, nodes)  # not charged to training
-        weights = ArrayRecord(torch_state_dict=upper.state_dict())
-        replies = evaluation.send_and_receive(
-            [Message(RecordDict({"arrays": weights}), dst_node_id=nodes[d],
-                     message_type=f"{MessageType.EVALUATE}.fedgkt") for d in uploads], timeout=cfg.faults.round_timeout)
+        replies = []
+        if exp.tested(server_round):
+            evaluation = FastGrid(grid, nodes)  # not charged to training
+            weights = ArrayRecord(torch_state_dict=upper.state_dict())
+            replies = evaluation.send_and_receive(
+                [Message(RecordDict({"arrays": weights}), dst_node_id=nodes[d],
+                         message_type=f"{MessageType.EVALUATE}.fedgkt") for d in uploads], timeout=cfg.faults.round_timeout)
         test, holdout = mean_of_devices([r.content["metrics"] for r in replies if not r.has_error()])
         recorder.round(server_round, *test, stats, holdout=holdout)

@@ -48,7 +48,7 @@ def run(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
     for server_round in range(1, cfg.train.num_rounds + 1):
         devices = sample_devices(discover(grid, nodes, cfg.fleet.min_nodes, wait_s=cfg.faults.round_timeout), cfg.train.fraction_train, rng)
         fast = FastGrid(grid, nodes)
-        content = {"config": ConfigRecord({"server-round": server_round})}
+        content = {"config": ConfigRecord({"server-round": server_round, "test": exp.tested(server_round)})}
         if shared is not None:
             content["arrays"] = ArrayRecord({"global-logits": Array(shared[0]), "global-counts": Array(shared[1])})
         messages = [Message(RecordDict(content), dst_node_id=nodes[d],

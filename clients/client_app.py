@@ -185,10 +185,11 @@ def _train_own(msg: Message, context: Context, federated_distillation: bool) -> 
     server_round = int(msg.content["config"].get("server-round", 0))
     samples, loss = train_whole(setup.student, setup.data, cfg, server_round, setup.device_key, teacher=teacher)
     context.state[OWN_MODEL] = ArrayRecord(torch_state_dict=setup.student.state_dict())
-    accuracy, test_loss = evaluate_model(setup.student, test.x_test, test.y_test)
-    content = RecordDict({"metrics": MetricRecord({
-        "num-examples": len(setup.data.y_train), "trained-samples": samples, "train_loss": loss / max(1, samples),
-        "test_accuracy": accuracy, "test_loss": test_loss, **_holdout_metrics(setup.student, cfg)})})
+    metrics = {"num-examples": len(setup.data.y_train), "trained-samples": samples, "train_loss": loss / max(1, samples)}
+    if msg.content["config"].get("test", True):  # the server leaves some rounds untested (evaluate-every)
+        accuracy, test_loss = evaluate_model(setup.student, test.x_test, test.y_test)
+        metrics.update({"test_accuracy": accuracy, "test_loss": test_loss, **_holdout_metrics(setup.student, cfg)})
+    content = RecordDict({"metrics": MetricRecord(metrics)})
     if federated_distillation:
         logits, counts = class_logits(setup.student, setup.data.x_train, setup.data.y_train, test.num_classes)
         content["arrays"] = ArrayRecord({"class-logits": Array(logits), "class-counts": Array(counts)})

@@ -107,6 +107,7 @@ class TrainConfig:
     num_rounds: int = key(_int(25, 1))
     fraction_train: float = key(_float(1.0, 0.0, 1.0, low_open=True))
     fraction_evaluate: float = key(_float(0.0, 0.0, 1.0))
+    evaluate_every: int = key(_int(1, 1))
     batch_size: int = key(_int(32, 1))
     local_epochs: int = key(_int(1, 1))
     # kd-alpha and kd-temperature default to split-KD's tuned config on digits (the default

@@ -32,6 +32,7 @@ MEANING: dict[str, str] = {
     'fraction-evaluate': 'fraction of nodes doing split evaluation on their validation split each round (0 = off; the server always evaluates on the test split)',
     'virtual-devices': '`0`: one node per device (its `partition-id`); N: a fleet of N devices, the devices sampled each round dealt round-robin to the connected nodes, each node serving its share in one message per exchange: cohorts far larger than the nodes, and far fewer messages than devices (all methods but `local`, `fd`, `fedgkt`)',
     'min-nodes': 'nodes that must be connected before a round starts; `0` waits once (up to `round-timeout`) for every device the nodes declare (`num-partitions`)',
+    'evaluate-every': "test and holdout accuracy every N-th round, round 0 and the last (the other rounds' rows read NaN there); training is the same. For the methods with a model per device (`local`, `fd`, `fedgkt`), where every device tests its own model, that is most of a round's time on a large test set",
     'batch-size': 'device minibatch',
     'local-epochs': 'passes over the local data per round',
     'exchange-batches': 'minibatches whose activations travel in one message (see below)',

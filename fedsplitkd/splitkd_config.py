@@ -33,8 +33,9 @@ PROTOCOL_SECTIONS = ("train", "split", "fleet", "faults")
 # The model section names the zoo's models, except these: how the edge server computes.
 SERVER_COMPUTE_KEYS = ("torch-device", "precision", "compile")
 # The config app's own wiring: virtual devices need its bundling handlers, checkpoints its
-# results directory; the library serves one node per device and keeps nothing on disk.
-CONFIG_APP_KEYS = ("virtual-devices", "checkpoint-every", "resume")
+# results directory, evaluate-every its metrics rows; the library serves one node per device,
+# keeps nothing on disk, and a user's own evaluate_fn decides when it tests.
+CONFIG_APP_KEYS = ("virtual-devices", "checkpoint-every", "resume", "evaluate-every")
 PROTOCOL_KEYS: tuple[str, ...] = tuple(
     name for name, (section, _) in WHERE.items()
     if (section in PROTOCOL_SECTIONS or name in SERVER_COMPUTE_KEYS) and name not in CONFIG_APP_KEYS)

@@ -27,7 +27,7 @@ class Recorder:
         student's (methods with a model per device pass their devices' mean)."""
         row = metrics_row(server_round, self.cfg.method.name, accuracy, loss, stats,
                           time.perf_counter() - self.clock if server_round else 0.0,
-                          holdout if holdout is not None else self.exp.evaluate_holdout(), evaluation)
+                          holdout if holdout is not None else self.exp.evaluate_holdout(server_round), evaluation)
         self.writer.append(row)
         self.exp.check_health(row)
         if stats is not None:

@@ -39,7 +39,7 @@ def run_split(grid: Grid, exp: Experiment, recorder: Recorder) -> None:
             return None  # the checkpoint's round 0 is in metrics.csv already
         server_round += strategy.round_offset
         stats, evaluation = (strategy.last_stats, strategy.evaluation) if server_round else (None, None)
-        record = recorder.round(server_round, *exp.evaluate(), stats, evaluation)
+        record = recorder.round(server_round, *exp.evaluate(server_round), stats, evaluation)
         checkpoint.maybe_save(exp, server_round, rngs, recorder.writer.rows, recorder.writer.dir)
         return record
 

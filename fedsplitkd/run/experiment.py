@@ -50,21 +50,31 @@ class Experiment:
     def check_health(self, row: dict) -> None:
         """Follow the run's health; log a warning the first time it diverges or stops learning.
         Methods with a model per device (their accuracy is the devices' mean) are judged on
-        their loss alone: the global student is not what they train."""
+        their loss alone: the global student is not what they train. A round left untested
+        (``evaluate-every``) is judged on its device drops alone."""
         if self.health is None:
             self.health = Health(self.dataset.num_classes)
+        tested = self.tested(row["round"])
         per_device = self.cfg.method.name in ("local", "fd", "fedgkt")
-        share = float("nan") if per_device else top_class_share(self.student, self.dataset.x_test)
-        warning = self.health.update(row, share)
+        share = float("nan") if per_device or not tested else top_class_share(self.student, self.dataset.x_test)
+        warning = self.health.update(row, share, tested)
         if warning:
             log.warning("fedsplitkd: %s", warning)
 
-    def evaluate(self) -> tuple[float, float]:
+    def tested(self, server_round: int) -> bool:
+        """Whether round ``server_round`` is tested: round 0, every ``evaluate-every``-th and the last."""
+        return server_round % self.cfg.train.evaluate_every == 0 or server_round >= self.cfg.train.num_rounds
+
+    def evaluate(self, server_round: int = 0) -> tuple[float, float]:
+        """The student on the test split; NaN in a round left untested."""
+        if not self.tested(server_round):
+            return float("nan"), float("nan")
         return evaluate(self.student, self.dataset.x_test, self.dataset.y_test)
 
-    def evaluate_holdout(self) -> tuple[float, float]:
-        """The student on the server's holdout split (NaN without one): what model selection reads."""
-        if self.holdout is None or not len(self.holdout[1]):
+    def evaluate_holdout(self, server_round: int = 0) -> tuple[float, float]:
+        """The student on the server's holdout split (NaN without one, or in a round left
+        untested): what model selection reads."""
+        if self.holdout is None or not len(self.holdout[1]) or not self.tested(server_round):
             return float("nan"), float("nan")
         return evaluate(self.student, *self.holdout)
 
@@ -162,8 +172,8 @@ def run_inprocess(overrides: dict | None, num_devices: int,
 
     def record(server_round: int, stats: RoundStats, evaluation: Evaluation | None) -> None:
         nonlocal started
-        row = metrics_row(server_round, cfg.method.name, *exp.evaluate(), stats, time.perf_counter() - started,
-                          exp.evaluate_holdout(), evaluation)
+        row = metrics_row(server_round, cfg.method.name, *exp.evaluate(server_round), stats, time.perf_counter() - started,
+                          exp.evaluate_holdout(server_round), evaluation)
         rows.append(row)
         exp.check_health(row)
         exp.device_rows += [{"round": server_round, **r} for r in stats.device_costs]

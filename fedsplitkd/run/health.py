@@ -45,14 +45,19 @@ class Health:
     top_class_share: float = float("nan")
     learning: bool = True
 
-    def update(self, row: dict, top_share: float) -> str | None:
+    def update(self, row: dict, top_share: float, tested: bool = True) -> str | None:
+        """``tested``: whether the round was tested (``evaluate-every``); an untested round's
+        NaN test loss is no divergence, and only its device drops are judged."""
         server_round = row["round"]
+        if not tested:
+            if self.diverged_round is None and server_round > 0 and _all_dropped_invalid(row):
+                self.diverged_round = server_round
+                return _diverged_warning(row)
+            return None
         self.top_class_share = top_share
         if self.diverged_round is None and server_round > 0 and _diverged(row):
             self.diverged_round = server_round
-            return (f"round {server_round}: the run diverged (test loss {row['test_loss']:.4g}, "
-                    f"{row.get('dropped_invalid', 0)} devices dropped for a non-finite loss): lower "
-                    "learning-rate or kd-alpha")
+            return _diverged_warning(row)
         chance = math.log(self.num_classes) if self.num_classes > 1 else 0.0
         at_chance = not row["test_loss"] < chance and row["test_accuracy"] < 2.0 / self.num_classes
         stuck = server_round >= GRACE_ROUNDS and (at_chance or top_share >= COLLAPSED_SHARE)
@@ -71,8 +76,17 @@ class Health:
                 "top_class_share": self.top_class_share}
 
 
+def _diverged_warning(row: dict) -> str:
+    return (f"round {row['round']}: the run diverged (test loss {row['test_loss']:.4g}, "
+            f"{row.get('dropped_invalid', 0)} devices dropped for a non-finite loss): lower "
+            "learning-rate or kd-alpha")
+
+
 def _diverged(row: dict) -> bool:
-    if not math.isfinite(row["test_loss"]):
-        return True
+    return not math.isfinite(row["test_loss"]) or _all_dropped_invalid(row)
+
+
+def _all_dropped_invalid(row: dict) -> bool:
+    """Every device that trained in the round was dropped for a non-finite loss."""
     devices = row.get("devices", 0)
     return bool(devices) and row.get("completed", 0) == 0 and row.get("dropped_invalid", 0) > 0

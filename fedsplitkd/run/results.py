@@ -113,6 +113,7 @@ def plot_accuracy(rows: list[dict], directory: Path) -> None:
     import matplotlib.pyplot as plt
 
     method = rows[0]["method"] if rows else ""
+    rows = [r for r in rows if not math.isnan(r["test_accuracy"])]  # the rounds evaluate-every tested
     for column, label, name in (("sim_time_s", "simulated time (s)", "accuracy_vs_time.png"),
                                 ("cum_device_energy_j", "cumulative device energy (J)", "accuracy_vs_energy.png")):
         fig, ax = plt.subplots(figsize=(5, 3.5))

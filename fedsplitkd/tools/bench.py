@@ -175,7 +175,9 @@ def collapse(rows: list[dict], num_classes: int) -> str | None:
     in some round, ``not learning`` when, from round ``GRACE_ROUNDS`` on, its final holdout
     cross-entropy is at or above chance (ln C) with an accuracy under twice chance (2 / C).
     None for a run that learns (or that has no holdout loss to judge)."""
-    losses = [r.get("holdout_loss") for r in rows[1:]]
+    # A round left untested (evaluate-every) has no holdout accuracy either; a diverged
+    # student's accuracy is still a number.
+    losses = [r.get("holdout_loss") for r in rows[1:] if not math.isnan(r.get("holdout_accuracy", 0.0))]
     if any(v is not None and not math.isfinite(v) for v in losses):
         return "diverged"
     last = rows[-1]
@@ -476,6 +478,8 @@ def plot(table: list[dict], directory: Path) -> None:
             for i, r in enumerate(cell):
                 x = np.mean([[row[column] for row in rows] for rows in r["curves"]], axis=0)
                 y = np.array([[row["test_accuracy"] for row in rows] for rows in r["curves"]])
+                tested = ~np.isnan(y).any(axis=0)  # the rounds evaluate-every tested
+                x, y = x[tested], y[:, tested]
                 mean, band = zip(*(interval(list(col)) for col in y.T))
                 color = colors[(2 * i) % len(colors) + (2 * i) // len(colors)]
                 if not np.any(x):  # no device spends anything (central-kd, public-kd): its final accuracy as a line
