@@ -49,15 +49,16 @@ class Health:
         """``tested``: whether the round was tested (``evaluate-every``); an untested round's
         NaN test loss is no divergence, and only its device drops are judged."""
         server_round = row["round"]
-        if not tested:
-            if self.diverged_round is None and server_round > 0 and _all_dropped_invalid(row):
-                self.diverged_round = server_round
-                return _diverged_warning(row)
-            return None
-        self.top_class_share = top_share
-        if self.diverged_round is None and server_round > 0 and _diverged(row):
+        if tested:
+            self.top_class_share = top_share
+        diverged = _diverged(row) if tested else _all_dropped_invalid(row)
+        if self.diverged_round is None and server_round > 0 and diverged:
             self.diverged_round = server_round
-            return _diverged_warning(row)
+            return (f"round {server_round}: the run diverged (test loss {row['test_loss']:.4g}, "
+                    f"{row.get('dropped_invalid', 0)} devices dropped for a non-finite loss): lower "
+                    "learning-rate or kd-alpha")
+        if not tested:
+            return None
         chance = math.log(self.num_classes) if self.num_classes > 1 else 0.0
         at_chance = not row["test_loss"] < chance and row["test_accuracy"] < 2.0 / self.num_classes
         stuck = server_round >= GRACE_ROUNDS and (at_chance or top_share >= COLLAPSED_SHARE)
@@ -74,12 +75,6 @@ class Health:
         return {"health": status, "diverged_round": self.diverged_round,
                 "not_learning_round": self.not_learning_round if not self.learning else None,
                 "top_class_share": self.top_class_share}
-
-
-def _diverged_warning(row: dict) -> str:
-    return (f"round {row['round']}: the run diverged (test loss {row['test_loss']:.4g}, "
-            f"{row.get('dropped_invalid', 0)} devices dropped for a non-finite loss): lower "
-            "learning-rate or kd-alpha")
 
 
 def _diverged(row: dict) -> bool:
