@@ -10,7 +10,8 @@ import torch
 
 from conftest import tiny
 from fedsplitkd.run.experiment import run_inprocess
-from fedsplitkd.run.health import Health, top_class_share
+from fedsplitkd.protocol.runtime import scores
+from fedsplitkd.run.health import Health, top_share
 
 
 def test_health_flags_divergence_and_a_dead_student():
@@ -32,12 +33,17 @@ def test_health_flags_divergence_and_a_dead_student():
     assert all_dropped.summary()["diverged_round"] == 2
 
 
-def test_top_class_share():
+def test_top_share_from_one_test_pass():
+    """The test pass counts each class's predictions; the health check reads them (no second pass)."""
     model = torch.nn.Linear(2, 3)
     with torch.no_grad():
         model.weight.zero_()
         model.bias.copy_(torch.tensor([0.0, 5.0, 0.0]))
-    assert top_class_share(model, np.ones((7, 2), np.float32)) == 1.0
+    x, y = np.ones((7, 2), np.float32), np.array([1, 1, 0, 2, 1, 0, 1])
+    accuracy, loss, predicted = scores(model, x, y, batch_size=3)
+    assert predicted.tolist() == [0, 7, 0] and accuracy == 4 / 7 and loss > 0
+    assert top_share(predicted) == 1.0 and top_share(np.array([2, 1, 1])) == 0.5
+    assert math.isnan(top_share(np.zeros(3)))
 
 
 def test_a_diverging_run_is_flagged(caplog):
@@ -54,6 +60,9 @@ def test_a_diverging_run_is_flagged(caplog):
 def test_a_learning_run_is_ok_and_uploads_by_kind():
     exp, rows = run_inprocess(tiny(num_rounds=3, teacher_epochs=5), 4)
     assert exp.health.summary()["health"] == "ok", rows[-1]
+    last_round, predicted = exp.predicted  # the last round's test pass, read by the health check
+    assert last_round == 3 and predicted.sum() == len(exp.dataset.y_test)
+    assert exp.health.top_class_share == top_share(predicted)
     first, last = rows[1], rows[-1]
     for row in (first, last):
         kinds = row["bytes_up_activations"] + row["bytes_up_teacher"] + row["bytes_up_labels"] + row["bytes_up_weights"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -269,17 +270,33 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
+class Scores(NamedTuple):
+    """One pass of a model over a labelled split."""
+
+    accuracy: float
+    loss: float  # mean cross-entropy, nats
+    predicted: np.ndarray  # how many labels the model assigned to each class (the health check's input)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy (nats) of ``model`` on (x, y), per label: per token
-    when y holds a label per position (loss / ln 2 is then bits per character)."""
+def scores(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> Scores:
+    """Accuracy, mean cross-entropy (nats) and predicted-class counts of ``model`` on (x, y),
+    per label: per token when y holds a label per position (loss / ln 2 is then bits per character)."""
     torch_dev = torch_device_of(model)
-    correct, loss = 0, 0.0
+    correct, loss, predicted = 0, 0.0, 0
     with eval_mode(model):
         for i in range(0, len(x), batch_size):
             logits = model(torch.from_numpy(x[i:i + batch_size]).to(torch_dev))
             target = torch.from_numpy(y[i:i + batch_size]).to(torch_dev)
             loss += float(nn.functional.cross_entropy(logits.reshape(target.numel(), -1), target.reshape(-1),
                                                       reduction="sum"))
-            correct += int((logits.argmax(-1) == target).sum())
-    return correct / max(1, y.size), loss / max(1, y.size)
+            guess = logits.argmax(-1)
+            correct += int((guess == target).sum())
+            predicted = predicted + np.bincount(guess.reshape(-1).cpu().numpy(), minlength=logits.shape[-1])
+    return Scores(correct / max(1, y.size), loss / max(1, y.size), np.asarray(predicted))
+
+
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy (nats) of ``model`` on (x, y), as ``scores``."""
+    accuracy, loss, _ = scores(model, x, y, batch_size)
+    return accuracy, loss

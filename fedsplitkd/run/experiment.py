@@ -22,14 +22,14 @@ from fedsplitkd.fleet.costs import CostModel
 from fedsplitkd.data.datasets import Dataset, load_dataset, server_splits, take
 from fedsplitkd.protocol.device import device_setup
 from fedsplitkd.models.zoo import SplitModel, student_for
-from fedsplitkd.protocol.runtime import evaluate, torch_device
+from fedsplitkd.protocol.runtime import evaluate, scores, torch_device
 from fedsplitkd.protocol.teacher_memo import frozen_logits
 from fedsplitkd.fleet.schedule import Scheduler
 from fedsplitkd.library import edge_server
 from fedsplitkd.protocol.rounds import Evaluation, InProcessFleet, train
 from fedsplitkd.protocol.server import RoundStats, SplitKDServer
 from fedsplitkd.models.teacher import get_teacher
-from fedsplitkd.run.health import Health, top_class_share
+from fedsplitkd.run.health import Health, top_share
 from fedsplitkd import streams
 
 log = logging.getLogger("fedsplitkd")
@@ -46,6 +46,8 @@ class Experiment:
     device_rows: list = field(default_factory=list)  # the cost model's per-device rows, all rounds
     holdout: tuple[np.ndarray, np.ndarray] | None = None  # the server's validation split (x, y)
     health: Health | None = None  # whether the run learns (summary.json's health fields)
+    # (round, predicted-class counts) of the last test pass: the health check reads it, not a second pass
+    predicted: tuple[int, np.ndarray] | None = None
 
     def check_health(self, row: dict) -> None:
         """Follow the run's health; log a warning the first time it diverges or stops learning.
@@ -56,7 +58,7 @@ class Experiment:
             self.health = Health(self.dataset.num_classes)
         tested = self.tested(row["round"])
         per_device = self.cfg.method.name in ("local", "fd", "fedgkt")
-        share = float("nan") if per_device or not tested else top_class_share(self.student, self.dataset.x_test)
+        share = float("nan") if per_device or not tested else top_share(self._predicted(row["round"]))
         warning = self.health.update(row, share, tested)
         if warning:
             log.warning("fedsplitkd: %s", warning)
@@ -69,7 +71,16 @@ class Experiment:
         """The student on the test split; NaN in a round left untested."""
         if not self.tested(server_round):
             return float("nan"), float("nan")
-        return evaluate(self.student, self.dataset.x_test, self.dataset.y_test)
+        accuracy, loss, predicted = scores(self.student, self.dataset.x_test, self.dataset.y_test)
+        self.predicted = (server_round, predicted)
+        return accuracy, loss
+
+    def _predicted(self, server_round: int) -> np.ndarray:
+        """The student's predicted-class counts on the test split in ``server_round``: those of
+        that round's ``evaluate``, else a test pass now."""
+        if self.predicted is None or self.predicted[0] != server_round:
+            self.evaluate(server_round)
+        return self.predicted[1]
 
     def evaluate_holdout(self, server_round: int = 0) -> tuple[float, float]:
         """The student on the server's holdout split (NaN without one, or in a round left

@@ -15,24 +15,15 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-
-from fedsplitkd.protocol.runtime import eval_mode, torch_device_of
 
 GRACE_ROUNDS = 3
 COLLAPSED_SHARE = 0.99
 
 
-@torch.no_grad()
-def top_class_share(model: torch.nn.Module, x: np.ndarray, batch_size: int = 1024) -> float:
-    """The share of ``x`` that ``model`` assigns to its most predicted class (per position for sequences)."""
-    device = torch_device_of(model)
-    counts = 0
-    with eval_mode(model):
-        for i in range(0, len(x), batch_size):
-            logits = model(torch.from_numpy(x[i:i + batch_size]).to(device))
-            counts = counts + np.bincount(logits.argmax(-1).reshape(-1).cpu().numpy(), minlength=logits.shape[-1])
-    return float(np.max(counts) / np.sum(counts)) if np.sum(counts) else float("nan")
+def top_share(predicted: np.ndarray) -> float:
+    """The share of the most predicted class, from per-class prediction counts (NaN for none)."""
+    total = np.sum(predicted)
+    return float(np.max(predicted) / total) if total else float("nan")
 
 
 @dataclass
