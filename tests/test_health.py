@@ -11,7 +11,7 @@ import torch
 from conftest import tiny
 from fedsplitkd.run.experiment import run_inprocess
 from fedsplitkd.protocol.runtime import scores
-from fedsplitkd.run.health import Health, top_share
+from fedsplitkd.run.health import Health, top_class_share
 
 
 def test_health_flags_divergence_and_a_dead_student():
@@ -33,7 +33,7 @@ def test_health_flags_divergence_and_a_dead_student():
     assert all_dropped.summary()["diverged_round"] == 2
 
 
-def test_top_share_from_one_test_pass():
+def test_top_class_share_from_one_test_pass():
     """The test pass counts each class's predictions; the health check reads them (no second pass)."""
     model = torch.nn.Linear(2, 3)
     with torch.no_grad():
@@ -42,8 +42,8 @@ def test_top_share_from_one_test_pass():
     x, y = np.ones((7, 2), np.float32), np.array([1, 1, 0, 2, 1, 0, 1])
     accuracy, loss, predicted = scores(model, x, y, batch_size=3)
     assert predicted.tolist() == [0, 7, 0] and accuracy == 4 / 7 and loss > 0
-    assert top_share(predicted) == 1.0 and top_share(np.array([2, 1, 1])) == 0.5
-    assert math.isnan(top_share(np.zeros(3)))
+    assert top_class_share(predicted) == 1.0 and top_class_share(np.array([2, 1, 1])) == 0.5
+    assert math.isnan(top_class_share(np.zeros(3)))
 
 
 def test_a_diverging_run_is_flagged(caplog):
@@ -62,7 +62,7 @@ def test_a_learning_run_is_ok_and_uploads_by_kind():
     assert exp.health.summary()["health"] == "ok", rows[-1]
     last_round, predicted = exp.predicted  # the last round's test pass, read by the health check
     assert last_round == 3 and predicted.sum() == len(exp.dataset.y_test)
-    assert exp.health.top_class_share == top_share(predicted)
+    assert exp.health.top_class_share == top_class_share(predicted)
     first, last = rows[1], rows[-1]
     for row in (first, last):
         kinds = row["bytes_up_activations"] + row["bytes_up_teacher"] + row["bytes_up_labels"] + row["bytes_up_weights"]

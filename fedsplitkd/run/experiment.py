@@ -29,7 +29,7 @@ from fedsplitkd.library import edge_server
 from fedsplitkd.protocol.rounds import Evaluation, InProcessFleet, train
 from fedsplitkd.protocol.server import RoundStats, SplitKDServer
 from fedsplitkd.models.teacher import get_teacher
-from fedsplitkd.run.health import Health, top_share
+from fedsplitkd.run.health import Health, top_class_share
 from fedsplitkd import streams
 
 log = logging.getLogger("fedsplitkd")
@@ -58,7 +58,7 @@ class Experiment:
             self.health = Health(self.dataset.num_classes)
         tested = self.tested(row["round"])
         per_device = self.cfg.method.name in ("local", "fd", "fedgkt")
-        share = float("nan") if per_device or not tested else top_share(self._predicted(row["round"]))
+        share = float("nan") if per_device or not tested else top_class_share(self._predicted(row["round"]))
         warning = self.health.update(row, share, tested)
         if warning:
             log.warning("fedsplitkd: %s", warning)

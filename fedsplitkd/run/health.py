@@ -20,7 +20,7 @@ GRACE_ROUNDS = 3
 COLLAPSED_SHARE = 0.99
 
 
-def top_share(predicted: np.ndarray) -> float:
+def top_class_share(predicted: np.ndarray) -> float:
     """The share of the most predicted class, from per-class prediction counts (NaN for none)."""
     total = np.sum(predicted)
     return float(np.max(predicted) / total) if total else float("nan")
