@@ -144,6 +144,21 @@ def test_parallel_jobs_take_the_whole_model_methods_first():
     assert bench.heaviest_first(sweep, cells) == [1, 3, 0, 2]
 
 
+def test_a_kd_row_gains_against_the_split_row_of_its_own_variant():
+    methods = {"splitkd": {}, "split": {}, "splitkd-joint": {"method": "splitkd", "server-batching": "joint"},
+               "split-joint": {"method": "split", "server-batching": "joint"},
+               "splitkd-resnet20": {"method": "splitkd"}, "mutual": {"method": "splitkd", "kd-mode": "mutual"}}
+    accuracy = {"splitkd": 0.5, "split": 0.4, "splitkd-joint": 0.6, "split-joint": 0.3, "splitkd-resnet20": 0.45,
+                "mutual": 0.42}
+    rows = [({"dataset": "d", "partition": "p", "method": m, "test_accuracy": a}, {}) for m, a in accuracy.items()]
+    table, _ = bench.finish({"methods": methods}, rows)
+    gains = {r["method"]: r["kd_gain"] for r in table}
+    assert gains["splitkd-joint"] == pytest.approx(0.3)  # against split-joint, not split
+    assert gains["splitkd"] == pytest.approx(0.1) and gains["splitkd-resnet20"] == pytest.approx(0.05)
+    assert gains["mutual"] == pytest.approx(0.02)  # no split-mutual row: against split
+    assert math.isnan(gains["split"]) and math.isnan(gains["split-joint"])
+
+
 def test_a_run_is_keyed_by_the_code_as_well_as_its_config():
     config = {"method": "split"}
     assert bench.run_key(config, 3, "inprocess", "aaaa") != bench.run_key(config, 3, "inprocess", "bbbb")

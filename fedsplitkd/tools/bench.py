@@ -15,7 +15,8 @@ The protocol, the same for every method of a dataset x partition:
    configs, to rerun with ``flwr run . --run-config``.
 
 Every method gets the same rounds, devices per round, trial budget and seeds. ``KD gain`` is
-a KD method's mean minus the mean of ``split`` (split learning without KD), both tuned.
+a KD method's mean minus the mean of ``split`` (split learning without KD), both tuned; a row
+``splitkd-X`` is measured against ``split-X`` where the sweep has one (``kd_baseline``).
 
 The YAML (omegaconf; ``key=value`` overrides on the command line, e.g. ``tuning.trials=2``):
 
@@ -54,7 +55,7 @@ from fedsplitkd.config import ConfigError, resolve
 from fedsplitkd.run.health import GRACE_ROUNDS
 
 SECTIONS = ("datasets", "partitions", "methods")
-KD_METHODS = ("splitkd", "mutual")  # rows that get a KD gain against "split"
+KD_METHODS = ("splitkd", "mutual")  # rows that get a KD gain against "split" (kd_baseline)
 Runner = Callable[[dict], list[dict]]  # run config -> metrics.csv rows
 
 
@@ -333,16 +334,24 @@ def bench_cell(sweep: dict, cell: tuple[str, str, str, dict], run: Runner,
     return row, {**base, **values}
 
 
+def kd_baseline(method: str, methods: dict) -> str:
+    """The row a KD row's gain is measured against: ``split<suffix>`` for ``splitkd<suffix>``
+    where the sweep has it (``splitkd-joint`` against ``split-joint``: the same server steps
+    without the teacher), else ``split``."""
+    paired = "split" + method.removeprefix("splitkd") if method.startswith("splitkd") else ""
+    return paired if paired in methods else "split"
+
+
 def finish(sweep: dict, rows: list[tuple[dict, dict]]) -> tuple[list[dict], dict]:
-    """The table (in the sweep's cell order, each KD row with its gain over ``split``) and the
-    chosen configs, from the (row, config) of each cell."""
+    """The table (in the sweep's cell order, each KD row with its gain over ``kd_baseline``)
+    and the chosen configs, from the (row, config) of each cell."""
     table, chosen = [], {}
     for row, config in rows:
         table.append(row)
         chosen.setdefault(row["dataset"], {}).setdefault(row["partition"], {})[row["method"]] = config
     by_cell = {(r["dataset"], r["partition"], r["method"]): r for r in table}
     for row in table:
-        split = by_cell.get((row["dataset"], row["partition"], "split"))
+        split = by_cell.get((row["dataset"], row["partition"], kd_baseline(row["method"], sweep["methods"])))
         kd = row["method"] in KD_METHODS or (sweep["methods"][row["method"]] or {}).get("method") in KD_METHODS
         row["kd_gain"] = row["test_accuracy"] - split["test_accuracy"] if kd and split else math.nan
     return table, chosen
