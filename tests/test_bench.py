@@ -1,6 +1,7 @@
 """The benchmark harness: selection on the holdout split only, the table, tuned.yaml, cache and resume."""
 
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -239,3 +240,11 @@ def test_fallbacks_follow_the_trials_score_and_keep_the_best_mean_holdout_when_a
     ran.clear()
     assert bench.evaluate({}, records, [0, 1, 2], 1, runner, 10)[0] == {"lr": 0.1}
     assert len(ran) == 6  # one fallback: two configs
+
+
+def test_a_benchmark_process_keeps_flowers_round_logs_quiet():
+    """Importing Flower's logger sets it to DEBUG; a harness process logs its cells, not every round."""
+    code = ("import logging; from fedsplitkd.tools.bench import settle_process; settle_process(0); "
+            "import fedsplitkd.strategies.inprocess; print(logging.getLogger('flwr').getEffectiveLevel())")
+    level = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert level == [str(logging.WARNING)]

@@ -391,6 +391,8 @@ def settle_process(threads: int) -> None:
     (0 = torch's default)."""
     import logging
 
+    import flwr.common.logger  # noqa: F401  (importing it sets Flower's logger to DEBUG: import first)
+
     logging.getLogger("flwr").setLevel(logging.WARNING)
     logging.getLogger("fedsplitkd").setLevel(logging.ERROR)
     if threads:
