@@ -351,9 +351,9 @@ def finish(sweep: dict, rows: list[tuple[dict, dict]]) -> tuple[list[dict], dict
         chosen.setdefault(row["dataset"], {}).setdefault(row["partition"], {})[row["method"]] = config
     by_cell = {(r["dataset"], r["partition"], r["method"]): r for r in table}
     for row in table:
-        split = by_cell.get((row["dataset"], row["partition"], kd_baseline(row["method"], sweep["methods"])))
+        baseline = by_cell.get((row["dataset"], row["partition"], kd_baseline(row["method"], sweep["methods"])))
         kd = row["method"] in KD_METHODS or (sweep["methods"][row["method"]] or {}).get("method") in KD_METHODS
-        row["kd_gain"] = row["test_accuracy"] - split["test_accuracy"] if kd and split else math.nan
+        row["kd_gain"] = row["test_accuracy"] - baseline["test_accuracy"] if kd and baseline else math.nan
     return table, chosen
 
 
