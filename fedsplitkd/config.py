@@ -153,6 +153,7 @@ class SplitConfig:
     server_batching: str = key(_choice("interleaved", "per-device", "joint"))
     kd_alpha: float = key(_float(0.278, 0.0, 1.0))
     kd_temperature: float = key(_float(2.0, 0.0, 100.0, low_open=True))
+    kd_feature_weight: float = key(_float(0.0, 0.0, 100.0))
     kd_mode: str = key(_choice("standard", "mutual"))
     teacher_input: str = key(_choice("auto", "embedding", "cached"))
     teacher_cut: str = key(_str("default", "a cut-point name of the teacher ('default' = its first block: the "
@@ -162,6 +163,11 @@ class SplitConfig:
     settled_teacher_input: str = dataclasses.field(default="", repr=False)
 
     @property
+    def uses_teacher(self) -> bool:
+        """Whether the loss reads the teacher: its logits (kd-alpha) or its features (kd-feature-weight)."""
+        return self.kd_alpha > 0.0 or self.kd_feature_weight > 0.0
+
+    @property
     def teacher_mode(self) -> str:
         """How the teacher's input reaches the server: 'embedding', 'cached' or 'none' (no KD).
 
@@ -169,7 +175,7 @@ class SplitConfig:
         and each sample's embedding goes up once, not every round) where the cache can serve, else
         'embedding': a node serving several devices (virtual-devices), a teacher that trains
         (kd-mode mutual), or a run with checkpoints (a checkpoint does not keep the server's cache)."""
-        if self.kd_alpha == 0.0:
+        if not self.uses_teacher:
             return "none"
         mode = self.settled_teacher_input or self.teacher_input
         if mode == "auto":
@@ -277,9 +283,9 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> RunConfig:
             raise ConfigError(f"unknown run-config key {name!r} (known: {', '.join(SCHEMA)})")
         values[name] = value
     if values["method"] == "splitfed":  # split learning without KD, per-device server copies
-        values.update({"kd-alpha": 0.0, "server-batching": "per-device"})
+        values.update({"kd-alpha": 0.0, "kd-feature-weight": 0.0, "server-batching": "per-device"})
     if values["method"] == "split":  # split learning without KD, one shared server part
-        values["kd-alpha"] = 0.0
+        values.update({"kd-alpha": 0.0, "kd-feature-weight": 0.0})
     for name, spec in SCHEMA.items():
         value = values[name]
         # Flower hands TOML floats such as 1.0 through; an int where a float is
@@ -300,6 +306,9 @@ def resolve(overrides: Mapping[str, Any] | None = None) -> RunConfig:
         raise ConfigError("run-config 'kd-mode' = 'mutual' trains the server's teacher on the devices' "
                           "embedding outputs: it needs method 'splitkd', teacher-input 'embedding' and "
                           "kd-alpha > 0")
+    if values["kd-feature-weight"] and (values["method"] != "splitkd" or values["kd-mode"] == "mutual"):
+        raise ConfigError("run-config 'kd-feature-weight' > 0 distils a frozen teacher's features on the edge "
+                          "server: it needs method 'splitkd' and kd-mode 'standard'")
     if values["kd-mode"] == "mutual" and (values["checkpoint-every"] or values["resume"]):
         raise ConfigError("run-config 'checkpoint-every'/'resume': a checkpoint keeps the teacher by reference, "
                           "and kd-mode 'mutual' changes it; run mutual learning without checkpoints")

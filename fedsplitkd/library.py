@@ -114,7 +114,7 @@ class SplitDevice:
 
     ``train`` is a DataLoader or any iterable of ``(x, y)`` or dict batches (read once, on
     creation), or a ``DeviceData`` with the arrays already split (``val`` is then unused).
-    ``teacher_embedding`` is the teacher's first module, needed when kd_alpha > 0: its
+    ``teacher_embedding`` is the teacher's first module, needed for KD (kd_alpha or kd_feature_weight > 0): its
     architecture only, since the server sends its weights once. The device runs a copy of it,
     frozen and in eval mode; the module given is left as it was. A ``Part`` of a ``SplitModel``
     teacher (the zoo's) is used as given and keeps the teacher's block names. ``config`` is a
@@ -142,10 +142,10 @@ class SplitDevice:
         self.model = split_model(self.student, self.data.x_train.shape[1:], dtype)
         self.cfg = _run_config(self.config)
         self.embedding = None
-        if self.cfg.split.kd_alpha > 0:
+        if self.cfg.split.uses_teacher:
             if self.teacher_embedding is None:
-                raise ConfigError("SplitDevice 'teacher_embedding': kd_alpha > 0 needs the teacher's embedding "
-                                  "module on the device (or kd_alpha = 0: split learning without KD)")
+                raise ConfigError("SplitDevice 'teacher_embedding': KD (kd_alpha or kd_feature_weight > 0) needs the "
+                                  "teacher's embedding module on the device (or both 0: split learning without KD)")
             # Named as the server's teacher names it, so the weights it sends load; a copy, since
             # the device loads those weights into it and freezes it (eval mode, no gradients).
             self.embedding = self.teacher_embedding if isinstance(self.teacher_embedding, Part) else \
@@ -180,14 +180,14 @@ def edge_server(student: Blocks, input_shape: tuple[int, ...], teacher: nn.Modul
     cfg = _run_config(config)  # raises ConfigError naming a bad key
     server_device = torch_device(cfg.model.torch_device)
     model = split_model(student, input_shape, input_dtype).to(server_device)
-    kd = cfg.split.kd_alpha > 0
+    kd = cfg.split.uses_teacher
     if isinstance(teacher, SplitModel):
         split_teacher = teacher if kd else None
         if kd and cfg.split.kd_mode != "mutual":
             split_teacher.eval()  # frozen on the server (the devices freeze their own embedding copies)
     elif kd and (teacher is None or teacher_embedding is None):
-        raise ConfigError("edge_server 'teacher'/'teacher_embedding': kd_alpha > 0 needs both (the devices "
-                          "run the embedding so raw inputs never leave them), or kd_alpha = 0")
+        raise ConfigError("edge_server 'teacher'/'teacher_embedding': KD (kd_alpha or kd_feature_weight > 0) "
+                          "needs both (the devices run the embedding so raw inputs never leave them), or both 0")
     else:
         # The server's own copy, frozen in eval mode: a pre-trained teacher's BatchNorm statistics
         # are its own (mutual learning fine-tunes its weights with them), and dropout is off.

@@ -116,7 +116,7 @@ class SplitKD(Strategy):
         strategy = cls(server, cfg.train.fraction_train, cfg.train.fraction_evaluate, cfg.fleet.min_nodes,
                        cfg.faults.round_timeout, seed=cfg.train.seed)
         if test_data is not None or evaluate_teacher is not None:
-            # kd_alpha = 0 keeps no teacher on the server; the user's modules are measured then
+            # without KD (kd_alpha = kd_feature_weight = 0) no teacher stays on the server; the user's modules are measured then
             # (their train/eval modes restored).
             whole = server.teacher if server.teacher is not None else (
                 nn.Sequential(teacher_embedding, teacher) if teacher is not None and teacher_embedding is not None

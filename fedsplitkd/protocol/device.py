@@ -101,7 +101,7 @@ def _device(cfg: RunConfig, device_key: int, local: data_lib.DeviceData, shape=N
     zoo's student, the device's arrays, the zoo teacher's embedding part, the run config. Built
     here, not through the library: the protocol must not import its own façade (a circle)."""
     student, embedding, runtimes = _models(cfg, shape)
-    return DeviceSetup(cfg, device_key, local, student, embedding if cfg.split.kd_alpha > 0 else None, runtimes)
+    return DeviceSetup(cfg, device_key, local, student, embedding if cfg.split.uses_teacher else None, runtimes)
 
 
 @functools.lru_cache(maxsize=256)

@@ -40,3 +40,14 @@ def kd_loss(
         kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=-1)
         per_sample = alpha * temperature**2 * kl + (1.0 - alpha) * ce
     return per_sample.reshape(shape) if reduction == "none" else per_sample.mean()
+
+
+def feature_distance(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """``‖s/‖s‖ − t/‖t‖‖²`` per sample (rows of (N, D)): 2 − 2·cos, in [0, 4] whatever the two
+    models' feature scales, so one weight suits any teacher. ``s`` is the student's features
+    already mapped to the teacher's width."""
+    if student_features.shape != teacher_features.shape:
+        raise ValueError(f"feature_distance: student features {tuple(student_features.shape)} do not fit "
+                         f"teacher features {tuple(teacher_features.shape)}")
+    diff = F.normalize(student_features, dim=-1) - F.normalize(teacher_features, dim=-1)
+    return diff.pow(2).sum(dim=-1)

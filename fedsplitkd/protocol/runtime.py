@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedsplitkd.protocol.kd import kd_loss
+from fedsplitkd.protocol.kd import feature_distance, kd_loss
 from fedsplitkd.models.zoo import SplitModel
 from fedsplitkd.protocol import teacher_memo
 from fedsplitkd.protocol.sgd import DeviceSGD
@@ -101,6 +101,42 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
+def last_linear(model: nn.Module, what: str) -> nn.Linear:
+    """``model``'s last ``nn.Linear`` (its classifier): feature distillation matches its input."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"kd-feature-weight: the {what} has no nn.Linear whose input (its features) to distil")
+    return linears[-1]
+
+
+@contextlib.contextmanager
+def features_of(linear: nn.Linear | None) -> Iterator[list[torch.Tensor]]:
+    """Within: every forward pass through ``linear`` appends its input, averaged over any positions,
+    to the list yielded. The hook lives only meanwhile, so a saved or copied model carries none."""
+    kept: list[torch.Tensor] = []
+    if linear is None:
+        yield kept
+        return
+    handle = linear.register_forward_pre_hook(
+        lambda _, args: kept.append(args[0].reshape(len(args[0]), -1, args[0].shape[-1]).mean(1)))
+    try:
+        yield kept
+    finally:
+        handle.remove()
+
+
+def projector(width_in: int, width_out: int) -> nn.Linear:
+    """The feature term's map from the student's features to the teacher's width, drawn from its own
+    generator: turning the term on leaves every other random draw of the run as it was."""
+    layer = torch.nn.utils.skip_init(nn.Linear, width_in, width_out)
+    generator = torch.Generator().manual_seed(0)
+    bound = 1.0 / math.sqrt(width_in)  # nn.Linear's own initial range
+    with torch.no_grad():
+        layer.weight.uniform_(-bound, bound, generator=generator)
+        layer.bias.uniform_(-bound, bound, generator=generator)
+    return layer
+
+
 class DeviceRuntime:
     """The device's student part and optimizer; weights load from and save to plain arrays."""
 
@@ -157,28 +193,45 @@ class EdgeRuntime:
     The teacher is frozen, or with ``mutual`` (deep mutual learning, Zhang et al. 2018)
     trained each step towards the labels and the student's softened predictions by the same
     loss with the roles swapped; its embedding on the devices stays frozen either way.
+
+    With ``feature_weight`` β > 0 (a frozen teacher) each sample's loss gains
+    ``β · feature_distance(P s, t)``: s and t the inputs of the student's and the teacher's
+    last ``nn.Linear``, P a linear map trained with the server part (FitNets' regressor,
+    Romero et al. 2015, at the classifier). P stays on the server; the device parts learn the
+    term through the cut-layer gradient.
     """
 
     def __init__(self, student: SplitModel, cut: str, teacher: SplitModel | None,
                  alpha: float, temperature: float, lr: float, momentum: float, mutual: bool = False,
                  optimizer: OptimizerFactory | None = None, precision: str = "fp32", compiled: bool = False,
-                 grad_clip: float = 0.0, teacher_cut: str = "default"):
+                 grad_clip: float = 0.0, teacher_cut: str = "default", feature_weight: float = 0.0):
         self.part = student.server_part(cut)
         self.grad_clip = grad_clip
         rest = teacher.server_part(teacher_cut) if teacher else None
         self.mutual = mutual and rest is not None
         self.teacher_rest = rest if self.mutual or rest is None else freeze(rest)
         self.alpha, self.temperature = alpha, temperature
+        self.feature_weight = feature_weight if rest is not None else 0.0
+        if self.feature_weight and self.mutual:
+            raise ValueError("kd-feature-weight: feature distillation needs a frozen teacher, not kd-mode mutual")
+        # the modules whose inputs the feature term reads, and P (None: no feature term)
+        self.student_linear = last_linear(self.part, "student's server part") if self.feature_weight else None
+        self.teacher_linear = last_linear(rest, "teacher") if self.feature_weight else None
+        self.projector = projector(self.student_linear.in_features, self.teacher_linear.in_features).to(
+            torch_device_of(self.part)) if self.feature_weight else None
+        self.trained = list(self.part.parameters()) + (list(self.projector.parameters()) if self.projector else [])
         self.torch_dev = torch_device_of(self.part)  # the server's torch device; payloads stay numpy
         # precision bf16: the forward passes run under autocast; the weights, the optimizer,
         # the loss and everything sent to the devices stay float32
         self.precision = precision
         # compiled: torch.compile wraps the same modules (their parameters, not copies), so
         # loading weights into self.part reaches the compiled forward too
+        # (not with the feature term: its hooks come and go every step, each a recompilation)
+        compiled = compiled and not self.feature_weight
         self.forward = torch.compile(self.part) if compiled else self.part
         self.teacher_forward = torch.compile(rest) if compiled and rest is not None else self.teacher_rest
         build = optimizer or (lambda params: make_optimizer(params, lr, momentum))
-        self.optimizer = build(self.part.parameters())
+        self.optimizer = build(self.trained)
         self.teacher_optimizer = build(rest.parameters()) if self.mutual else None
 
     def set_lr(self, lr: float) -> None:
@@ -191,14 +244,17 @@ class EdgeRuntime:
 
     @torch.no_grad()
     def teacher_logits(self, teacher_input: np.ndarray) -> np.ndarray:
+        """The frozen teacher's logits for its inputs, one row a sample; with the feature term
+        each row goes on with the teacher's features (``train_step`` splits them off)."""
         assert self.teacher_rest is not None
 
         def compute(rows: np.ndarray) -> np.ndarray:
-            with self.autocast():
-                logits = self.teacher_forward(torch.from_numpy(rows).to(self.torch_dev))
-            return logits.float().cpu().numpy()
+            with self.autocast(), features_of(self.teacher_linear) as features:
+                logits = self.teacher_forward(torch.from_numpy(rows).to(self.torch_dev)).float()
+            return torch.cat([logits, *(f.float() for f in features)], 1).cpu().numpy()
 
-        return teacher_memo.outputs(self.teacher_rest, teacher_input, compute, self.precision)
+        variant = self.precision + ("+features" if self.feature_weight else "")
+        return teacher_memo.outputs(self.teacher_rest, teacher_input, compute, variant)
 
     def train_step(self, activations: list[np.ndarray], labels: list[np.ndarray],
                    teacher_logits: list[np.ndarray | None]) -> tuple[list[np.ndarray], float]:
@@ -214,13 +270,17 @@ class EdgeRuntime:
         sizes = [len(a) for a in activations]
         acts = self.joined(activations).requires_grad_(True)
         y = self.joined(labels)
-        t = None if self.alpha == 0.0 else self.joined(teacher_logits)
-        with self.autocast():
+        t = None if self.alpha == 0.0 and not self.feature_weight else self.joined(teacher_logits)
+        if self.feature_weight:  # each row: the teacher's logits, then its features
+            t, t_features = t[:, :-self.projector.out_features], t[:, -self.projector.out_features:]
+        with self.autocast(), features_of(self.student_linear) as features:
             t_logits = self.teacher_forward(t).float() if self.mutual else None
             logits = self.forward(acts).float()
         if self.mutual:
             t = t_logits.detach()
         losses = per_sample(kd_loss(logits, t, y, self.alpha, self.temperature, reduction="none"))
+        if self.feature_weight:
+            losses = losses + self.feature_weight * feature_distance(self.projector(features[-1].float()), t_features)
         finite = torch.isfinite(losses.detach())
         if not finite.all():  # no step: the caller drops these devices and retries without them
             raise NonFiniteLoss([i for i, ok in enumerate(torch.split(finite, sizes)) if not ok.all()])
@@ -229,11 +289,11 @@ class EdgeRuntime:
         loss.backward()
         # one check, one host sync (a sync per tensor stalls an accelerator's queue)
         checks = [torch.isfinite(acts.grad).all()] + [
-            torch.isfinite(p.grad).all() for p in self.part.parameters() if p.grad is not None]
+            torch.isfinite(p.grad).all() for p in self.trained if p.grad is not None]
         if not torch.stack(checks).all():
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLoss([0] if len(sizes) == 1 else None)
-        clip(self.part.parameters(), self.grad_clip)
+        clip(self.trained, self.grad_clip)
         self.optimizer.step()
         if self.mutual:  # the teacher towards the labels and the student's softened predictions
             teacher_loss = kd_loss(t_logits, logits.detach(), y, self.alpha, self.temperature)

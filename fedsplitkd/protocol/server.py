@@ -108,13 +108,16 @@ class SplitKDServer:
         self.edge = EdgeRuntime(student, self.cut, teacher if self.mode != "none" else None,
                                 cfg.split.kd_alpha, cfg.split.kd_temperature, cfg.train.learning_rate,
                                 cfg.train.momentum, mutual, optimizer, cfg.model.precision, cfg.model.compile,
-                                cfg.train.grad_clip, cfg.split.teacher_cut)
+                                cfg.train.grad_clip, cfg.split.teacher_cut, cfg.split.kd_feature_weight)
         self.device_part = student.device_part(self.cut)
         self.flops = SplitFlops.of(student, self.cut, teacher if self.mode != "none" else None, mutual,
                                    cfg.split.teacher_cut)
         stats = student.block_stats()
         self.act_shape = stats[student.cut_index(self.cut) - 1].out_shape
         self.label_shape = stats[-1].out_shape[:-1]  # () for a class, (T,) for a next token per position
+        if cfg.split.kd_feature_weight and self.label_shape:
+            raise ConfigError("run-config 'kd-feature-weight': feature distillation matches one feature vector a "
+                              "sample; this student predicts a label per position (set it to 0)")
         if self.mode != "none":
             embedding = teacher.device_part(cfg.split.teacher_cut)
             self.teacher_weights = state_to_numpy(embedding)

@@ -58,6 +58,8 @@ def capture(exp, server_round: int, rngs: dict[str, np.random.Generator], rows: 
         "student": exp.student.state_dict(),
         "teacher": {"path": exp.cfg.model.teacher_path, "sha256": teacher_digest(exp.teacher)},
         "server_optimizers": {cut: s.edge.optimizer.state_dict() for cut, s in exp.server.siblings.items()},
+        "server_projectors": {cut: s.edge.projector.state_dict() for cut, s in exp.server.siblings.items()
+                              if s.edge.projector is not None},  # kd-feature-weight's map, the server's own
         "scheduler": {
             "clusters": None if clusters is None else {
                 "labels": {int(d): int(c) for d, c in clusters.labels.items()},
@@ -117,6 +119,8 @@ def restore(exp, state: dict, rngs: dict[str, np.random.Generator]) -> list[dict
     exp.student.load_state_dict(state["student"])
     for cut, optimizer in state["server_optimizers"].items():
         exp.server.at_cut(cut).edge.optimizer.load_state_dict(optimizer)
+    for cut, projector in state.get("server_projectors", {}).items():
+        exp.server.at_cut(cut).edge.projector.load_state_dict(projector)
     scheduler, saved = exp.scheduler, state["scheduler"]
     if saved["clusters"] is not None:
         c = saved["clusters"]
