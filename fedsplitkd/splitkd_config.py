@@ -111,7 +111,8 @@ class _SplitKDConfigMethods:
 
     def _resolve(self) -> RunConfig:
         values = {key: getattr(self, field_name(key)) for key in PROTOCOL_KEYS}
-        return resolve({**values, "method": "splitkd" if values["kd-alpha"] > 0 else "split"})
+        kd = values["kd-alpha"] > 0 or values["kd-feature-weight"] > 0
+        return resolve({**values, "method": "splitkd" if kd else "split"})
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any], app_keys: Iterable[str] = ()):

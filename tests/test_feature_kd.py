@@ -131,3 +131,22 @@ def test_a_resumed_feature_kd_run_ends_like_the_uninterrupted_one(tmp_path):
     exp, resumed = run_inprocess({**run, "resume": str(tmp_path)}, 3)
     assert resumed[-1]["test_loss"] == full[-1]["test_loss"]
     assert torch.equal(exp.server.edge.projector.weight, full_exp.server.edge.projector.weight)
+
+
+def test_a_users_own_modules_take_the_feature_term_through_the_library():
+    from collections import OrderedDict
+
+    from torch import nn
+
+    from fedsplitkd.library import SplitDevice, SplitKDConfig, edge_server
+
+    student = nn.Sequential(OrderedDict([("fc1", nn.Sequential(nn.Linear(8, 16), nn.ReLU())),
+                                         ("head", nn.Linear(16, 3))]))
+    embedding, body = nn.Sequential(nn.Linear(8, 12), nn.ReLU()), nn.Sequential(nn.Linear(12, 5), nn.ReLU(),
+                                                                                nn.Linear(5, 3))
+    config = SplitKDConfig(cut="fc1", kd_alpha=0.0, kd_feature_weight=0.5)
+    server = edge_server(student, (8,), body, embedding, config)
+    assert server.mode == "cached" and (server.edge.projector.in_features, server.edge.projector.out_features) == (16, 5)
+    data = [(torch.randn(4, 8), torch.tensor([0, 1, 2, 0]))]
+    with pytest.raises(ConfigError, match="teacher_embedding"):
+        SplitDevice(student, data, config=config)  # the term reads the teacher: the device needs its embedding
