@@ -211,6 +211,7 @@ class EdgeRuntime:
         self.mutual = mutual and rest is not None
         self.teacher_rest = rest if self.mutual or rest is None else freeze(rest)
         self.alpha, self.temperature = alpha, temperature
+        self.torch_dev = torch_device_of(self.part)  # the server's torch device; payloads stay numpy
         self.feature_weight = feature_weight if rest is not None else 0.0
         if self.feature_weight and self.mutual:
             raise ValueError("kd-feature-weight: feature distillation needs a frozen teacher, not kd-mode mutual")
@@ -218,9 +219,8 @@ class EdgeRuntime:
         self.student_linear = last_linear(self.part, "student's server part") if self.feature_weight else None
         self.teacher_linear = last_linear(rest, "teacher") if self.feature_weight else None
         self.projector = projector(self.student_linear.in_features, self.teacher_linear.in_features).to(
-            torch_device_of(self.part)) if self.feature_weight else None
+            self.torch_dev) if self.feature_weight else None
         self.trained = list(self.part.parameters()) + (list(self.projector.parameters()) if self.projector else [])
-        self.torch_dev = torch_device_of(self.part)  # the server's torch device; payloads stay numpy
         # precision bf16: the forward passes run under autocast; the weights, the optimizer,
         # the loss and everything sent to the devices stay float32
         self.precision = precision
