@@ -125,6 +125,7 @@ class ModelConfig:
     """The student, the teacher, and the torch device the server computes on."""
 
     student_model: str = key(_choice("auto", "mlp", "cnn1d", "cnn2d", "lenet", "gpt"))
+    student_width: int = key(_int(1, 1, 8))
     gpt_student: str = key(Key("2x128x4", "layers x width x heads, e.g. '2x128x4' (heads divide width)",
                                _gpt_size_ok))
     gpt_teacher: str = key(Key("6x256x8", "layers x width x heads, e.g. '6x256x8' (heads divide width)",

@@ -52,6 +52,7 @@ MEANING: dict[str, str] = {
     'teacher-epochs': 'teacher training on the public split: epochs of Adam with a cosine rate, on augmented batches (images only: 1-pixel shift and noise)',
     'teacher-augment': 'teacher training on the public split: epochs of Adam with a cosine rate, on augmented batches (images only: 1-pixel shift and noise)',
     'student-model': '`mlp`, `cnn1d`, `cnn2d`, `lenet` (LeNet-5), `gpt`; `auto` picks from the feature shape (flat, (C, L), (C, H, W): LeNet-5 from 28x28, else the small 2-D CNN), a char CNN for token windows, `gpt` for a label per position',
+    'student-width': 'multiplies the built-in student\'s channels and units (LeNet-5 at 2: 245 k parameters on CIFAR-10, 4x its FLOPs after the first block); not the GPT (`gpt-student`) or `hf-student`',
     'gpt-student': 'GPT sizes, layers x width x heads',
     'gpt-teacher': 'GPT sizes, layers x width x heads',
     'torch-device': "the server's torch device (student, teacher, evaluation): `cpu`, `cuda` or `auto`; devices and payloads stay on the CPU",

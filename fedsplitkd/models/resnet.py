@@ -172,8 +172,9 @@ def pretrained(name: str, input_shape: tuple[int, ...], num_classes: int, path: 
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.25  # the student's fixed input scaling: pixels in [0, 1] to about [-2, 2]
 
 
-def lenet(input_shape: tuple[int, ...], num_classes: int) -> SplitModel:
-    """LeNet-5 (62 k parameters on 3x32x32): conv1, conv2 (5x5, each then max-pooled), fc1, fc2, head.
+def lenet(input_shape: tuple[int, ...], num_classes: int, width: int = 1) -> SplitModel:
+    """LeNet-5 (62 k parameters on 3x32x32): conv1, conv2 (5x5, each then max-pooled), fc1, fc2, head;
+    ``width`` multiplies every layer's channels and units (2: 245 k parameters on 3x32x32).
 
     Like the teacher it takes pixels in [0, 1] and scales them in its first block, so the deployed
     model needs no preprocessing. The scaling matters: on raw [0, 1] pixels a KD step at the
@@ -181,12 +182,13 @@ def lenet(input_shape: tuple[int, ...], num_classes: int) -> SplitModel:
     c, h, w = input_shape
     if min(h, w) < 12:
         raise ValueError(f"LeNet-5 needs images of at least 12x12, not {input_shape}")
-    flat = 16 * (((h - 4) // 2 - 4) // 2) * (((w - 4) // 2 - 4) // 2)
+    c1, c2, f1, f2 = (width * n for n in (6, 16, 120, 84))
+    flat = c2 * (((h - 4) // 2 - 4) // 2) * (((w - 4) // 2 - 4) // 2)
     return SplitModel([
-        ("conv1", nn.Sequential(Normalize((PIXEL_MEAN,) * c, (PIXEL_STD,) * c), nn.Conv2d(c, 6, 5), nn.ReLU(),
+        ("conv1", nn.Sequential(Normalize((PIXEL_MEAN,) * c, (PIXEL_STD,) * c), nn.Conv2d(c, c1, 5), nn.ReLU(),
                                 nn.MaxPool2d(2))),
-        ("conv2", nn.Sequential(nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2))),
-        ("fc1", nn.Sequential(nn.Flatten(), nn.Linear(flat, 120), nn.ReLU())),
-        ("fc2", nn.Sequential(nn.Linear(120, 84), nn.ReLU())),
-        ("head", nn.Linear(84, num_classes)),
+        ("conv2", nn.Sequential(nn.Conv2d(c1, c2, 5), nn.ReLU(), nn.MaxPool2d(2))),
+        ("fc1", nn.Sequential(nn.Flatten(), nn.Linear(flat, f1), nn.ReLU())),
+        ("fc2", nn.Sequential(nn.Linear(f1, f2), nn.ReLU())),
+        ("head", nn.Linear(f2, num_classes)),
     ], input_shape)

@@ -102,19 +102,22 @@ def family_for(input_shape: tuple[int, ...], tokens: bool = False, sequence: boo
 
 
 def build_student(family: str, input_shape: tuple[int, ...], num_classes: int,
-                  tokens: bool = False, gpt_size: str = GPT_STUDENT) -> SplitModel:
+                  tokens: bool = False, gpt_size: str = GPT_STUDENT, width: int = 1) -> SplitModel:
+    """The family's student; ``width`` multiplies its channels and units (not the GPT's: ``gpt_size``)."""
     family = family_for(input_shape, tokens) if family == "auto" else family
     if family == "gpt":
+        if width != 1:
+            raise ValueError(f"run-config 'student-width' = {width}: the GPT student's size is 'gpt-student'")
         return _gpt(input_shape, num_classes, gpt_size, "gpt-student")
     if family == "charcnn":
-        return charcnn(input_shape[0], num_classes, 32, [64, 64])
+        return charcnn(input_shape[0], num_classes, 32 * width, [64 * width] * 2)
     if family == "mlp":
-        return mlp(input_shape, num_classes, [128, 64])
+        return mlp(input_shape, num_classes, [128 * width, 64 * width])
     if family == "cnn1d":
-        return cnn1d(input_shape, num_classes, [16, 32, 64], hidden=0)
+        return cnn1d(input_shape, num_classes, [16 * width, 32 * width, 64 * width], hidden=0)
     if family == "lenet":
-        return lenet(input_shape, num_classes)
-    return cnn2d(input_shape, num_classes, [16, 32], hidden=64)
+        return lenet(input_shape, num_classes, width)
+    return cnn2d(input_shape, num_classes, [16 * width, 32 * width], hidden=64 * width)
 
 
 def build_teacher(family: str, input_shape: tuple[int, ...], num_classes: int,
@@ -170,10 +173,15 @@ def _model_for(cfg, dataset, role: str) -> SplitModel:
     (``hf-<role>``), else the built-in model of the family (GPT sizes from ``gpt-<role>``)."""
     hf = _hf(cfg, dataset, f"hf-{role}")
     if hf is not None:
+        if role == "student" and cfg.model.student_width != 1:
+            raise ValueError(f"run-config 'student-width' = {cfg.model.student_width}: 'hf-student' is "
+                             "used as saved; leave the width at 1")
         return hf
-    build = build_student if role == "student" else build_teacher
-    return build(family_of(cfg, dataset), dataset.input_shape, dataset.num_classes, dataset.tokens,
-                 cfg[f"gpt-{role}"])
+    if role == "teacher":
+        return build_teacher(family_of(cfg, dataset), dataset.input_shape, dataset.num_classes, dataset.tokens,
+                             cfg["gpt-teacher"])
+    return build_student(family_of(cfg, dataset), dataset.input_shape, dataset.num_classes, dataset.tokens,
+                         cfg["gpt-student"], cfg.model.student_width)
 
 
 def student_for(cfg, dataset) -> SplitModel:
