@@ -248,3 +248,31 @@ def test_a_benchmark_process_keeps_flowers_round_logs_quiet():
             "import fedsplitkd.strategies.inprocess; print(logging.getLogger('flwr').getEffectiveLevel())")
     level = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert level == [str(logging.WARNING)]
+
+
+def test_the_energy_split_prices_each_devices_flops_and_leaves_the_radio_the_rest(tmp_path):
+    """experiments/energy_split.py on a cached micro sweep: devices whose FLOPs cost twice as
+    much spend twice the compute energy and the same on their radios."""
+    dearer = OmegaConf.load(ROOT / "fedsplitkd" / "fleet" / "device_classes.yaml")
+    for values in dearer.classes.values():
+        values.energy_per_flop *= 2
+    OmegaConf.save(dearer, tmp_path / "dearer.yaml")
+    split = {}
+    for name, classes in (("bundled", ""), ("dearer", str(tmp_path / "dearer.yaml"))):
+        sweep = tmp_path / f"sweep-{name}.yaml"
+        sweep.write_text(MICRO.replace("methods: {splitkd: {}, split: {}}", "methods: {split: {}}")
+                         .replace("  splitkd: {learning-rate: {low: 0.01, high: 0.1, log: true}, kd-temperature: "
+                                  "{choices: [1.0, 4.0]}}\n", "")
+                         .replace("holdout-fraction: 0.1}", f"holdout-fraction: 0.1, device-classes: '{classes}'}}"))
+        bench.main([str(sweep), "--out", str(tmp_path / name)])
+        printed = subprocess.run([sys.executable, str(ROOT / "experiments" / "energy_split.py"), str(sweep),
+                                  "--out", str(tmp_path / name)], capture_output=True, text=True, timeout=300)
+        assert printed.returncode == 0, printed.stderr[-2000:]
+        row = next(line for line in printed.stdout.splitlines() if line.startswith("| iid | split |"))
+        energy, compute, radio = (float(v) for v in row.split("|")[3:6])
+        summary = (tmp_path / name / "summary.csv").read_text().splitlines()[1].split(",")
+        assert energy == pytest.approx(float(summary[10]), rel=1e-3)
+        assert compute > 0 and radio > 0 and compute + radio == pytest.approx(energy, rel=1e-3)
+        split[name] = compute, radio
+    assert split["dearer"][0] == pytest.approx(2 * split["bundled"][0], rel=1e-3)
+    assert split["dearer"][1] == pytest.approx(split["bundled"][1], rel=1e-3)
