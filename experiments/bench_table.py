@@ -29,20 +29,32 @@ class CacheOnly(bench.CachedRunner):
         return super().__call__(config)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def cache_arguments(description: str) -> argparse.ArgumentParser:
+    """The arguments that name a sweep and its cached runs (for the scripts that read them)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("sweep")
     parser.add_argument("--out", required=True)
     parser.add_argument("--code", default="", help="read the runs of this code version (default: this checkout's)")
     parser.add_argument("--threads", type=int, default=0, help="read the runs made with fedsplitkd-bench --threads N")
+    return parser
+
+
+def cache_reader(args: argparse.Namespace, sweep: dict, kind: type[CacheOnly] = CacheOnly) -> CacheOnly:
+    """A runner that reads the sweep's runs of ``args``' code version and thread count from the cache."""
+    runner = kind(Path(args.out), sweep.get("devices", 20), sweep.get("backend", "inprocess"), threads=args.threads)
+    runner.version = args.code or runner.version
+    return runner
+
+
+def main() -> None:
+    parser = cache_arguments(__doc__.splitlines()[0])
     parser.add_argument("--report", default="", help="write summary.md, summary.csv, tuned.yaml and the plots "
                         "here (default: --out), e.g. for a sweep that reads another sweep's runs")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     logging.getLogger("fedsplitkd").setLevel(logging.ERROR)
     sweep = bench.load_sweep(args.sweep, args.overrides)
-    runner = CacheOnly(Path(args.out), sweep.get("devices", 20), sweep.get("backend", "inprocess"), threads=args.threads)
-    runner.version = args.code or runner.version
+    runner = cache_reader(args, sweep)
     cells, missing = [], []
     for cell in bench.settings(sweep):
         try:

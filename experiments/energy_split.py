@@ -11,7 +11,6 @@ Figures are means over the cell's seeds, in joules over the whole run.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import statistics
 from pathlib import Path
@@ -24,20 +23,18 @@ from fedsplitkd.fleet.costs import compute_energy
 from fedsplitkd.fleet.profiles import Fleet
 from fedsplitkd.tools import bench
 
-
-class NotCached(Exception):
-    pass
+from bench_table import CacheOnly, NotCached, cache_arguments, cache_reader  # experiments/, beside this script
 
 
-class Recording(bench.CachedRunner):
+class Recording(CacheOnly):
     """Reads the cache only, and keeps the directory of every run the protocol asks for."""
 
+    asked: list[tuple[dict, Path]]  # (config, run directory), set empty per cell
+
     def __call__(self, config: dict) -> list[dict]:
-        directory = self.directory(config)
-        if not (directory / "summary.json").is_file():
-            raise NotCached
-        self.asked.append((config, directory))
-        return super().__call__(config)
+        rows = super().__call__(config)
+        self.asked.append((config, self.directory(config)))
+        return rows
 
 
 def split_of(run: Path) -> tuple[float, float, float]:
@@ -49,17 +46,12 @@ def split_of(run: Path) -> tuple[float, float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sweep")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--code", default="", help="read the runs of this code version (default: this checkout's)")
-    parser.add_argument("--threads", type=int, default=0, help="read the runs made with fedsplitkd-bench --threads N")
+    parser = cache_arguments(__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     logging.getLogger("fedsplitkd").setLevel(logging.ERROR)
     sweep = bench.load_sweep(args.sweep, args.overrides)
-    runner = Recording(Path(args.out), sweep.get("devices", 20), sweep.get("backend", "inprocess"), threads=args.threads)
-    runner.version = args.code or runner.version
+    runner = cache_reader(args, sweep, Recording)
     print("| partition | method | device energy J | devices' compute J | radio J | compute share | device TFLOPs |")
     print("|---|---|---|---|---|---|---|")
     for cell in bench.settings(sweep):
@@ -72,7 +64,7 @@ def main() -> None:
                  and all(config.get(k) == v for k, v in chosen.items())]
         splits = [split_of(d) for d in dict.fromkeys(seeds)]
         energy, compute, flops = (statistics.fmean(s[i] for s in splits) for i in range(3))
-        print(f"| {cell[1]} | {cell[2]} | {energy:.4g} | {compute:.4g} | {energy - compute:.4g} | "
+        print(f"| {cell[1]} | {cell[2]} | {energy:#.4g} | {compute:#.4g} | {energy - compute:#.4g} | "
               f"{compute / energy:.0%} | {flops / 1e12:.3g} |")
     print(f"code {runner.version}; `python experiments/energy_split.py {args.sweep} --out {args.out}"
           + "".join(f" {f}" for f in bench.run_flags(args.code, args.threads))
