@@ -45,6 +45,10 @@ def split_of(run: Path) -> tuple[float, float, float]:
     return float(rows["energy_j"].sum()), compute, float(rows["device_flops"].sum())
 
 
+def joules(value: float) -> str:
+    return f"{value:.1f}" if value >= 10 else f"{value:.4g}"
+
+
 def main() -> None:
     parser = cache_arguments(__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*")
@@ -64,7 +68,7 @@ def main() -> None:
                  and all(config.get(k) == v for k, v in chosen.items())]
         splits = [split_of(d) for d in dict.fromkeys(seeds)]
         energy, compute, flops = (statistics.fmean(s[i] for s in splits) for i in range(3))
-        print(f"| {cell[1]} | {cell[2]} | {energy:#.4g} | {compute:#.4g} | {energy - compute:#.4g} | "
+        print(f"| {cell[1]} | {cell[2]} | {joules(energy)} | {joules(compute)} | {joules(energy - compute)} | "
               f"{compute / energy:.0%} | {flops / 1e12:.3g} |")
     print(f"code {runner.version}; `python experiments/energy_split.py {args.sweep} --out {args.out}"
           + "".join(f" {f}" for f in bench.run_flags(args.code, args.threads))
