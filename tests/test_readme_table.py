@@ -75,3 +75,23 @@ def test_pretrained_goals_read_fedavg_split_public_and_central_rows_and_every_co
     cells = [c.strip() for c in pretrained_goals(rows)[2].strip("|").split("|")]
     assert cells[4].endswith("not met") and cells[8] == "fedavg (seed 2: diverged)"
     assert "not run" in pretrained_goals(rows[:1])[2]
+
+
+def test_a_variants_goals_read_its_own_rows_as_the_methods(tmp_path):
+    import csv
+    import subprocess
+
+    rows = [("splitkd", 0.44, 80.0), ("fedavg", 0.38, 800.0), ("splitkd-wide", 0.50, 90.0),
+            ("fedavg-wide", 0.40, 1000.0), ("split-wide", 0.45, 85.0)]
+    with open(tmp_path / "summary.csv", "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["dataset", "partition", "method", "test_accuracy", "test_ci95", "device_energy_j", "unhealthy"])
+        out.writerows(["cifar10", "p", m, a, 0.01, e, "[]"] for m, a, e in rows)
+    printed = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "experiments" / "bench_goals.py"),
+                              str(tmp_path / "summary.csv"), "--pretrained", "--variant=-wide"],
+                             capture_output=True, text=True, timeout=60)
+    assert printed.returncode == 0, printed.stderr
+    assert "--pretrained --variant=-wide`" in printed.stdout
+    cells = [c.strip() for c in printed.stdout.splitlines()[-1].strip("|").split("|")]
+    assert cells[2] == "0.5000 ± 0.0100" and cells[3] == "+10.0 pt (0.4000): **met**"
+    assert cells[4] == "1/11.1 (90.0 J / 1000.0 J): **met**" and cells[5] == "+5.0 pt (0.4500): **met**"
