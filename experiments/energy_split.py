@@ -39,8 +39,11 @@ class Recording(CacheOnly):
 
 def split_of(run: Path) -> tuple[float, float, float]:
     """(device energy, of it the devices' compute, device FLOPs) of one run, summed over its rounds."""
+    try:
+        rows = pd.read_csv(run / "devices.csv")
+    except pd.errors.EmptyDataError:  # no device trained (public-kd, central-kd)
+        return 0.0, 0.0, 0.0
     fleet = Fleet(resolve(yaml.safe_load((run / "config.yaml").read_text())))
-    rows = pd.read_csv(run / "devices.csv")
     compute = sum(compute_energy(fleet[int(r.device)], float(r.device_flops)) for r in rows.itertuples())
     return float(rows["energy_j"].sum()), compute, float(rows["device_flops"].sum())
 
@@ -71,8 +74,9 @@ def main() -> None:
                  and all(config.get(k) == v for k, v in chosen.items())]
         splits = [split_of(d) for d in dict.fromkeys(seeds)]
         energy, compute, flops = (statistics.fmean(s[i] for s in splits) for i in range(3))
+        share = f"{compute / energy:.0%}" if energy else "—"  # no device trains (public-kd, central-kd)
         print(f"| {cell[1]} | {cell[2]} | {joules(energy)} | {joules(compute)} | {joules(energy - compute)} | "
-              f"{compute / energy:.0%} | {flops / 1e12:.3g} |")
+              f"{share} | {flops / 1e12:.3g} |")
 
 
 if __name__ == "__main__":
