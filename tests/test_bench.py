@@ -259,11 +259,10 @@ def test_the_energy_split_prices_each_devices_flops_and_leaves_the_radio_the_res
     OmegaConf.save(dearer, tmp_path / "dearer.yaml")
     split = {}
     for name, classes in (("bundled", ""), ("dearer", str(tmp_path / "dearer.yaml"))):
-        sweep = tmp_path / f"sweep-{name}.yaml"
-        sweep.write_text(MICRO.replace("methods: {splitkd: {}, split: {}}", "methods: {split: {}}")
-                         .replace("  splitkd: {learning-rate: {low: 0.01, high: 0.1, log: true}, kd-temperature: "
-                                  "{choices: [1.0, 4.0]}}\n", "")
-                         .replace("holdout-fraction: 0.1}", f"holdout-fraction: 0.1, device-classes: '{classes}'}}"))
+        sweep, micro = tmp_path / f"sweep-{name}.yaml", OmegaConf.create(MICRO)  # split learning alone
+        del micro.methods.splitkd, micro.search.splitkd
+        micro.run_config["device-classes"] = classes
+        OmegaConf.save(micro, sweep)
         bench.main([str(sweep), "--out", str(tmp_path / name)])
         printed = subprocess.run([sys.executable, str(ROOT / "experiments" / "energy_split.py"), str(sweep),
                                   "--out", str(tmp_path / name)], capture_output=True, text=True, timeout=300)
