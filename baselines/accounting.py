@@ -10,9 +10,11 @@ from fedsplitkd.protocol.server import RoundStats
 
 
 def whole_flops(student: SplitModel) -> SplitFlops:
-    """The whole student runs on the device; the server only averages."""
-    return SplitFlops(device=sum(s.forward_flops for s in student.block_stats()), server=0.0,
-                      teacher_device=0.0, teacher_server=0.0)
+    """The whole student runs and trains on the device; the server only averages."""
+    stats = student.block_stats()
+    return SplitFlops(device=sum(s.forward_flops for s in stats), server=0.0, teacher_device=0.0, teacher_server=0.0,
+                      device_params=sum(s.params for s in stats),
+                      device_activations=sum(s.activation_numel for s in stats))
 
 
 def round_stats(costs: CostModel, traffic: dict[int, DeviceTraffic], flops: SplitFlops,

@@ -67,6 +67,7 @@ def run(grid: Grid, cfg) -> Path:
     last = writer.rows[-1]
     teacher = {"teacher_test_accuracy": exp.teacher_accuracy,
                "gap_to_teacher": exp.teacher_accuracy - last["test_accuracy"],
+               "devices_over_memory": len(exp.server.costs.over_memory),
                **(exp.health.summary() if exp.health else {})}
     summary = writer.finish(exp.student.cpu(), exp.server.cut, teacher)  # saved models load on any machine
     log(INFO, "fedsplitkd: %s final test accuracy %.4f (teacher %.4f); results in %s", cfg.method.name,

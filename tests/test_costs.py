@@ -1,5 +1,7 @@
 """The cost model against hand computations; profiles; FLOP counts; the deadline."""
 
+import csv
+import json
 import math
 
 import numpy as np
@@ -231,3 +233,32 @@ def test_feddf_distillation_is_priced_as_server_compute():
     assert priced.costs["server_flops"] == plain.costs["server_flops"] + 1e9
     assert priced.costs["round_delay_s"] == pytest.approx(plain.costs["round_delay_s"] + 1e9 / costs.server.flops)
     assert priced.costs["device_energy_j"] == plain.costs["device_energy_j"]
+
+
+def test_training_memory_is_priced_alike_for_whole_model_and_split_methods(tmp_path, caplog):
+    """FedAvg's devices train the whole student, split learning's the blocks below the cut:
+    both are checked against each device's memory by one rule. On MCU-class devices (1 MB) the
+    digits student at width 2 fits below the cut (0.53 MB) and not whole (2.6 MB)."""
+    from fedsplitkd.baselines.accounting import whole_flops
+    from fedsplitkd.fleet.costs import training_memory
+    from fedsplitkd.strategies.inprocess import run_app
+
+    student = build_student("auto", (1, 8, 8), 10, width=2)
+    whole, split = whole_flops(student), SplitFlops.of(student, "default", None)
+    assert whole.device_params == sum(p.numel() for p in student.parameters())
+    assert split.device_params == sum(p.numel() for p in student.device_part("default").parameters())
+    assert training_memory(100, 10, 32) == 4 * (3 * 100 + 2 * 32 * 10)
+    config = {**tiny(), "class-mix": "mcu:1", "student-width": 2, "output-dir": str(tmp_path)}
+    with caplog.at_level("WARNING", logger="fedsplitkd"):
+        fedavg = run_app({**config, "method": "fedavg", "run-name": "fedavg"}, 2)
+    assert len([r for r in caplog.records if "cannot hold their training in memory" in r.getMessage()]) == 1
+    caplog.clear()
+    split_run = run_app({**config, "method": "split", "run-name": "split"}, 2)
+    assert not [r for r in caplog.records if "in memory" in r.getMessage()]
+    for directory, need, over in [(fedavg, training_memory(whole.device_params, whole.device_activations, 32), True),
+                                  (split_run, training_memory(split.device_params, split.device_activations, 32), False)]:
+        rows = [r for r in csv.DictReader(open(directory / "devices.csv")) if int(r["samples"])]
+        assert rows and {int(r["memory_bytes"]) for r in rows} == {need}
+        assert {r["over_memory"] for r in rows} == {str(over)}
+        summary = json.loads((directory / "summary.json").read_text())
+        assert summary["devices_over_memory"] == (len({r["device"] for r in rows}) if over else 0)

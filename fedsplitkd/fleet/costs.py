@@ -14,6 +14,7 @@ or dropped from the aggregation (the server then waits only until the deadline).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Hashable
 from dataclasses import dataclass, replace
@@ -25,6 +26,8 @@ from fedsplitkd.models.zoo import SplitModel
 from fedsplitkd.fleet.power import Links, minmax_with_power, slack_powers
 from fedsplitkd.fleet.profiles import DeviceProfile, EdgeServer, Fleet, channel_gain, rate_bps
 from fedsplitkd import streams
+
+log = logging.getLogger("fedsplitkd")
 
 
 @dataclass
@@ -49,6 +52,10 @@ class SplitFlops:
     server: float          # student blocks after the cut
     teacher_device: float  # the teacher's embedding module (on the device)
     teacher_server: float  # the rest of the teacher (on the server)
+    # What the device's training holds (``training_memory``): the parameters it trains and the
+    # activations a sample leaves up to where it stops (the cut; the whole model for FedAvg)
+    device_params: int = 0
+    device_activations: int = 0
 
     @classmethod
     def of(cls, student: SplitModel, cut: str, teacher: SplitModel | None, teacher_trains: bool = False,
@@ -60,7 +67,15 @@ class SplitFlops:
         t = teacher.cut_index(teacher_cut) if teacher is not None else 0
         rest = sum(s.forward_flops for s in tstats[t:]) * ((1 + BACKWARD_FACTOR) if teacher_trains else 1)
         return cls(sum(s.forward_flops for s in stats[:k]), sum(s.forward_flops for s in stats[k:]),
-                   sum(s.forward_flops for s in tstats[:t]), rest)
+                   sum(s.forward_flops for s in tstats[:t]), rest,
+                   sum(s.params for s in stats[:k]), sum(s.activation_numel for s in stats[:k]))
+
+
+def training_memory(params: int, activations: int, batch_size: int) -> int:
+    """Bytes (float32) a device's training holds: the weights it trains with their gradients
+    and momentum, and a batch's activations with their gradients. The adaptive cut keeps it
+    within each device's memory; every method's ``devices.csv`` rows compare it."""
+    return 4 * (3 * params + 2 * batch_size * activations)
 
 
 @dataclass(frozen=True)
@@ -228,8 +243,10 @@ class CostModel:
     def __init__(self, profiles: Fleet, server: EdgeServer, fading: bool, deadline_s: float,
                  drop_stragglers: bool, seed: int, bandwidth: str = "dedicated",
                  server_allocation: str = "after-all", rounds: int = 1, participation: float = 1.0,
-                 power_allocation: str = "max"):
+                 power_allocation: str = "max", batch_size: int = 32):
         self.profiles, self.server = profiles, server
+        self.batch_size = batch_size
+        self.over_memory: set[int] = set()  # devices whose training did not fit their memory, all rounds
         self.power_allocation = power_allocation
         self.fading, self.deadline_s, self.drop_stragglers, self.seed = fading, deadline_s, drop_stragglers, seed
         self.bandwidth, self.server_allocation = bandwidth, server_allocation
@@ -255,7 +272,7 @@ class CostModel:
         deadline = cfg.fleet.deadline_s or math.inf
         return cls(fleet, fleet.server, cfg.fleet.fading, deadline, cfg.fleet.straggler_policy == "drop",
                    cfg.train.seed, cfg.fleet.bandwidth_allocation, cfg.fleet.server_allocation, cfg.train.num_rounds,
-                   cfg.train.fraction_train, cfg.fleet.power_allocation)
+                   cfg.train.fraction_train, cfg.fleet.power_allocation, cfg.train.batch_size)
 
     def delay(self, costs: list[DeviceCost], deadline_s: float = math.inf) -> float:
         """``group_delay`` under this model's server allocation."""
@@ -308,11 +325,32 @@ class CostModel:
                   "device_energy_j": energy, "round_delay_s": delay, "sim_time_s": self.sim_time_s,
                   "cum_device_energy_j": self.energy_j,
                   "stragglers": sum(c.time_s > self.deadline_s for c in costs.values())}
+        memory = self.memory(traffic, flops)
         rows = [{"device": d, "class": self.profiles[int(d)].device_class, "samples": traffic[d].samples,
                  "bytes_up": traffic[d].bytes_up, "bytes_down": traffic[d].bytes_down,
                  "device_flops": c.device_flops, "server_flops": c.server_flops, "compute_s": c.compute_s,
                  "uplink_s": c.uplink_s, "downlink_s": c.downlink_s, "time_s": c.time_s,
                  "energy_j": c.energy_j, "straggler": c.time_s > self.deadline_s,
-                 "over_budget": c.energy_j > self.profiles[int(d)].energy_budget_j}
+                 "over_budget": c.energy_j > self.profiles[int(d)].energy_budget_j,
+                 "memory_bytes": memory[d], "over_memory": memory[d] > self.profiles[int(d)].memory_bytes}
                 for d, c in costs.items()]
         return totals, rows
+
+    def memory(self, traffic: dict[Hashable, DeviceTraffic], flops: SplitFlops | dict[Hashable, SplitFlops]
+               ) -> dict[Hashable, int]:
+        """Each training device's ``training_memory``; the first time some do not fit their
+        memory, say so once (a whole-model method on MCU-class devices: nothing stops them, the
+        table would price a deployment that cannot run)."""
+        memory = {d: training_memory((s := flops[d] if isinstance(flops, dict) else flops).device_params,
+                                     s.device_activations, self.batch_size)
+                  for d, t in traffic.items() if t.samples}
+        over = {d: m for d, m in memory.items() if m > self.profiles[int(d)].memory_bytes}
+        if over and not self.over_memory:
+            d = min(over, key=int)
+            profile = self.profiles[int(d)]
+            log.warning("fedsplitkd: %d of %d training devices cannot hold their training in memory: device %s "
+                        "(%s, %.3g MB) needs %.3g MB (weights, gradients, momentum, a batch of %d's activations); "
+                        "devices.csv's over_memory says which", len(over), len(memory), d,
+                        profile.device_class, profile.memory_bytes / 1e6, over[d] / 1e6, self.batch_size)
+        self.over_memory |= {int(d) for d in over}
+        return {d: memory.get(d, 0) for d in traffic}

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from fedsplitkd.fleet.costs import CostModel, DeviceTraffic, device_cost
+from fedsplitkd.fleet.costs import CostModel, DeviceTraffic, device_cost, training_memory
 from fedsplitkd.fleet.profiles import DeviceProfile, channel_gain, rate_bps
 from fedsplitkd.protocol.runtime import load_numpy_state, state_to_numpy
 from fedsplitkd.protocol.server import RoundStats, SplitKDServer, Transport, average, price_round
@@ -99,10 +99,8 @@ def teacher_inputs(server: SplitKDServer, device: Hashable, samples: int) -> int
 
 
 def memory_needed(server: SplitKDServer, batch_size: int) -> int:
-    """Device part weights, optimizer state and one batch's activations up to the cut (bytes)."""
-    params = sum(p.numel() for p in server.device_part.parameters())
-    acts = sum(s.activation_numel for s in server.student.block_stats()[:server.student.cut_index(server.cut)])
-    return 4 * (3 * params + 2 * batch_size * acts)
+    """What a device's training at ``server``'s cut holds (``training_memory``, bytes)."""
+    return training_memory(server.flops.device_params, server.flops.device_activations, batch_size)
 
 
 def pick_cut(table: dict[str, tuple[float, float]], warn: bool = True) -> str:

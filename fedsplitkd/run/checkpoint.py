@@ -67,7 +67,8 @@ def capture(exp, server_round: int, rngs: dict[str, np.random.Generator], rows: 
             "cuts": dict(scheduler.cuts), "samples": {int(d): int(n) for d, n in scheduler.samples.items()},
             "history": scheduler.history, "queues": {int(d): float(q) for d, q in scheduler.queues.items()}},
         "profiles": {int(d): dataclasses.asdict(p) for d, p in costs.profiles._sampled.items()},
-        "clock": {"sim_time_s": costs.sim_time_s, "energy_j": costs.energy_j},
+        "clock": {"sim_time_s": costs.sim_time_s, "energy_j": costs.energy_j,
+                  "over_memory": sorted(costs.over_memory)},
         "rng": {"torch": torch.get_rng_state(), **{name: g.bit_generator.state for name, g in rngs.items()}},
         "rows": rows,
     }
@@ -136,6 +137,7 @@ def restore(exp, state: dict, rngs: dict[str, np.random.Generator]) -> list[dict
                               "(device-classes or profile-file changed?)")
     costs.profiles._sampled.update(profiles)
     costs.sim_time_s, costs.energy_j = state["clock"]["sim_time_s"], state["clock"]["energy_j"]
+    costs.over_memory = set(state["clock"].get("over_memory", []))  # absent from checkpoints before it
     torch.set_rng_state(state["rng"]["torch"])
     for name, generator in rngs.items():
         generator.bit_generator.state = state["rng"][name]
