@@ -341,8 +341,8 @@ class CostModel:
         """Each training device's ``training_memory``; the first time some do not fit their
         memory, say so once (a whole-model method on MCU-class devices: nothing stops them, the
         table would price a deployment that cannot run)."""
-        memory = {d: training_memory((s := flops[d] if isinstance(flops, dict) else flops).device_params,
-                                     s.device_activations, self.batch_size)
+        splits = flops if isinstance(flops, dict) else dict.fromkeys(traffic, flops)
+        memory = {d: training_memory(splits[d].device_params, splits[d].device_activations, self.batch_size)
                   for d, t in traffic.items() if t.samples}
         over = {d: m for d, m in memory.items() if m > self.profiles[int(d)].memory_bytes}
         if over and not self.over_memory:
