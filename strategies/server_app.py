@@ -65,11 +65,11 @@ def run(grid: Grid, cfg) -> Path:
     if exp.dataset.vocab is not None:  # token ids -> characters, for whoever uses the student
         writer.write_json("tokenizer.json", CharTokenizer(exp.dataset.vocab).to_json())
     last = writer.rows[-1]
-    teacher = {"teacher_test_accuracy": exp.teacher_accuracy,
-               "gap_to_teacher": exp.teacher_accuracy - last["test_accuracy"],
-               "devices_over_memory": len(exp.server.costs.over_memory),
-               **(exp.health.summary() if exp.health else {})}
-    summary = writer.finish(exp.student.cpu(), exp.server.cut, teacher)  # saved models load on any machine
+    extras = {"teacher_test_accuracy": exp.teacher_accuracy,
+              "gap_to_teacher": exp.teacher_accuracy - last["test_accuracy"],
+              "devices_over_memory": len(exp.server.costs.over_memory),
+              **(exp.health.summary() if exp.health else {})}
+    summary = writer.finish(exp.student.cpu(), exp.server.cut, extras)  # saved models load on any machine
     log(INFO, "fedsplitkd: %s final test accuracy %.4f (teacher %.4f); results in %s", cfg.method.name,
         summary["test_accuracy"], exp.teacher_accuracy, directory)
     return directory

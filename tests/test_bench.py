@@ -148,15 +148,18 @@ def test_parallel_jobs_take_the_whole_model_methods_first():
 def test_a_kd_row_gains_against_the_split_row_of_its_own_variant():
     methods = {"splitkd": {}, "split": {}, "splitkd-joint": {"method": "splitkd", "server-batching": "joint"},
                "split-joint": {"method": "split", "server-batching": "joint"},
-               "splitkd-resnet20": {"method": "splitkd"}, "mutual": {"method": "splitkd", "kd-mode": "mutual"}}
+               "splitkd-resnet20": {"method": "splitkd"}, "mutual": {"method": "splitkd", "kd-mode": "mutual"},
+               "split-wide": {"method": "split", "student-width": 2},
+               "splitkd-features-wide": {"method": "splitkd", "student-width": 2, "kd-feature-weight": 0.4}}
     accuracy = {"splitkd": 0.5, "split": 0.4, "splitkd-joint": 0.6, "split-joint": 0.3, "splitkd-resnet20": 0.45,
-                "mutual": 0.42}
+                "mutual": 0.42, "split-wide": 0.45, "splitkd-features-wide": 0.5}
     rows = [({"dataset": "d", "partition": "p", "method": m, "test_accuracy": a}, {}) for m, a in accuracy.items()]
     table, _ = bench.finish({"methods": methods}, rows)
     gains = {r["method"]: r["kd_gain"] for r in table}
     assert gains["splitkd-joint"] == pytest.approx(0.3)  # against split-joint, not split
     assert gains["splitkd"] == pytest.approx(0.1) and gains["splitkd-resnet20"] == pytest.approx(0.05)
     assert gains["mutual"] == pytest.approx(0.02)  # no split-mutual row: against split
+    assert gains["splitkd-features-wide"] == pytest.approx(0.05)  # against split-wide: the same student
     assert math.isnan(gains["split"]) and math.isnan(gains["split-joint"])
 
 

@@ -337,9 +337,11 @@ def bench_cell(sweep: dict, cell: tuple[str, str, str, dict], run: Runner,
 def kd_baseline(method: str, methods: dict) -> str:
     """The row a KD row's gain is measured against: ``split<suffix>`` for ``splitkd<suffix>``
     where the sweep has it (``splitkd-joint`` against ``split-joint``: the same server steps
-    without the teacher), else ``split``."""
-    paired = "split" + method.removeprefix("splitkd") if method.startswith("splitkd") else ""
-    return paired if paired in methods else "split"
+    without the teacher), else the longest tail of the suffix that has one
+    (``splitkd-features-wide`` against ``split-wide``: the same student), else ``split``."""
+    words = method.removeprefix("splitkd").split("-")[1:] if method.startswith("splitkd") else []
+    tails = ("split" + "".join(f"-{w}" for w in words[i:]) for i in range(len(words)))
+    return next((t for t in tails if t in methods), "split")
 
 
 def finish(sweep: dict, rows: list[tuple[dict, dict]]) -> tuple[list[dict], dict]:
