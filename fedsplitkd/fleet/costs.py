@@ -237,6 +237,12 @@ def allocate_bandwidth(profiles: list[DeviceProfile], server: EdgeServer, flops:
     return [with_band(p, b + spare) for p, b in zip(profiles, bands)]
 
 
+def each_split(flops: SplitFlops | dict[Hashable, SplitFlops], devices) -> list[SplitFlops]:
+    """Each of ``devices``' split: ``flops`` is one split for all or, where they train at
+    different cuts, each one's."""
+    return [flops[d] for d in devices] if isinstance(flops, dict) else [flops] * len(devices)
+
+
 class CostModel:
     """Profiles of the fleet plus the clock: prices every round of any method alike."""
 
@@ -283,7 +289,7 @@ class CostModel:
         """Each device's cost, the edge's bandwidth shared among them per the allocation policy;
         ``flops`` is one split for all devices or, where they train at different cuts, each one's."""
         devices = list(traffic)
-        splits = [flops[d] for d in devices] if isinstance(flops, dict) else [flops] * len(devices)
+        splits = each_split(flops, devices)
         fadings = [self.fading_of(int(d)) for d in devices]
         budgeted = [self.profiles[int(d)] for d in devices]
         if self.deficits:
@@ -341,9 +347,8 @@ class CostModel:
         """Each training device's ``training_memory``; the first time some do not fit their
         memory, say so once (a whole-model method on MCU-class devices: nothing stops them, the
         table would price a deployment that cannot run)."""
-        splits = flops if isinstance(flops, dict) else dict.fromkeys(traffic, flops)
-        memory = {d: training_memory(splits[d].device_params, splits[d].device_activations, self.batch_size)
-                  for d, t in traffic.items() if t.samples}
+        memory = {d: training_memory(split.device_params, split.device_activations, self.batch_size)
+                  for (d, t), split in zip(traffic.items(), each_split(flops, traffic)) if t.samples}
         over = {d: m for d, m in memory.items() if m > self.profiles[int(d)].memory_bytes}
         if over and not self.over_memory:
             d = min(over, key=int)
