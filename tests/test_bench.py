@@ -278,3 +278,17 @@ def test_the_energy_split_prices_each_devices_flops_and_leaves_the_radio_the_res
         split[name] = compute, radio
     assert split["dearer"][0] == pytest.approx(2 * split["bundled"][0], rel=1e-3)
     assert split["dearer"][1] == pytest.approx(split["bundled"][1], rel=1e-3)
+
+
+PRESETS = sorted((Path(__file__).parent.parent / "experiments" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_every_shipped_preset_is_a_sweep_whose_every_trial_is_a_valid_run_config(preset):
+    # A preset is read only when someone starts an hours-long sweep: a typo in a search key or an
+    # out-of-range bound would surface at its first trial of that method, not here.
+    sweep = bench.load_sweep(str(preset), [])
+    for _, _, method, base in bench.settings(sweep):
+        for key, spec in bench.search_space(sweep, method).items():
+            for value in spec.get("choices") or (spec["low"], spec["high"]):
+                bench.resolve({**base, key: value})
