@@ -283,6 +283,11 @@ def test_the_energy_split_prices_each_devices_flops_and_leaves_the_radio_the_res
 PRESETS = sorted((Path(__file__).parent.parent / "experiments" / "configs").glob("*.yaml"))
 
 
+def test_the_shipped_presets_are_found():
+    # Without them the parametrised test below would collect nothing and pass.
+    assert {"quick.yaml", "full.yaml", "cifar.yaml"} <= {p.name for p in PRESETS}
+
+
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
 def test_every_shipped_preset_is_a_sweep_whose_every_trial_is_a_valid_run_config(preset):
     # A preset is read only when someone starts an hours-long sweep: a typo in a search key or an
